@@ -1,0 +1,806 @@
+"""BEVT models: a Video Swin Transformer encoder that runs on videos and on images with one set of weights,
+the BEVT masked visual-token prediction heads, and a video classification head.
+
+Shapes used below: B batch, T frames, C channels, H x W pixels; after the 2x4x4 patch embedding a video has a
+(D, Hp, Wp) = (T/2, H/4, W/4) token grid, an image a (Hp, Wp) = (H/4, W/4) grid. Inside the encoder tensors are
+channels-last: video (B, D, H, W, C), image (B, H, W, C).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import ImageClassifierOutput, ModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration_bevt import BEVTConfig
+
+# Value of the shifted-window mask between tokens from different image regions (as the original code: not -inf,
+# so it stays finite in half precision).
+SHIFT_MASK_VALUE = -100.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Window helpers (work for any number of spatial axes: 2 for images, 3 for videos)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def window_and_shift(
+    grid: tuple[int, ...], window: tuple[int, ...], shift: tuple[int, ...]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Video Swin rule: along an axis no longer than the window, the window shrinks to the axis and the shift is 0."""
+    out_window, out_shift = list(window), list(shift)
+    for i, (g, w) in enumerate(zip(grid, window)):
+        if g <= w:
+            out_window[i], out_shift[i] = g, 0
+    return tuple(out_window), tuple(out_shift)
+
+
+def window_partition(x: torch.Tensor, window: tuple[int, ...]) -> torch.Tensor:
+    """(B, *grid, C) with grid divisible by window -> (B, num_windows, prod(window), C)."""
+    batch, *grid, channels = x.shape
+    n = len(grid)
+    split = [batch]
+    for g, w in zip(grid, window):
+        split += [g // w, w]
+    x = x.view(*split, channels)
+    # (B, g0, w0, g1, w1, ..., C) -> (B, g0, g1, ..., w0, w1, ..., C)
+    order = [0, *range(1, 2 * n, 2), *range(2, 2 * n + 1, 2), 2 * n + 1]
+    x = x.permute(*order)
+    num_windows = 1
+    volume = 1
+    for g, w in zip(grid, window):
+        num_windows *= g // w
+        volume *= w
+    return x.reshape(batch, num_windows, volume, channels)
+
+
+def window_reverse(windows: torch.Tensor, window: tuple[int, ...], grid: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of `window_partition`: (B, num_windows, prod(window), C) -> (B, *grid, C)."""
+    batch, channels = windows.shape[0], windows.shape[-1]
+    n = len(grid)
+    counts = [g // w for g, w in zip(grid, window)]
+    x = windows.view(batch, *counts, *window, channels)
+    # (B, g0, g1, ..., w0, w1, ..., C) -> (B, g0, w0, g1, w1, ..., C)
+    order = [0]
+    for i in range(n):
+        order += [1 + i, 1 + n + i]
+    order.append(2 * n + 1)
+    return x.permute(*order).reshape(batch, *grid, channels)
+
+
+@lru_cache(maxsize=64)
+def _shift_mask(
+    grid: tuple[int, ...], window: tuple[int, ...], shift: tuple[int, ...], device: torch.device
+) -> torch.Tensor:
+    """Additive mask (num_windows, N, N) for shifted windows on a padded `grid`: 0 within a region, -100 across.
+
+    Regions are numbered as in Swin: along each axis [0, -window), [-window, -shift), [-shift, end).
+    """
+    with torch.inference_mode(False):  # cached across calls: never an inference-mode tensor
+        return _build_shift_mask(grid, window, shift, device)
+
+
+def _build_shift_mask(
+    grid: tuple[int, ...], window: tuple[int, ...], shift: tuple[int, ...], device: torch.device
+) -> torch.Tensor:
+    labels = torch.zeros(grid, dtype=torch.float32, device=device)
+    count = 0
+    ranges = [((0, g - w), (g - w, g - s), (g - s, g)) for g, w, s in zip(grid, window, shift)]
+    for index in torch.cartesian_prod(*[torch.arange(3)] * len(grid)).tolist():
+        region = tuple(slice(*ranges[axis][part]) for axis, part in enumerate(index))
+        labels[region] = count
+        count += 1
+    windows = window_partition(labels[None, ..., None], window)[0, ..., 0]  # (nW, N)
+    diff = windows[:, None, :] - windows[:, :, None]
+    return torch.where(diff != 0, SHIFT_MASK_VALUE, 0.0)
+
+
+def relative_position_index(window: tuple[int, int, int]) -> torch.Tensor:
+    """(N, N) index into the ((2Wd-1)(2Wh-1)(2Ww-1), heads) bias table for a (Wd, Wh, Ww) window, N = Wd*Wh*Ww."""
+    coords = torch.stack(torch.meshgrid(*[torch.arange(w) for w in window], indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+    rel = rel + torch.tensor([w - 1 for w in window])
+    wd, wh, ww = window
+    return rel[..., 0] * (2 * wh - 1) * (2 * ww - 1) + rel[..., 1] * (2 * ww - 1) + rel[..., 2]
+
+
+def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """Stochastic depth per sample."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep = 1.0 - drop_prob
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention. query/key/value (B, heads, N, head_dim); mask broadcastable to (B, heads, N, N)."""
+    attn_weights = torch.matmul(query * scaling, key.transpose(2, 3))
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BEVTModelOutput(ModelOutput):
+    """Output of `BEVTModel`.
+
+    Args:
+        last_hidden_state: (B, L, C_last) stage-4 tokens after the final LayerNorm, L = D*H4*W4 (video, (t, h, w)
+            order) or H4*W4 (image).
+        pooler_output: (B, C_last) mean of `last_hidden_state` over all positions.
+        hidden_states: on request, the patch embeddings and each stage's output before patch merging, (B, L_i, C_i).
+        reshaped_hidden_states: the same, channels-first: (B, C_i, D, H_i, W_i) for videos, (B, C_i, H_i, W_i) for
+            images.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    reshaped_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class BEVTMaskedVideoModelingOutput(ModelOutput):
+    """Output of `BEVTForMaskedVideoModeling`.
+
+    Args:
+        loss: `video_loss_weight * video_loss + image_loss_weight * image_loss` (streams that are present).
+        video_loss / image_loss: cross-entropy over the masked positions of each stream.
+        video_mask_accuracy / image_mask_accuracy: fraction of masked positions whose token id is predicted.
+        logits: (B, T*h*w, vocab_size) for every video position in (t, h, w) order; computed when no labels are given
+            or when `return_logits=True` (with labels only the masked positions are projected to the vocabulary).
+        image_logits: (B, h*w, vocab_size), same rule.
+        masked_logits / image_masked_logits: (num_masked, vocab_size), the logits the losses were computed on.
+    """
+
+    loss: torch.FloatTensor | None = None
+    video_loss: torch.FloatTensor | None = None
+    image_loss: torch.FloatTensor | None = None
+    video_mask_accuracy: torch.FloatTensor | None = None
+    image_mask_accuracy: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    image_logits: torch.FloatTensor | None = None
+    masked_logits: torch.FloatTensor | None = None
+    image_masked_logits: torch.FloatTensor | None = None
+
+
+class BEVTPatchEmbeddings(nn.Module):
+    """Video: Conv3d with a (2, 4, 4) kernel/stride; image: Conv2d (4, 4). Inputs are zero-padded to multiples of the
+    patch size. Each has its own optional LayerNorm. Outputs are channels-last token grids."""
+
+    def __init__(self, config: BEVTConfig):
+        super().__init__()
+        self.patch_size = tuple(config.patch_size)
+        self.projection = nn.Conv3d(
+            config.num_channels, config.embed_dim, kernel_size=self.patch_size, stride=self.patch_size
+        )
+        self.norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps) if config.patch_norm else None
+        self.image_projection = nn.Conv2d(
+            config.num_channels, config.embed_dim, kernel_size=self.patch_size[1:], stride=self.patch_size[1:]
+        )
+        self.image_norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps) if config.patch_norm else None
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, H, W) -> (B, D, Hp, Wp, E) or (B, C, H, W) -> (B, Hp, Wp, E)."""
+        is_video = pixel_values.ndim == 5
+        patch = self.patch_size if is_video else self.patch_size[1:]
+        pad = []
+        for size, p in zip(reversed(pixel_values.shape[2:]), reversed(patch)):
+            pad += [0, (p - size % p) % p]
+        if any(pad):
+            pixel_values = F.pad(pixel_values, pad)
+        projection, norm = (self.projection, self.norm) if is_video else (self.image_projection, self.image_norm)
+        x = projection(pixel_values)
+        x = x.permute(0, *range(2, x.ndim), 1)
+        return norm(x) if norm is not None else x
+
+
+class BEVTEmbeddings(nn.Module):
+    """Patch embeddings + learned mask token + dropout."""
+
+    def __init__(self, config: BEVTConfig):
+        super().__init__()
+        self.patch_embeddings = BEVTPatchEmbeddings(config)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim))
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """`pixel_values` channels-first (B, C, T, H, W) or (B, C, H, W); `bool_masked_pos` a (B, *mask_grid) bool
+        grid, nearest-upsampled to the patch grid. Masked patches become the mask token."""
+        x = self.patch_embeddings(pixel_values)
+        if bool_masked_pos is not None:
+            grid = x.shape[1:-1]
+            mask = F.interpolate(bool_masked_pos[:, None].to(x.dtype), size=grid, mode="nearest")[:, 0]
+            x = torch.where(mask[..., None].bool(), self.mask_token.to(x.dtype), x)
+        return self.dropout(x)
+
+
+class BEVTAttention(nn.Module):
+    """Window multi-head self-attention with a learned 3D relative position bias (fused qkv projection).
+
+    The image stream uses the temporal-offset-0 part of the same bias table (the first Wh*Ww rows/columns of the
+    3D index), as the original BEVT code does.
+    """
+
+    def __init__(self, config: BEVTConfig, dim: int, num_heads: int):
+        super().__init__()
+        self.config = config
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_probs_dropout_prob
+        self.is_causal = False
+        self.window_size = tuple(config.window_size)
+        wd, wh, ww = self.window_size
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * wd - 1) * (2 * wh - 1) * (2 * ww - 1), num_heads)
+        )
+        self.register_buffer(
+            "relative_position_index", relative_position_index(self.window_size), persistent=False
+        )
+        self.qkv = nn.Linear(dim, 3 * dim, bias=config.qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def relative_position_bias(self, num_tokens: int) -> torch.Tensor:
+        """(heads, N, N) bias for windows of N tokens (the first N rows/columns of the full-window index)."""
+        index = self.relative_position_index[:num_tokens, :num_tokens].reshape(-1)
+        bias = self.relative_position_bias_table[index].view(num_tokens, num_tokens, self.num_heads)
+        return bias.permute(2, 0, 1)
+
+    def forward(self, windows: torch.Tensor, shift_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """windows (B, nW, N, C); shift_mask (nW, N, N) additive or None -> (B, nW, N, C)."""
+        batch, num_windows, num_tokens, channels = windows.shape
+        qkv = self.qkv(windows).view(batch, num_windows, num_tokens, 3, self.num_heads, self.head_dim)
+        bias = self.relative_position_bias(num_tokens).to(windows.dtype)
+        if shift_mask is None:
+            # Windows go to the batch axis; one (1, heads, N, N) bias broadcasts over them.
+            qkv = qkv.permute(3, 0, 1, 4, 2, 5).reshape(3, batch * num_windows, self.num_heads, num_tokens, -1)
+            mask = bias[None]
+        else:
+            # Windows go to the head axis, so the (windows x heads) mask broadcasts over the batch without a copy.
+            qkv = qkv.permute(3, 0, 1, 4, 2, 5).reshape(3, batch, num_windows * self.num_heads, num_tokens, -1)
+            mask = (bias[None] + shift_mask.to(windows.dtype)[:, None]).reshape(
+                1, num_windows * self.num_heads, num_tokens, num_tokens
+            )
+        query, key, value = qkv.unbind(0)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        out, _ = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+        )
+        # out: (B', N, heads', head_dim) -> (B, nW, N, C)
+        if shift_mask is None:
+            out = out.reshape(batch, num_windows, num_tokens, channels)
+        else:
+            out = out.view(batch, num_tokens, num_windows, channels).transpose(1, 2)
+        return self.proj_dropout(self.proj(out))
+
+
+class BEVTMLP(nn.Module):
+    def __init__(self, config: BEVTConfig, dim: int):
+        super().__init__()
+        hidden = int(dim * config.mlp_ratio)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(hidden, dim)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.dropout(self.act(self.fc1(x)))))
+
+
+class BEVTLayer(GradientCheckpointingLayer):
+    """One (shifted-)window Swin block: x + Attn(LN(x)), then x + MLP(LN(x)), with stochastic depth."""
+
+    def __init__(self, config: BEVTConfig, dim: int, num_heads: int, drop_path_rate: float):
+        super().__init__()
+        self.layernorm_before = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.attention = BEVTAttention(config, dim, num_heads)
+        self.layernorm_after = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.mlp = BEVTMLP(config, dim)
+        self.drop_path_rate = drop_path_rate
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        window: tuple[int, ...],
+        shift: tuple[int, ...],
+        shift_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """hidden_states (B, *grid, C) channels-last; `shift_mask` (nW, N, N) or None (built on the padded grid)."""
+        grid = hidden_states.shape[1:-1]
+        x = self.layernorm_before(hidden_states)
+        pad = []
+        for g, w in zip(reversed(grid), reversed(window)):
+            pad += [0, (w - g % w) % w]
+        pad = [0, 0, *pad]
+        if any(pad):
+            x = F.pad(x, pad)
+        padded = x.shape[1:-1]
+        dims = tuple(range(1, len(grid) + 1))
+        if any(shift):
+            x = torch.roll(x, shifts=tuple(-s for s in shift), dims=dims)
+        x = window_reverse(self.attention(window_partition(x, window), shift_mask), window, padded)
+        if any(shift):
+            x = torch.roll(x, shifts=shift, dims=dims)
+        if padded != grid:
+            x = x[(slice(None), *[slice(0, g) for g in grid])]
+        hidden_states = hidden_states + drop_path(x, self.drop_path_rate, self.training)
+        mlp_out = self.mlp(self.layernorm_after(hidden_states))
+        return hidden_states + drop_path(mlp_out, self.drop_path_rate, self.training)
+
+
+class BEVTPatchMerging(nn.Module):
+    """2x2 spatial merge: concat the four neighbours (zero-padding odd H/W), LayerNorm(4C), Linear(4C -> 2C)."""
+
+    def __init__(self, config: BEVTConfig, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim, eps=config.layer_norm_eps)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, [D,] H, W, C) -> (B, [D,] ceil(H/2), ceil(W/2), 2C)."""
+        height, width = x.shape[-3], x.shape[-2]
+        if height % 2 or width % 2:
+            x = F.pad(x, (0, 0, 0, width % 2, 0, height % 2))
+        x = torch.cat(
+            [x[..., 0::2, 0::2, :], x[..., 1::2, 0::2, :], x[..., 0::2, 1::2, :], x[..., 1::2, 1::2, :]], dim=-1
+        )
+        return self.reduction(self.norm(x))
+
+
+class BEVTStage(nn.Module):
+    """A stage of Swin blocks (alternating regular / shifted windows) followed by optional patch merging."""
+
+    def __init__(self, config: BEVTConfig, index: int, drop_path_rates: list[float]):
+        super().__init__()
+        dim = config.stage_dims[index]
+        self.window_size = tuple(config.window_size)
+        self.shift_size = tuple(w // 2 for w in self.window_size)
+        self.blocks = nn.ModuleList(
+            [BEVTLayer(config, dim, config.num_heads[index], rate) for rate in drop_path_rates]
+        )
+        self.downsample = BEVTPatchMerging(config, dim) if index < len(config.depths) - 1 else None
+
+    def _windows(self, grid: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
+        """Window and shift for this grid, and whether the shift mask applies to every block (image quirk)."""
+        if len(grid) == 3:
+            window, shift = window_and_shift(grid, self.window_size, self.shift_size)
+            return window, shift, False
+        # Image mode, as the original BEVT code: the window is (Wh, Ww) and odd blocks roll even when the grid equals
+        # the window, and the 2D shift mask is given to every block of the stage. Axes shorter than the window (not
+        # accepted by the original code) fall back to the video rule.
+        window, shift = [], []
+        for g, w, s in zip(grid, self.window_size[1:], self.shift_size[1:]):
+            window.append(g if g < w else w)
+            shift.append(0 if g < w else s)
+        return tuple(window), tuple(shift), True
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, *grid, C) -> (output before merging, output after merging)."""
+        grid = tuple(hidden_states.shape[1:-1])
+        window, shift, mask_every_block = self._windows(grid)
+        shift_mask = None
+        if any(shift):
+            padded = tuple(-(-g // w) * w for g, w in zip(grid, window))
+            shift_mask = _shift_mask(padded, window, shift, hidden_states.device)
+        no_shift = (0,) * len(grid)
+        for i, block in enumerate(self.blocks):
+            shifted = i % 2 == 1
+            hidden_states = block(
+                hidden_states,
+                window,
+                shift if shifted else no_shift,
+                shift_mask if (shifted or mask_every_block) else None,
+            )
+        merged = self.downsample(hidden_states) if self.downsample is not None else hidden_states
+        return hidden_states, merged
+
+
+class BEVTEncoder(nn.Module):
+    def __init__(self, config: BEVTConfig):
+        super().__init__()
+        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        self.layers = nn.ModuleList()
+        start = 0
+        for i, depth in enumerate(config.depths):
+            self.layers.append(BEVTStage(config, i, rates[start : start + depth]))
+            start += depth
+
+    def forward(self, hidden_states: torch.Tensor) -> list[torch.Tensor]:
+        """Channels-last token grid -> each stage's output before patch merging."""
+        outputs = []
+        for stage in self.layers:
+            before, hidden_states = stage(hidden_states)
+            outputs.append(before)
+        return outputs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pretrained models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# Written into every saved config so a folder loads with `trust_remote_code=True` where `bevt` is not installed
+# (Transformers itself only records the Auto class of the head being saved).
+AUTO_MAP = {
+    "AutoConfig": "configuration_bevt.BEVTConfig",
+    "AutoModel": "modeling_bevt.BEVTModel",
+    "AutoModelForVideoClassification": "modeling_bevt.BEVTForVideoClassification",
+    "AutoModelForPreTraining": "modeling_bevt.BEVTForMaskedVideoModeling",
+}
+
+
+class BEVTPreTrainedModel(PreTrainedModel):
+    config_class = BEVTConfig
+    config: BEVTConfig
+    base_model_prefix = "bevt"
+    main_input_name = "pixel_values"
+    input_modalities = ("video", "image")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["BEVTStage"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+    _keys_to_ignore_on_load_unexpected = [r".*relative_position_index.*"]
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; also records `auto_map` for every BEVT Auto class and copies the
+        modeling/configuration files (when the classes are registered for Auto classes, as `import bevt` does)."""
+        if getattr(self, "_auto_class", None) is not None:
+            self.config.auto_map = {**AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, BEVTEmbeddings):
+            init.trunc_normal_(module.mask_token, std=std)
+        elif isinstance(module, BEVTAttention):
+            init.trunc_normal_(module.relative_position_bias_table, std=std)
+            init.copy_(module.relative_position_index, relative_position_index(module.window_size))
+
+
+def _check_pixel_values(pixel_values: torch.Tensor, config: BEVTConfig, name: str = "pixel_values") -> None:
+    if not isinstance(pixel_values, torch.Tensor):
+        raise ValueError(f"`{name}` must be a torch.Tensor, got {type(pixel_values).__name__}")
+    if pixel_values.ndim not in (4, 5):
+        raise ValueError(
+            f"`{name}` must be a video (B, T, C, H, W) or an image batch (B, C, H, W), got shape "
+            f"{tuple(pixel_values.shape)}"
+        )
+    channels = pixel_values.shape[-3]
+    if channels != config.num_channels:
+        raise ValueError(
+            f"`{name}` has {channels} channels (dim -3 of shape {tuple(pixel_values.shape)}), the model expects "
+            f"{config.num_channels}; videos are (B, T, C, H, W)"
+        )
+    if not pixel_values.is_floating_point():
+        raise ValueError(f"`{name}` must be a floating point tensor (normalized pixels), got {pixel_values.dtype}")
+    if pixel_values.shape[0] == 0 or any(s == 0 for s in pixel_values.shape):
+        raise ValueError(f"`{name}` is empty: shape {tuple(pixel_values.shape)}")
+
+
+def mask_grid_shape(pixel_values_shape: tuple[int, ...], config: BEVTConfig) -> tuple[int, ...]:
+    """Expected `bool_masked_pos` grid for inputs of this shape: video (ceil(T/pt), ceil(H/16), ceil(W/16)),
+    image (ceil(H/16), ceil(W/16)) for the default 2x4x4 patches (16 = 4 x patch size)."""
+    pt, ph, pw = config.patch_size
+    spatial = (-(-pixel_values_shape[-2] // (4 * ph)), -(-pixel_values_shape[-1] // (4 * pw)))
+    if len(pixel_values_shape) == 5:
+        return (-(-pixel_values_shape[1] // pt), *spatial)
+    return spatial
+
+
+class BEVTModel(BEVTPreTrainedModel):
+    """The BEVT encoder (Video Swin Transformer). Videos (B, T, C, H, W) and images (B, C, H, W) share all blocks,
+    patch merging layers, norms and relative position bias tables; each has its own patch embedding."""
+
+    def __init__(self, config: BEVTConfig):
+        super().__init__(config)
+        self.embeddings = BEVTEmbeddings(config)
+        self.encoder = BEVTEncoder(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embeddings
+
+    def encode(
+        self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None, name: str = "pixel_values"
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Validate, embed and run the stages. Returns (patch embeddings, stage outputs before merging), channels-last."""
+        _check_pixel_values(pixel_values, self.config, name)
+        if bool_masked_pos is not None:
+            expected = (pixel_values.shape[0], *mask_grid_shape(tuple(pixel_values.shape), self.config))
+            if tuple(bool_masked_pos.shape) != expected:
+                raise ValueError(
+                    f"mask for `{name}` of shape {tuple(pixel_values.shape)} must have shape {expected} "
+                    f"(batch, {'time/2, ' if pixel_values.ndim == 5 else ''}height/16, width/16), "
+                    f"got {tuple(bool_masked_pos.shape)}"
+                )
+            if bool_masked_pos.is_floating_point() or bool_masked_pos.is_complex():
+                raise ValueError(f"mask for `{name}` must be a bool (or integer 0/1) tensor, got {bool_masked_pos.dtype}")
+        if pixel_values.ndim == 5:  # (B, T, C, H, W) -> (B, C, T, H, W)
+            pixel_values = pixel_values.transpose(1, 2)
+        embeddings = self.embeddings(pixel_values, bool_masked_pos)
+        return embeddings, self.encoder(embeddings)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BEVTModelOutput | tuple:
+        """pixel_values: video (B, T, C, H, W) or images (B, C, H, W). bool_masked_pos: optional mask, video
+        (B, T/2, H/16, W/16), image (B, H/16, W/16)."""
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        embeddings, stages = self.encode(pixel_values, bool_masked_pos)
+        last = self.layernorm(stages[-1]).flatten(1, -2)
+        pooled = last.mean(dim=1)
+        hidden_states = reshaped = None
+        if output_hidden_states:
+            grids = [embeddings, *stages]
+            hidden_states = tuple(g.flatten(1, -2) for g in grids)
+            reshaped = tuple(g.permute(0, g.ndim - 1, *range(1, g.ndim - 1)) for g in grids)
+        if not return_dict:
+            return tuple(v for v in (last, pooled, hidden_states, reshaped) if v is not None)
+        return BEVTModelOutput(
+            last_hidden_state=last,
+            pooler_output=pooled,
+            hidden_states=hidden_states,
+            reshaped_hidden_states=reshaped,
+        )
+
+
+class BEVTMaskedModelingHead(nn.Module):
+    """BEVT prediction heads: upsample stage 4 spatially x2, concat with stage 3 (stage 3 first), Linear(1.5C -> C);
+    for videos also upsample time x2; then the encoder's final LayerNorm (applied by the caller) and one shared
+    Linear(C -> vocab_size)."""
+
+    def __init__(self, config: BEVTConfig):
+        super().__init__()
+        dim = config.hidden_size
+        self.video_spatial_upsample = nn.ConvTranspose3d(dim, dim, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+        self.video_fuse = nn.Linear(dim + dim // 2, dim)
+        self.video_temporal_upsample = nn.ConvTranspose3d(dim, dim, kernel_size=(2, 1, 1), stride=(2, 1, 1))
+        self.image_upsample = nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2)
+        self.image_fuse = nn.Linear(dim + dim // 2, dim)
+        self.lm_head = nn.Linear(dim, config.vocab_size)
+
+    def forward(self, stage3: torch.Tensor, stage4: torch.Tensor) -> torch.Tensor:
+        """Channels-last stage outputs -> fused features (B, [2D,] 2*H4, 2*W4, C) before the norm."""
+        is_video = stage4.ndim == 5
+        up = self.video_spatial_upsample if is_video else self.image_upsample
+        x4 = up(stage4.permute(0, stage4.ndim - 1, *range(1, stage4.ndim - 1)))
+        x4 = x4.permute(0, *range(2, x4.ndim), 1)
+        x = torch.cat([stage3, x4], dim=-1)
+        if not is_video:
+            return self.image_fuse(x)
+        x = self.video_fuse(x).permute(0, 4, 1, 2, 3)
+        return self.video_temporal_upsample(x).permute(0, 2, 3, 4, 1)
+
+
+class BEVTForMaskedVideoModeling(BEVTPreTrainedModel):
+    """BEVT pretraining: predict the visual-token ids of masked patches, for a video stream and/or an image stream
+    that share the encoder."""
+
+    def __init__(self, config: BEVTConfig):
+        super().__init__(config)
+        self.bevt = BEVTModel(config)
+        self.head = BEVTMaskedModelingHead(config)
+        self.post_init()
+
+    def _stream(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        is_video: bool,
+        return_logits: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        name = "pixel_values" if is_video else "image_pixel_values"
+        expected_rank = 5 if is_video else 4
+        if isinstance(pixel_values, torch.Tensor) and pixel_values.ndim != expected_rank:
+            raise ValueError(
+                f"`{name}` must be {'a video batch (B, T, C, H, W)' if is_video else 'an image batch (B, C, H, W)'}, "
+                f"got shape {tuple(pixel_values.shape)}"
+            )
+        _check_pixel_values(pixel_values, self.config, name)
+        height, width = pixel_values.shape[-2:]
+        stride = 8 * self.config.patch_size[1], 8 * self.config.patch_size[2]
+        if height % stride[0] or width % stride[1]:
+            raise ValueError(
+                f"the masked-modeling heads need `{name}` height and width to be multiples of "
+                f"{stride[0]}x{stride[1]} (stage 4 upsampled x2 meets stage 3), got {height}x{width}"
+            )
+        if is_video and pixel_values.shape[1] % self.config.patch_size[0]:
+            raise ValueError(
+                f"the masked-modeling head needs the number of frames of `{name}` to be a multiple of "
+                f"{self.config.patch_size[0]}, got {pixel_values.shape[1]}"
+            )
+        if labels is not None and bool_masked_pos is None:
+            raise ValueError(f"labels for `{name}` need its mask (`bool_masked_pos` / `image_bool_masked_pos`)")
+        _, stages = self.bevt.encode(pixel_values, bool_masked_pos, name)
+        features = self.head(stages[-2], stages[-1])  # (B, [T,] h, w, C)
+        token_grid = tuple(features.shape[1:-1])
+        batch = features.shape[0]
+
+        loss = accuracy = masked_logits = None
+        if labels is not None:
+            expected = (batch, *token_grid)
+            if tuple(labels.shape) != expected:
+                raise ValueError(
+                    f"labels for `{name}` must be visual-token ids of shape {expected} (one {token_grid[-2]}x"
+                    f"{token_grid[-1]} grid per {'frame' if is_video else 'image'}), got {tuple(labels.shape)}"
+                )
+            if labels.is_floating_point():
+                raise ValueError(f"labels for `{name}` must be integer token ids, got {labels.dtype}")
+            loss_mask = bool_masked_pos.bool()
+            if is_video:  # the input mask covers pairs of frames: upsample x2 in time
+                loss_mask = loss_mask.repeat_interleave(self.config.patch_size[0], dim=1)
+            target = labels[loss_mask].long()
+            if target.numel() and (int(target.min()) < 0 or int(target.max()) >= self.config.vocab_size):
+                raise ValueError(
+                    f"labels for `{name}` must be in [0, {self.config.vocab_size}) (vocab_size), got values in "
+                    f"[{int(target.min())}, {int(target.max())}]"
+                )
+            selected = self.bevt.layernorm(features[loss_mask])
+            masked_logits = self.head.lm_head(selected)
+            if target.numel():
+                loss = F.cross_entropy(masked_logits.float(), target)
+                accuracy = (masked_logits.argmax(-1) == target).float().mean().detach()
+            else:  # nothing masked: a zero loss that keeps the graph
+                loss = masked_logits.sum() * 0.0
+                accuracy = torch.full((), float("nan"), device=features.device)
+        logits = None
+        if labels is None or return_logits:
+            logits = self.head.lm_head(self.bevt.layernorm(features)).flatten(1, -2)
+        return loss, accuracy, logits, masked_logits
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        image_pixel_values: torch.Tensor | None = None,
+        image_bool_masked_pos: torch.Tensor | None = None,
+        image_labels: torch.Tensor | None = None,
+        return_logits: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BEVTMaskedVideoModelingOutput | tuple:
+        """Video stream: pixel_values (B, T, C, H, W), bool_masked_pos (B, T/2, H/16, W/16), labels token ids
+        (B, T, H/16, W/16). Image stream: image_pixel_values (B, C, H, W), image_bool_masked_pos (B, H/16, W/16),
+        image_labels (B, H/16, W/16). Either stream may be absent. With labels, only masked positions are projected
+        to the vocabulary unless `return_logits=True`."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if pixel_values is None and image_pixel_values is None:
+            raise ValueError("give `pixel_values` (videos) and/or `image_pixel_values` (images)")
+        video = image = (None, None, None, None)
+        if pixel_values is not None:
+            video = self._stream(pixel_values, bool_masked_pos, labels, True, return_logits)
+        elif labels is not None:
+            raise ValueError("`labels` given without `pixel_values`")
+        if image_pixel_values is not None:
+            image = self._stream(image_pixel_values, image_bool_masked_pos, image_labels, False, return_logits)
+        elif image_labels is not None:
+            raise ValueError("`image_labels` given without `image_pixel_values`")
+        loss = None
+        if video[0] is not None:
+            loss = self.config.video_loss_weight * video[0]
+        if image[0] is not None:
+            weighted = self.config.image_loss_weight * image[0]
+            loss = weighted if loss is None else loss + weighted
+        output = BEVTMaskedVideoModelingOutput(
+            loss=loss,
+            video_loss=video[0],
+            image_loss=image[0],
+            video_mask_accuracy=video[1],
+            image_mask_accuracy=image[1],
+            logits=video[2],
+            image_logits=image[2],
+            masked_logits=video[3],
+            image_masked_logits=image[3],
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class BEVTForVideoClassification(BEVTPreTrainedModel):
+    """BEVT encoder -> mean-pooled final-norm features -> dropout -> linear classifier."""
+
+    def __init__(self, config: BEVTConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bevt = BEVTModel(config)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        """pixel_values (B, T, C, H, W) (or images (B, C, H, W)); labels (B,) class ids, or (B, num_labels) for
+        multi-label / soft targets. Returns logits (B, num_labels)."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.bevt(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        logits = self.classifier(self.dropout(outputs.pooler_output))
+        loss = None
+        if labels is not None:
+            if not labels.is_floating_point() and labels.ndim == 1 and self.num_labels > 1:
+                if labels.shape[0] != logits.shape[0]:
+                    raise ValueError(f"`labels` has {labels.shape[0]} entries for a batch of {logits.shape[0]}")
+                if int(labels.min()) < 0 or int(labels.max()) >= self.num_labels:
+                    raise ValueError(
+                        f"`labels` must be class ids in [0, {self.num_labels}), got values in "
+                        f"[{int(labels.min())}, {int(labels.max())}]"
+                    )
+            if labels.is_floating_point() and labels.ndim == 2 and self.config.problem_type is None:
+                # soft targets (mixup/cutmix, label smoothing): cross-entropy against a distribution
+                loss = torch.sum(-labels * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+            else:
+                loss = self.loss_function(labels, logits, self.config)
+        if not return_dict:
+            out = (logits, outputs.hidden_states) if outputs.hidden_states is not None else (logits,)
+            return ((loss,) + out) if loss is not None else out
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+__all__ = [
+    "BEVTPreTrainedModel",
+    "BEVTModel",
+    "BEVTForMaskedVideoModeling",
+    "BEVTForVideoClassification",
+    "BEVTModelOutput",
+    "BEVTMaskedVideoModelingOutput",
+]
