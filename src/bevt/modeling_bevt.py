@@ -434,7 +434,8 @@ class BEVTStage(nn.Module):
 class BEVTEncoder(nn.Module):
     def __init__(self, config: BEVTConfig):
         super().__init__()
-        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        total = sum(config.depths)  # stochastic depth grows linearly from 0 to drop_path_rate over all blocks
+        rates = [config.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         self.layers = nn.ModuleList()
         start = 0
         for i, depth in enumerate(config.depths):
@@ -770,8 +771,9 @@ class BEVTForVideoClassification(BEVTPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutput | tuple:
-        """pixel_values (B, T, C, H, W) (or images (B, C, H, W)); labels (B,) class ids, or (B, num_labels) for
-        multi-label / soft targets. Returns logits (B, num_labels)."""
+        """pixel_values (B, T, C, H, W) (or images (B, C, H, W)); labels (B,) class ids, or float (B, num_labels)
+        class distributions (soft targets from mixup/cutmix/label smoothing: cross-entropy against them) unless
+        `config.problem_type` is "multi_label_classification" (then BCE, as Transformers). Returns logits."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.bevt(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.classifier(self.dropout(outputs.pooler_output))
@@ -785,7 +787,8 @@ class BEVTForVideoClassification(BEVTPreTrainedModel):
                         f"`labels` must be class ids in [0, {self.num_labels}), got values in "
                         f"[{int(labels.min())}, {int(labels.max())}]"
                     )
-            if labels.is_floating_point() and labels.ndim == 2 and self.config.problem_type is None:
+            soft = labels.is_floating_point() and labels.shape == logits.shape
+            if soft and self.config.problem_type not in ("multi_label_classification", "regression"):
                 # soft targets (mixup/cutmix, label smoothing): cross-entropy against a distribution
                 loss = torch.sum(-labels * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
             else:

@@ -1,0 +1,429 @@
+"""Model core: config, encoder (video + image), heads, Auto classes, save/load, remote code."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForPreTraining,
+    AutoModelForVideoClassification,
+)
+
+from bevt import BEVTConfig, BEVTForMaskedVideoModeling, BEVTForVideoClassification, BEVTModel
+from bevt.modeling_bevt import _shift_mask, relative_position_index, window_partition, window_reverse
+
+VOCAB = 64
+
+
+def tiny_config(**kwargs) -> BEVTConfig:
+    return BEVTConfig.from_preset("test", **kwargs)
+
+
+def video_batch(batch=2, frames=8, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(batch, frames, 3, size, size, generator=g)
+    mask = torch.rand(batch, frames // 2, size // 16, size // 16, generator=g) < 0.5
+    labels = torch.randint(0, VOCAB, (batch, frames, size // 16, size // 16), generator=g)
+    return pixel_values, mask, labels
+
+
+def image_batch(batch=3, size=64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(batch, 3, size, size, generator=g)
+    mask = torch.rand(batch, size // 16, size // 16, generator=g) < 0.5
+    labels = torch.randint(0, VOCAB, (batch, size // 16, size // 16), generator=g)
+    return pixel_values, mask, labels
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def test_presets_match_video_swin():
+    base = BEVTConfig.from_preset("base")
+    assert base.embed_dim == 128 and base.depths == (2, 2, 18, 2) and base.num_heads == (4, 8, 16, 32)
+    assert base.window_size == (8, 7, 7) and base.patch_size == (2, 4, 4) and base.vocab_size == 8192
+    tiny = BEVTConfig.from_preset("tiny")
+    assert tiny.embed_dim == 96 and tiny.depths == (2, 2, 6, 2) and tiny.num_heads == (3, 6, 12, 24)
+    assert BEVTConfig.from_preset("small").depths == (2, 2, 18, 2)
+    assert BEVTConfig.from_preset("large").embed_dim == 192
+    assert BEVTConfig.from_preset("base", num_frames=32).num_frames == 32
+    with pytest.raises(ValueError, match="unknown preset"):
+        BEVTConfig.from_preset("huge")
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"num_heads": (5, 6, 12, 24)}, "num_heads"),
+        ({"depths": (2, 2, 6)}, "depths"),
+        ({"window_size": (7, 7)}, "window_size"),
+        ({"patch_size": (4, 4)}, "patch_size"),
+        ({"window_size": (8, 0, 7)}, "window_size"),
+        ({"embed_dim": 0}, "embed_dim"),
+        ({"vocab_size": -1}, "vocab_size"),
+        ({"drop_path_rate": 1.5}, "drop_path_rate"),
+        ({"mlp_ratio": 0}, "mlp_ratio"),
+        ({"image_size": 0}, "image_size"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        BEVTConfig(**kwargs)
+
+
+def test_config_round_trip(tmp_path):
+    config = tiny_config(num_labels=3, window_size=(2, 2, 2))
+    config.save_pretrained(tmp_path)
+    loaded = BEVTConfig.from_pretrained(tmp_path)
+    assert loaded.window_size == (2, 2, 2) and loaded.depths == config.depths and loaded.num_labels == 3
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), BEVTConfig)
+
+
+def test_base_classifier_has_88_to_89m_parameters():
+    with torch.device("meta"):
+        model = BEVTForVideoClassification(BEVTConfig.from_preset("base", num_labels=400))
+    count = sum(p.numel() for p in model.parameters())
+    # The image patch embedding (shared-encoder image stream) adds 6k parameters to Video Swin-B's 88.1M.
+    assert 88e6 <= count <= 89e6, count
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def test_window_partition_round_trip():
+    x = torch.randn(2, 4, 6, 6, 5)
+    windows = window_partition(x, (2, 3, 3))
+    assert windows.shape == (2, 8, 18, 5)
+    # first window = the (0:2, 0:3, 0:3) block in (t, h, w) order
+    assert torch.equal(windows[0, 0], x[0, :2, :3, :3].reshape(18, 5))
+    assert torch.equal(window_reverse(windows, (2, 3, 3), (4, 6, 6)), x)
+
+
+def test_shift_mask_separates_regions():
+    mask = _shift_mask((4, 4), (2, 2), (1, 1), torch.device("cpu"))
+    assert mask.shape == (4, 4, 4)
+    assert torch.all(mask[0] == 0)  # top-left window holds one region only
+    last = mask[3]  # bottom-right window mixes 4 regions: only the diagonal is unmasked
+    assert torch.equal(last == 0, torch.eye(4, dtype=torch.bool))
+    assert set(mask.unique().tolist()) == {0.0, -100.0}
+
+
+def test_relative_position_index_is_symmetric_offset():
+    index = relative_position_index((2, 2, 2))
+    assert index.shape == (8, 8)
+    assert index.max() == 3 * 3 * 3 - 1 and index.min() == 0
+    assert torch.all(index.diagonal() == 13)  # zero offset is the centre of the 3x3x3 table
+
+
+# ---------------------------------------------------------------------------------------------- encoder
+
+
+def test_encoder_outputs_video_and_image():
+    config = tiny_config()
+    model = BEVTModel(config).eval()
+    pixel_values, mask, _ = video_batch()
+    out = model(pixel_values, bool_masked_pos=mask, output_hidden_states=True)
+    # 8x64x64 -> (4, 16, 16) patches -> stages at 16, 8, 4, 2
+    assert out.last_hidden_state.shape == (2, 4 * 2 * 2, 128)
+    assert out.pooler_output.shape == (2, 128)
+    assert [h.shape for h in out.hidden_states] == [
+        (2, 4 * 16 * 16, 16),
+        (2, 4 * 16 * 16, 16),
+        (2, 4 * 8 * 8, 32),
+        (2, 4 * 4 * 4, 64),
+        (2, 4 * 2 * 2, 128),
+    ]
+    assert out.reshaped_hidden_states[2].shape == (2, 32, 4, 8, 8)
+    torch.testing.assert_close(out.pooler_output, out.last_hidden_state.mean(1))
+
+    images, image_mask, _ = image_batch()
+    out = model(images, bool_masked_pos=image_mask, output_hidden_states=True)
+    assert out.last_hidden_state.shape == (3, 4, 128)
+    assert out.reshaped_hidden_states[1].shape == (3, 16, 16, 16)
+
+
+def test_mask_token_replaces_masked_patches():
+    config = tiny_config()
+    model = BEVTModel(config).eval()
+    pixel_values, _, _ = video_batch(batch=1)
+    full = torch.ones(1, 4, 4, 4, dtype=torch.bool)
+    a = model(pixel_values, bool_masked_pos=full, output_hidden_states=True)
+    b = model(torch.randn_like(pixel_values), bool_masked_pos=full, output_hidden_states=True)
+    # every patch is the mask token: the input pixels no longer matter
+    torch.testing.assert_close(a.last_hidden_state, b.last_hidden_state)
+    token = model.embeddings.mask_token.reshape(-1)
+    torch.testing.assert_close(a.hidden_states[0][0, 0], token)
+    # partial mask: masked positions (nearest-upsampled x4 spatially) equal the token, others don't
+    mask = torch.zeros(1, 4, 4, 4, dtype=torch.bool)
+    mask[0, 1, 2, 3] = True
+    emb = model(pixel_values, bool_masked_pos=mask, output_hidden_states=True).reshaped_hidden_states[0]
+    assert torch.allclose(emb[0, :, 1, 8:12, 12:16], token[:, None, None].expand(-1, 4, 4))
+    assert not torch.allclose(emb[0, :, 0, 8, 12], token)
+
+
+def test_odd_sizes_run_and_pad():
+    model = BEVTForVideoClassification(tiny_config(num_labels=4)).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 10, 3, 200, 176)).logits.shape == (1, 4)
+        assert model(torch.randn(1, 5, 3, 70, 50)).logits.shape == (1, 4)
+        assert model(torch.randn(2, 3, 72, 100)).logits.shape == (2, 4)  # images, padded
+    tiny = BEVTModel(BEVTConfig.from_preset("tiny", depths=(1, 1, 1, 1))).eval()
+    with torch.no_grad():
+        out = tiny(torch.randn(1, 10, 3, 200, 176))
+    assert out.last_hidden_state.shape == (1, 5 * 7 * 6, 768)
+
+
+def test_batch_equivalence():
+    model = BEVTForMaskedVideoModeling(tiny_config()).eval()
+    pixel_values, mask, _ = video_batch(batch=3)
+    images, image_mask, _ = image_batch(batch=3)
+    with torch.no_grad():
+        batched = model(pixel_values, mask, image_pixel_values=images, image_bool_masked_pos=image_mask)
+        for i in range(3):
+            single = model(
+                pixel_values[i : i + 1], mask[i : i + 1],
+                image_pixel_values=images[i : i + 1], image_bool_masked_pos=image_mask[i : i + 1],
+            )
+            torch.testing.assert_close(single.logits[0], batched.logits[i], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(single.image_logits[0], batched.image_logits[i], atol=1e-5, rtol=1e-4)
+
+
+def test_eager_equals_sdpa():
+    torch.manual_seed(0)
+    model = BEVTForMaskedVideoModeling(tiny_config())
+    for name, p in model.named_parameters():  # non-trivial bias tables
+        if "relative_position_bias_table" in name:
+            p.data.normal_(std=1.0)
+    model.eval()
+    pixel_values, mask, labels = video_batch()
+    images, image_mask, image_labels = image_batch()
+    inputs = dict(
+        pixel_values=pixel_values, bool_masked_pos=mask, labels=labels,
+        image_pixel_values=images, image_bool_masked_pos=image_mask, image_labels=image_labels,
+        return_logits=True,
+    )
+    assert model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        sdpa = model(**inputs)
+    model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "eager"
+    with torch.no_grad():
+        eager = model(**inputs)
+    torch.testing.assert_close(sdpa.logits, eager.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sdpa.image_logits, eager.image_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sdpa.loss, eager.loss, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- heads
+
+
+def test_masked_modeling_shapes_and_loss_definition():
+    model = BEVTForMaskedVideoModeling(tiny_config()).eval()
+    pixel_values, mask, labels = video_batch()
+    images, image_mask, image_labels = image_batch()
+    with torch.no_grad():
+        out = model(
+            pixel_values, mask, labels, images, image_mask, image_labels, return_logits=True
+        )
+    assert out.logits.shape == (2, 8 * 4 * 4, VOCAB)
+    assert out.image_logits.shape == (3, 16, VOCAB)
+    # the video loss is the cross-entropy over masked positions, mask upsampled x2 in time, (t, h, w) order
+    loss_mask = mask.repeat_interleave(2, dim=1).flatten(1)
+    expected = torch.nn.functional.cross_entropy(out.logits[loss_mask], labels.flatten(1)[loss_mask])
+    torch.testing.assert_close(out.video_loss, expected, atol=1e-5, rtol=1e-5)
+    image_expected = torch.nn.functional.cross_entropy(
+        out.image_logits[image_mask.flatten(1)], image_labels.flatten(1)[image_mask.flatten(1)]
+    )
+    torch.testing.assert_close(out.image_loss, image_expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, out.video_loss + out.image_loss)
+    accuracy = (out.logits[loss_mask].argmax(-1) == labels.flatten(1)[loss_mask]).float().mean()
+    torch.testing.assert_close(out.video_mask_accuracy, accuracy)
+    # the masked-only projection equals the full projection at masked positions
+    torch.testing.assert_close(out.masked_logits, out.logits[loss_mask], atol=1e-5, rtol=1e-5)
+
+    weighted = BEVTForMaskedVideoModeling(tiny_config(video_loss_weight=0.5, image_loss_weight=2.0)).eval()
+    weighted.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        out2 = weighted(pixel_values, mask, labels, images, image_mask, image_labels)
+    torch.testing.assert_close(out2.loss, 0.5 * out.video_loss + 2.0 * out.image_loss)
+    assert out2.logits is None  # with labels, full logits only on request
+
+
+def test_single_streams():
+    model = BEVTForMaskedVideoModeling(tiny_config()).eval()
+    pixel_values, mask, labels = video_batch()
+    images, image_mask, image_labels = image_batch()
+    with torch.no_grad():
+        video_only = model(pixel_values=pixel_values, bool_masked_pos=mask, labels=labels)
+        image_only = model(image_pixel_values=images, image_bool_masked_pos=image_mask, image_labels=image_labels)
+        inference = model(pixel_values=pixel_values, bool_masked_pos=mask)
+    assert video_only.image_loss is None and torch.equal(video_only.loss, video_only.video_loss)
+    assert image_only.video_loss is None and torch.equal(image_only.loss, image_only.image_loss)
+    assert inference.loss is None and inference.logits.shape == (2, 128, VOCAB)
+
+
+def test_loss_decreases_over_20_steps():
+    torch.manual_seed(0)
+    model = BEVTForMaskedVideoModeling(tiny_config())
+    pixel_values, mask, labels = video_batch()
+    images, image_mask, image_labels = image_batch()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(20):
+        out = model(pixel_values, mask, labels, images, image_mask, image_labels)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(out.loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_gradient_checkpointing_matches():
+    torch.manual_seed(0)
+    model = BEVTForMaskedVideoModeling(tiny_config())
+    model.train()
+    pixel_values, mask, labels = video_batch()
+    loss = model(pixel_values, mask, labels).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    assert all(block.gradient_checkpointing for stage in model.bevt.encoder.layers for block in stage.blocks)
+    loss2 = model(pixel_values, mask, labels).loss
+    loss2.backward()
+    torch.testing.assert_close(loss, loss2)
+    for name, grad in grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-5, rtol=1e-4)
+
+
+def test_classification_loss_and_soft_labels():
+    model = BEVTForVideoClassification(tiny_config(num_labels=5)).eval()
+    pixel_values, _, _ = video_batch()
+    labels = torch.tensor([1, 4])
+    out = model(pixel_values, labels=labels)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, labels))
+    soft = torch.nn.functional.one_hot(labels, 5).float()
+    torch.testing.assert_close(model(pixel_values, labels=soft).loss, out.loss)
+    assert model.config.num_frames == 8
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = BEVTForMaskedVideoModeling(tiny_config()).eval()
+    pixel_values, mask, labels = video_batch()
+    with pytest.raises(ValueError, match="B, T, C, H, W"):
+        model.bevt(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match="channels"):
+        model.bevt(torch.randn(1, 8, 4, 64, 64))
+    with pytest.raises(ValueError, match="floating point"):
+        model.bevt(torch.zeros(1, 8, 3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"must have shape \(2, 4, 4, 4\)"):
+        model(pixel_values, mask[:, :2], labels)
+    with pytest.raises(ValueError, match=r"vocab_size"):
+        model(pixel_values, mask, labels + VOCAB)
+    with pytest.raises(ValueError, match=r"shape \(2, 8, 4, 4\)"):
+        model(pixel_values, mask, labels[:, :4])
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model(torch.randn(1, 8, 3, 48, 48))
+    with pytest.raises(ValueError, match="need its mask"):
+        model(pixel_values, labels=labels)
+    with pytest.raises(ValueError, match="image batch"):
+        model(image_pixel_values=pixel_values)
+    with pytest.raises(ValueError, match="pixel_values"):
+        model()
+    classifier = BEVTForVideoClassification(tiny_config(num_labels=3)).eval()
+    with pytest.raises(ValueError, match=r"class ids in \[0, 3\)"):
+        classifier(pixel_values, labels=torch.tensor([0, 3]))
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+
+
+@pytest.mark.parametrize(
+    "cls, auto",
+    [
+        (BEVTModel, AutoModel),
+        (BEVTForVideoClassification, AutoModelForVideoClassification),
+        (BEVTForMaskedVideoModeling, AutoModelForPreTraining),
+    ],
+)
+def test_save_load_round_trip_with_auto_classes(tmp_path, cls, auto):
+    model = cls(tiny_config(num_labels=3)).eval()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "bevt"
+    assert set(config["auto_map"]) == {
+        "AutoConfig", "AutoModel", "AutoModelForVideoClassification", "AutoModelForPreTraining"
+    }
+    assert (tmp_path / "modeling_bevt.py").exists() and (tmp_path / "configuration_bevt.py").exists()
+    loaded = auto.from_pretrained(tmp_path).eval()
+    assert type(loaded) is cls
+    pixel_values, _, _ = video_batch(batch=1)
+    with torch.no_grad():
+        a, b = model(pixel_values), loaded(pixel_values)
+    key = "last_hidden_state" if cls is BEVTModel else "logits"
+    assert torch.equal(a[key], b[key])
+    # the non-persistent relative position index is rebuilt on load
+    assert torch.equal(
+        loaded.base_model.encoder.layers[0].blocks[0].attention.relative_position_index,
+        relative_position_index((4, 2, 2)),
+    )
+
+
+def test_pretraining_weights_load_into_classifier(tmp_path):
+    pretrain = BEVTForMaskedVideoModeling(tiny_config())
+    pretrain.save_pretrained(tmp_path)
+    classifier = BEVTForVideoClassification.from_pretrained(tmp_path, num_labels=4)
+    torch.testing.assert_close(classifier.bevt.layernorm.weight, pretrain.bevt.layernorm.weight)
+    torch.testing.assert_close(
+        classifier.bevt.encoder.layers[2].blocks[1].attention.qkv.weight,
+        pretrain.bevt.encoder.layers[2].blocks[1].attention.qkv.weight,
+    )
+
+
+def test_trust_remote_code_without_bevt(tmp_path):
+    model = BEVTForVideoClassification(tiny_config(num_labels=3)).eval()
+    folder = tmp_path / "remote"
+    model.save_pretrained(folder)
+    pixel_values, _, _ = video_batch(batch=1)
+    torch.save(pixel_values, tmp_path / "x.pt")
+    with torch.no_grad():
+        torch.save(model(pixel_values).logits, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import importlib.abc, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "bevt" or name.startswith("bevt."):
+                    raise ImportError("bevt is blocked in this test")
+        sys.meta_path.insert(0, Block())
+        import torch
+        from transformers import AutoModelForVideoClassification, AutoModel
+        model = AutoModelForVideoClassification.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        assert "bevt" not in sys.modules and type(model).__module__.startswith("transformers_modules"), type(model)
+        x = torch.load({str(tmp_path / 'x.pt')!r})
+        with torch.no_grad():
+            logits = model(x).logits
+        torch.testing.assert_close(logits, torch.load({str(tmp_path / 'expected.pt')!r}))
+        base = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        print("OK", type(base).__name__)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HOME"] = str(tmp_path / "hf_home")
+    env["HF_HUB_OFFLINE"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK BEVTModel" in result.stdout
+    shutil.rmtree(folder)
