@@ -188,8 +188,10 @@ def test_batch_equivalence():
         batched = model(pixel_values, mask, image_pixel_values=images, image_bool_masked_pos=image_mask)
         for i in range(3):
             single = model(
-                pixel_values[i : i + 1], mask[i : i + 1],
-                image_pixel_values=images[i : i + 1], image_bool_masked_pos=image_mask[i : i + 1],
+                pixel_values[i : i + 1],
+                mask[i : i + 1],
+                image_pixel_values=images[i : i + 1],
+                image_bool_masked_pos=image_mask[i : i + 1],
             )
             torch.testing.assert_close(single.logits[0], batched.logits[i], atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(single.image_logits[0], batched.image_logits[i], atol=1e-5, rtol=1e-4)
@@ -205,8 +207,12 @@ def test_eager_equals_sdpa():
     pixel_values, mask, labels = video_batch()
     images, image_mask, image_labels = image_batch()
     inputs = dict(
-        pixel_values=pixel_values, bool_masked_pos=mask, labels=labels,
-        image_pixel_values=images, image_bool_masked_pos=image_mask, image_labels=image_labels,
+        pixel_values=pixel_values,
+        bool_masked_pos=mask,
+        labels=labels,
+        image_pixel_values=images,
+        image_bool_masked_pos=image_mask,
+        image_labels=image_labels,
         return_logits=True,
     )
     assert model.config._attn_implementation == "sdpa"
@@ -229,9 +235,7 @@ def test_masked_modeling_shapes_and_loss_definition():
     pixel_values, mask, labels = video_batch()
     images, image_mask, image_labels = image_batch()
     with torch.no_grad():
-        out = model(
-            pixel_values, mask, labels, images, image_mask, image_labels, return_logits=True
-        )
+        out = model(pixel_values, mask, labels, images, image_mask, image_labels, return_logits=True)
     assert out.logits.shape == (2, 8 * 4 * 4, VOCAB)
     assert out.image_logits.shape == (3, 16, VOCAB)
     # the video loss is the cross-entropy over masked positions, mask upsampled x2 in time, (t, h, w) order
@@ -262,7 +266,9 @@ def test_single_streams():
     images, image_mask, image_labels = image_batch()
     with torch.no_grad():
         video_only = model(pixel_values=pixel_values, bool_masked_pos=mask, labels=labels)
-        image_only = model(image_pixel_values=images, image_bool_masked_pos=image_mask, image_labels=image_labels)
+        image_only = model(
+            image_pixel_values=images, image_bool_masked_pos=image_mask, image_labels=image_labels
+        )
         inference = model(pixel_values=pixel_values, bool_masked_pos=mask)
     assert video_only.image_loss is None and torch.equal(video_only.loss, video_only.video_loss)
     assert image_only.video_loss is None and torch.equal(image_only.loss, image_only.image_loss)
@@ -362,7 +368,10 @@ def test_save_load_round_trip_with_auto_classes(tmp_path, cls, auto):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "bevt"
     assert set(config["auto_map"]) == {
-        "AutoConfig", "AutoModel", "AutoModelForVideoClassification", "AutoModelForPreTraining"
+        "AutoConfig",
+        "AutoModel",
+        "AutoModelForVideoClassification",
+        "AutoModelForPreTraining",
     }
     assert (tmp_path / "modeling_bevt.py").exists() and (tmp_path / "configuration_bevt.py").exists()
     loaded = auto.from_pretrained(tmp_path).eval()
@@ -410,10 +419,10 @@ def test_trust_remote_code_without_bevt(tmp_path):
         from transformers import AutoModelForVideoClassification, AutoModel
         model = AutoModelForVideoClassification.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
         assert "bevt" not in sys.modules and type(model).__module__.startswith("transformers_modules"), type(model)
-        x = torch.load({str(tmp_path / 'x.pt')!r})
+        x = torch.load({str(tmp_path / "x.pt")!r})
         with torch.no_grad():
             logits = model(x).logits
-        torch.testing.assert_close(logits, torch.load({str(tmp_path / 'expected.pt')!r}))
+        torch.testing.assert_close(logits, torch.load({str(tmp_path / "expected.pt")!r}))
         base = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)
         print("OK", type(base).__name__)
         """

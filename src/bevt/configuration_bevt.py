@@ -121,7 +121,12 @@ class BEVTConfig(PreTrainedConfig):
                 )
         if not self.mlp_ratio > 0:
             raise ValueError(f"`mlp_ratio` must be positive, got {self.mlp_ratio!r}")
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate", "classifier_dropout"):
+        for name in (
+            "hidden_dropout_prob",
+            "attention_probs_dropout_prob",
+            "drop_path_rate",
+            "classifier_dropout",
+        ):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1), got {value!r}")

@@ -204,7 +204,9 @@ class BEVTPatchEmbeddings(nn.Module):
         self.image_projection = nn.Conv2d(
             config.num_channels, config.embed_dim, kernel_size=self.patch_size[1:], stride=self.patch_size[1:]
         )
-        self.image_norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps) if config.patch_norm else None
+        self.image_norm = (
+            nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps) if config.patch_norm else None
+        )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, C, T, H, W) -> (B, D, Hp, Wp, E) or (B, C, H, W) -> (B, Hp, Wp, E)."""
@@ -215,7 +217,9 @@ class BEVTPatchEmbeddings(nn.Module):
             pad += [0, (p - size % p) % p]
         if any(pad):
             pixel_values = F.pad(pixel_values, pad)
-        projection, norm = (self.projection, self.norm) if is_video else (self.image_projection, self.image_norm)
+        projection, norm = (
+            (self.projection, self.norm) if is_video else (self.image_projection, self.image_norm)
+        )
         x = projection(pixel_values)
         x = x.permute(0, *range(2, x.ndim), 1)
         return norm(x) if norm is not None else x
@@ -230,7 +234,9 @@ class BEVTEmbeddings(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim))
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`pixel_values` channels-first (B, C, T, H, W) or (B, C, H, W); `bool_masked_pos` a (B, *mask_grid) bool
         grid, nearest-upsampled to the patch grid. Masked patches become the mask token."""
         x = self.patch_embeddings(pixel_values)
@@ -281,11 +287,15 @@ class BEVTAttention(nn.Module):
         bias = self.relative_position_bias(num_tokens).to(windows.dtype)
         if shift_mask is None:
             # Windows go to the batch axis; one (1, heads, N, N) bias broadcasts over them.
-            qkv = qkv.permute(3, 0, 1, 4, 2, 5).reshape(3, batch * num_windows, self.num_heads, num_tokens, -1)
+            qkv = qkv.permute(3, 0, 1, 4, 2, 5).reshape(
+                3, batch * num_windows, self.num_heads, num_tokens, -1
+            )
             mask = bias[None]
         else:
             # Windows go to the head axis, so the (windows x heads) mask broadcasts over the batch without a copy.
-            qkv = qkv.permute(3, 0, 1, 4, 2, 5).reshape(3, batch, num_windows * self.num_heads, num_tokens, -1)
+            qkv = qkv.permute(3, 0, 1, 4, 2, 5).reshape(
+                3, batch, num_windows * self.num_heads, num_tokens, -1
+            )
             mask = (bias[None] + shift_mask.to(windows.dtype)[:, None]).reshape(
                 1, num_windows * self.num_heads, num_tokens, num_tokens
             )
@@ -378,7 +388,8 @@ class BEVTPatchMerging(nn.Module):
         if height % 2 or width % 2:
             x = F.pad(x, (0, 0, 0, width % 2, 0, height % 2))
         x = torch.cat(
-            [x[..., 0::2, 0::2, :], x[..., 1::2, 0::2, :], x[..., 0::2, 1::2, :], x[..., 1::2, 1::2, :]], dim=-1
+            [x[..., 0::2, 0::2, :], x[..., 1::2, 0::2, :], x[..., 0::2, 1::2, :], x[..., 1::2, 1::2, :]],
+            dim=-1,
         )
         return self.reduction(self.norm(x))
 
@@ -518,7 +529,9 @@ def _check_pixel_values(pixel_values: torch.Tensor, config: BEVTConfig, name: st
             f"{config.num_channels}; videos are (B, T, C, H, W)"
         )
     if not pixel_values.is_floating_point():
-        raise ValueError(f"`{name}` must be a floating point tensor (normalized pixels), got {pixel_values.dtype}")
+        raise ValueError(
+            f"`{name}` must be a floating point tensor (normalized pixels), got {pixel_values.dtype}"
+        )
     if pixel_values.shape[0] == 0 or any(s == 0 for s in pixel_values.shape):
         raise ValueError(f"`{name}` is empty: shape {tuple(pixel_values.shape)}")
 
@@ -548,7 +561,10 @@ class BEVTModel(BEVTPreTrainedModel):
         return self.embeddings.patch_embeddings
 
     def encode(
-        self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None, name: str = "pixel_values"
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        name: str = "pixel_values",
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Validate, embed and run the stages. Returns (patch embeddings, stage outputs before merging), channels-last."""
         _check_pixel_values(pixel_values, self.config, name)
@@ -561,7 +577,9 @@ class BEVTModel(BEVTPreTrainedModel):
                     f"got {tuple(bool_masked_pos.shape)}"
                 )
             if bool_masked_pos.is_floating_point() or bool_masked_pos.is_complex():
-                raise ValueError(f"mask for `{name}` must be a bool (or integer 0/1) tensor, got {bool_masked_pos.dtype}")
+                raise ValueError(
+                    f"mask for `{name}` must be a bool (or integer 0/1) tensor, got {bool_masked_pos.dtype}"
+                )
         if pixel_values.ndim == 5:  # (B, T, C, H, W) -> (B, C, T, H, W)
             pixel_values = pixel_values.transpose(1, 2)
         embeddings = self.embeddings(pixel_values, bool_masked_pos)
@@ -666,7 +684,9 @@ class BEVTForMaskedVideoModeling(BEVTPreTrainedModel):
                 f"{self.config.patch_size[0]}, got {pixel_values.shape[1]}"
             )
         if labels is not None and bool_masked_pos is None:
-            raise ValueError(f"labels for `{name}` need its mask (`bool_masked_pos` / `image_bool_masked_pos`)")
+            raise ValueError(
+                f"labels for `{name}` need its mask (`bool_masked_pos` / `image_bool_masked_pos`)"
+            )
         _, stages = self.bevt.encode(pixel_values, bool_masked_pos, name)
         features = self.head(stages[-2], stages[-1])  # (B, [T,] h, w, C)
         token_grid = tuple(features.shape[1:-1])
@@ -729,7 +749,9 @@ class BEVTForMaskedVideoModeling(BEVTPreTrainedModel):
         elif labels is not None:
             raise ValueError("`labels` given without `pixel_values`")
         if image_pixel_values is not None:
-            image = self._stream(image_pixel_values, image_bool_masked_pos, image_labels, False, return_logits)
+            image = self._stream(
+                image_pixel_values, image_bool_masked_pos, image_labels, False, return_logits
+            )
         elif image_labels is not None:
             raise ValueError("`image_labels` given without `image_pixel_values`")
         loss = None
@@ -760,7 +782,9 @@ class BEVTForVideoClassification(BEVTPreTrainedModel):
         self.num_labels = config.num_labels
         self.bevt = BEVTModel(config)
         self.dropout = nn.Dropout(config.classifier_dropout)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.classifier = (
+            nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        )
         self.post_init()
 
     def forward(
@@ -781,7 +805,9 @@ class BEVTForVideoClassification(BEVTPreTrainedModel):
         if labels is not None:
             if not labels.is_floating_point() and labels.ndim == 1 and self.num_labels > 1:
                 if labels.shape[0] != logits.shape[0]:
-                    raise ValueError(f"`labels` has {labels.shape[0]} entries for a batch of {logits.shape[0]}")
+                    raise ValueError(
+                        f"`labels` has {labels.shape[0]} entries for a batch of {logits.shape[0]}"
+                    )
                 if int(labels.min()) < 0 or int(labels.max()) >= self.num_labels:
                     raise ValueError(
                         f"`labels` must be class ids in [0, {self.num_labels}), got values in "
