@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from bevt import BEVTConfig, BEVTForMaskedVideoModeling, BEVTForVideoClassification, BEVTModel
-from bevt.modeling_bevt import _shift_mask, relative_position_index, window_partition, window_reverse
+from bevt.modeling_bevt import make_shift_mask, relative_position_index, window_partition, window_reverse
 
 VOCAB = 64
 
@@ -107,7 +107,7 @@ def test_window_partition_round_trip():
 
 
 def test_shift_mask_separates_regions():
-    mask = _shift_mask((4, 4), (2, 2), (1, 1), torch.device("cpu"))
+    mask = make_shift_mask((4, 4), (2, 2), (1, 1), torch.device("cpu"))
     assert mask.shape == (4, 4, 4)
     assert torch.all(mask[0] == 0)  # top-left window holds one region only
     last = mask[3]  # bottom-right window mixes 4 regions: only the diagonal is unmasked

@@ -6,6 +6,7 @@ Shapes used below: B batch, T frames, C channels, H x W pixels; after the 2x4x4 
 channels-last: video (B, D, H, W, C), image (B, H, W, C).
 """
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -16,9 +17,10 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ImageClassifierOutput, ModelOutput
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import AttentionInterface
 
 from .configuration_bevt import BEVTConfig
 
@@ -76,14 +78,22 @@ def window_reverse(windows: torch.Tensor, window: tuple[int, ...], grid: tuple[i
     return x.permute(*order).reshape(batch, *grid, channels)
 
 
-@lru_cache(maxsize=64)
-def _shift_mask(
+def make_shift_mask(
     grid: tuple[int, ...], window: tuple[int, ...], shift: tuple[int, ...], device: torch.device
 ) -> torch.Tensor:
     """Additive mask (num_windows, N, N) for shifted windows on a padded `grid`: 0 within a region, -100 across.
 
-    Regions are numbered as in Swin: along each axis [0, -window), [-window, -shift), [-shift, end).
+    Cached per (grid, window, shift, device) in eager mode; traced (and constant-folded) under torch.compile.
     """
+    if torch.compiler.is_compiling():
+        return _build_shift_mask(grid, window, shift, device)
+    return _cached_shift_mask(grid, window, shift, device)
+
+
+@lru_cache(maxsize=64)
+def _cached_shift_mask(
+    grid: tuple[int, ...], window: tuple[int, ...], shift: tuple[int, ...], device: torch.device
+) -> torch.Tensor:
     with torch.inference_mode(False):  # cached across calls: never an inference-mode tensor
         return _build_shift_mask(grid, window, shift, device)
 
@@ -91,13 +101,11 @@ def _shift_mask(
 def _build_shift_mask(
     grid: tuple[int, ...], window: tuple[int, ...], shift: tuple[int, ...], device: torch.device
 ) -> torch.Tensor:
+    # Regions are numbered as in Swin: along each axis [0, -window), [-window, -shift), [-shift, end).
     labels = torch.zeros(grid, dtype=torch.float32, device=device)
-    count = 0
     ranges = [((0, g - w), (g - w, g - s), (g - s, g)) for g, w, s in zip(grid, window, shift)]
-    for index in torch.cartesian_prod(*[torch.arange(3)] * len(grid)).tolist():
-        region = tuple(slice(*ranges[axis][part]) for axis, part in enumerate(index))
-        labels[region] = count
-        count += 1
+    for count, parts in enumerate(itertools.product(range(3), repeat=len(grid))):
+        labels[tuple(slice(*ranges[axis][part]) for axis, part in enumerate(parts))] = count
     windows = window_partition(labels[None, ..., None], window)[0, ..., 0]  # (nW, N)
     diff = windows[:, None, :] - windows[:, :, None]
     return torch.where(diff != 0, SHIFT_MASK_VALUE, 0.0)
@@ -121,6 +129,17 @@ def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor
     return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
 
 
+def window_attention_mask(
+    bias: torch.Tensor, shift_mask: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """The additive attention mask of a window layout: (1, heads, N, N) from the relative position bias alone, or
+    (1, windows*heads, N, N) = bias + shift mask when windows are folded into the head axis (shifted blocks)."""
+    if shift_mask is None:
+        return bias[None].to(dtype)
+    num_windows, n = shift_mask.shape[0], shift_mask.shape[-1]
+    return (bias[None] + shift_mask[:, None]).reshape(1, num_windows * bias.shape[0], n, n).to(dtype)
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -129,9 +148,14 @@ def eager_attention_forward(
     attention_mask: torch.Tensor | None,
     scaling: float,
     dropout: float = 0.0,
+    window_bias: torch.Tensor | None = None,
+    window_shift_mask: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain softmax attention. query/key/value (B, heads, N, head_dim); mask broadcastable to (B, heads, N, N)."""
+    """Plain matmul-softmax attention. query/key/value (B', heads', N, head_dim); the mask is `attention_mask` or,
+    when None, built from `window_bias` (heads, N, N) and `window_shift_mask` (windows, N, N)."""
+    if attention_mask is None and window_bias is not None:
+        attention_mask = window_attention_mask(window_bias, window_shift_mask, query.dtype)
     attn_weights = torch.matmul(query * scaling, key.transpose(2, 3))
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask
@@ -139,6 +163,99 @@ def eager_attention_forward(
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
     return attn_output, attn_weights
+
+
+class WindowAttentionFunction(torch.autograd.Function):
+    """Softmax window attention that stores no attention matrix: the backward pass recomputes the probabilities
+    chunk by chunk (and returns the gradient of the relative position bias). Same math as the eager path.
+
+    query/key/value (B', H', N, D). Head h' of the layout uses `bias[h' % heads]` and, when a shift mask
+    (windows, N, N) is given (windows folded into the head axis, H' = windows * heads), `shift_mask[h' // heads]`.
+    """
+
+    CHUNK_BYTES = 8 * 2**20  # temporaries per chunk: a few cache-sized (rows, N, N) blocks
+
+    @staticmethod
+    def _chunks(batch: int, heads_total: int, n: int, heads: int):
+        per_head = n * n * 4
+        head_chunk = max(heads, min(heads_total, WindowAttentionFunction.CHUNK_BYTES // per_head // heads * heads))
+        batch_chunk = max(1, WindowAttentionFunction.CHUNK_BYTES // (per_head * head_chunk))
+        for b0 in range(0, batch, batch_chunk):
+            for h0 in range(0, heads_total, head_chunk):
+                yield slice(b0, min(batch, b0 + batch_chunk)), slice(h0, min(heads_total, h0 + head_chunk))
+
+    @staticmethod
+    def _scores(q, k, bias, shift_mask, hs: slice, heads: int, scaling: float) -> torch.Tensor:
+        scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scaling)
+        index = torch.arange(hs.start, hs.stop, device=q.device)
+        scores += bias.index_select(0, index % heads)
+        if shift_mask is not None:
+            scores += shift_mask.index_select(0, index // heads)
+        return scores
+
+    @staticmethod
+    def forward(ctx, query, key, value, bias, shift_mask, scaling):
+        heads = bias.shape[0]
+        out = torch.empty_like(query)
+        for bs, hs in WindowAttentionFunction._chunks(query.shape[0], query.shape[1], query.shape[2], heads):
+            scores = WindowAttentionFunction._scores(query[bs, hs], key[bs, hs], bias, shift_mask, hs, heads, scaling)
+            probs = torch.softmax(scores, dim=-1).to(value.dtype)
+            out[bs, hs] = torch.matmul(probs, value[bs, hs])
+        ctx.save_for_backward(query, key, value, bias, shift_mask, out)
+        ctx.scaling = scaling
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        query, key, value, bias, shift_mask, out = ctx.saved_tensors
+        scaling, heads = ctx.scaling, bias.shape[0]
+        grad_q, grad_k, grad_v = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        grad_out = grad_out.contiguous()
+        for bs, hs in WindowAttentionFunction._chunks(query.shape[0], query.shape[1], query.shape[2], heads):
+            q, k, v, go = query[bs, hs], key[bs, hs], value[bs, hs], grad_out[bs, hs]
+            probs = torch.softmax(WindowAttentionFunction._scores(q, k, bias, shift_mask, hs, heads, scaling), -1)
+            grad_v[bs, hs] = torch.matmul(probs.transpose(-1, -2).to(go.dtype), go)
+            grad_probs = torch.matmul(go, v.transpose(-1, -2)).float()
+            grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, torch.float32)
+            index = torch.arange(hs.start, hs.stop, device=q.device) % heads
+            grad_bias.index_add_(0, index, grad_scores.sum(0))
+            grad_scores = grad_scores.mul_(scaling).to(q.dtype)
+            grad_q[bs, hs] = torch.matmul(grad_scores, k)
+            grad_k[bs, hs] = torch.matmul(grad_scores.transpose(-1, -2), q)
+        return grad_q, grad_k, grad_v, grad_bias.to(bias.dtype), None, None
+
+
+def sdpa_window_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    window_bias: torch.Tensor | None = None,
+    window_shift_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """BEVT's "sdpa": `torch.nn.functional.scaled_dot_product_attention` with the window mask (on CUDA its
+    memory-efficient kernel also gives the bias gradient). When gradients are needed on CPU, where SDPA falls back
+    to a math path that keeps the whole attention matrix, `WindowAttentionFunction` computes the same attention
+    without storing it."""
+    if attention_mask is None and window_bias is not None:
+        needs_grad = torch.is_grad_enabled() and (query.requires_grad or window_bias.requires_grad)
+        if needs_grad and query.device.type == "cpu" and dropout == 0.0:
+            out = WindowAttentionFunction.apply(query, key, value, window_bias, window_shift_mask, scaling)
+            return out.transpose(1, 2).contiguous(), None
+        attention_mask = window_attention_mask(window_bias, window_shift_mask, query.dtype)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
+
+
+# Model-local attention interface (the Transformers pattern for overriding a global implementation): "sdpa" is the
+# window-aware version above; other registered implementations stay available.
+ALL_ATTENTION_FUNCTIONS = AttentionInterface()
+ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa_window_attention_forward
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -284,20 +401,16 @@ class BEVTAttention(nn.Module):
         """windows (B, nW, N, C); shift_mask (nW, N, N) additive or None -> (B, nW, N, C)."""
         batch, num_windows, num_tokens, channels = windows.shape
         qkv = self.qkv(windows).view(batch, num_windows, num_tokens, 3, self.num_heads, self.head_dim)
-        bias = self.relative_position_bias(num_tokens).to(windows.dtype)
+        bias = self.relative_position_bias(num_tokens)
         if shift_mask is None:
-            # Windows go to the batch axis; one (1, heads, N, N) bias broadcasts over them.
+            # Windows go to the batch axis; one (heads, N, N) bias broadcasts over them.
             qkv = qkv.permute(3, 0, 1, 4, 2, 5).reshape(
                 3, batch * num_windows, self.num_heads, num_tokens, -1
             )
-            mask = bias[None]
         else:
             # Windows go to the head axis, so the (windows x heads) mask broadcasts over the batch without a copy.
             qkv = qkv.permute(3, 0, 1, 4, 2, 5).reshape(
                 3, batch, num_windows * self.num_heads, num_tokens, -1
-            )
-            mask = (bias[None] + shift_mask.to(windows.dtype)[:, None]).reshape(
-                1, num_windows * self.num_heads, num_tokens, num_tokens
             )
         query, key, value = qkv.unbind(0)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -308,9 +421,11 @@ class BEVTAttention(nn.Module):
             query,
             key,
             value,
-            mask,
+            None,
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
+            window_bias=bias,
+            window_shift_mask=shift_mask,
         )
         # out: (B', N, heads', head_dim) -> (B, nW, N, C)
         if shift_mask is None:
@@ -428,7 +543,7 @@ class BEVTStage(nn.Module):
         shift_mask = None
         if any(shift):
             padded = tuple(-(-g // w) * w for g, w in zip(grid, window))
-            shift_mask = _shift_mask(padded, window, shift, hidden_states.device)
+            shift_mask = make_shift_mask(padded, window, shift, hidden_states.device)
         no_shift = (0,) * len(grid)
         for i, block in enumerate(self.blocks):
             shifted = i % 2 == 1
