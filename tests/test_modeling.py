@@ -436,3 +436,53 @@ def test_trust_remote_code_without_bevt(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK BEVTModel" in result.stdout
     shutil.rmtree(folder)
+
+
+def test_sdpa_training_gradients_equal_eager():
+    """On CPU the "sdpa" path trains with WindowAttentionFunction (no stored attention matrix): same gradients,
+    including those of the relative position bias tables."""
+    torch.manual_seed(0)
+    model = BEVTForMaskedVideoModeling(tiny_config())
+    for name, p in model.named_parameters():
+        if "relative_position_bias_table" in name:
+            p.data.normal_(std=1.0)
+    pixel_values, mask, labels = video_batch()
+    images, image_mask, image_labels = image_batch()
+
+    def grads(implementation):
+        model.set_attn_implementation(implementation)
+        model.zero_grad()
+        out = model(pixel_values, mask, labels, images, image_mask, image_labels)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    sdpa_loss, sdpa_grads = grads("sdpa")
+    eager_loss, eager_grads = grads("eager")
+    torch.testing.assert_close(sdpa_loss, eager_loss, atol=1e-5, rtol=1e-5)
+    assert sdpa_grads.keys() == eager_grads.keys()
+    assert any("relative_position_bias_table" in n for n in sdpa_grads)
+    for name in sdpa_grads:
+        torch.testing.assert_close(sdpa_grads[name], eager_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_window_attention_function_chunks_match_reference():
+    from bevt.modeling_bevt import WindowAttentionFunction
+
+    g = torch.Generator().manual_seed(0)
+    heads, windows, n, d = 2, 3, 20, 8
+    q, k, v = (torch.randn(2, windows * heads, n, d, generator=g, requires_grad=True) for _ in range(3))
+    bias = torch.randn(heads, n, n, generator=g, requires_grad=True)
+    shift = torch.where(torch.rand(windows, n, n, generator=g) < 0.3, -100.0, 0.0)
+    old = WindowAttentionFunction.CHUNK_BYTES
+    WindowAttentionFunction.CHUNK_BYTES = n * n * 4 * heads  # one window per chunk: exercise the chunk loop
+    try:
+        out = WindowAttentionFunction.apply(q, k, v, bias, shift, d**-0.5)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v, bias))
+    finally:
+        WindowAttentionFunction.CHUNK_BYTES = old
+    mask = (bias[None] + shift[:, None]).reshape(1, windows * heads, n, n)
+    expected = torch.softmax(q @ k.transpose(-1, -2) * d**-0.5 + mask, -1) @ v
+    expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v, bias))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
