@@ -46,3 +46,30 @@ __all__ = [
 ]
 
 # --- other components register below (tokenizer, video processor) ---
+
+# Video processor and mask generators (processing_bevt.py, masking.py).
+from transformers import AutoVideoProcessor  # noqa: E402
+
+from .masking import BlockMaskGenerator, TubeMaskGenerator, save_mask_grid  # noqa: E402
+from .processing_bevt import BEVTVideoProcessor  # noqa: E402
+
+AutoVideoProcessor.register(BEVTConfig, BEVTVideoProcessor, exist_ok=True)
+__all__ += ["BEVTVideoProcessor", "BlockMaskGenerator", "TubeMaskGenerator", "save_mask_grid"]
+
+# Visual tokenizer (configuration_tokenizer.py, modeling_tokenizer.py, safe_loading.py, convert_tokenizer.py).
+from .configuration_tokenizer import BEVTVisualTokenizerConfig  # noqa: E402
+from .modeling_tokenizer import BEVTVisualTokenizer, BEVTVisualTokenizerOutput  # noqa: E402
+from .safe_loading import UnsafeCheckpointError, load_checkpoint, load_state_dict_file  # noqa: E402
+
+AutoConfig.register(BEVTVisualTokenizerConfig.model_type, BEVTVisualTokenizerConfig, exist_ok=True)
+AutoModel.register(BEVTVisualTokenizerConfig, BEVTVisualTokenizer, exist_ok=True)
+# No register_for_auto_class here: Transformers writes the auto_map of any class named "*Tokenizer*" as a
+# (slow, fast) text-tokenizer pair, which breaks remote-code loading. Tokenizer folders load with bevt imported.
+__all__ += [
+    "BEVTVisualTokenizerConfig",
+    "BEVTVisualTokenizer",
+    "BEVTVisualTokenizerOutput",
+    "UnsafeCheckpointError",
+    "load_checkpoint",
+    "load_state_dict_file",
+]
