@@ -93,7 +93,8 @@ def _block(block, x: torch.Tensor, window, shift, mask) -> torch.Tensor:
         y = torch.roll(y, shifts=shift, dims=dims)
     y = y[(slice(None), *[slice(0, g) for g in grid])].contiguous()
     x = shortcut + y
-    return x + block.mlp(block.layernorm_after(x))
+    mlp = block.mlp
+    return x + mlp.fc2(mlp.act(mlp.fc1(block.layernorm_after(x))))
 
 
 def _stage(stage: BEVTStage, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

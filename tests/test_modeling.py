@@ -486,3 +486,22 @@ def test_window_attention_function_chunks_match_reference():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_memory_lean_mlp_matches_plain(dtype):
+    from bevt.modeling_bevt import GeluLinearFunction
+
+    g = torch.Generator().manual_seed(0)
+    fc2 = torch.nn.Linear(32, 8)
+    hidden = torch.randn(2, 5, 32, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        lean = GeluLinearFunction.apply(hidden.to(dtype), fc2.weight, fc2.bias)
+        plain = fc2(torch.nn.functional.gelu(hidden.to(dtype)))
+    assert lean.dtype == plain.dtype
+    grads = torch.autograd.grad(lean.float().square().sum(), (hidden, fc2.weight, fc2.bias))
+    want = torch.autograd.grad(plain.float().square().sum(), (hidden, fc2.weight, fc2.bias))
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(lean.float(), plain.float(), atol=tol, rtol=tol)
+    for got, expected in zip(grads, want):
+        torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=tol)

@@ -201,14 +201,14 @@ class WindowAttentionFunction(torch.autograd.Function):
             scores = WindowAttentionFunction._scores(query[bs, hs], key[bs, hs], bias, shift_mask, hs, heads, scaling)
             probs = torch.softmax(scores, dim=-1).to(value.dtype)
             out[bs, hs] = torch.matmul(probs, value[bs, hs])
-        ctx.save_for_backward(query, key, value, bias, shift_mask, out)
+        ctx.save_for_backward(query, key, value, bias, shift_mask)
         ctx.scaling = scaling
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        query, key, value, bias, shift_mask, out = ctx.saved_tensors
+        query, key, value, bias, shift_mask = ctx.saved_tensors
         scaling, heads = ctx.scaling, bias.shape[0]
         grad_q, grad_k, grad_v = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
@@ -435,6 +435,34 @@ class BEVTAttention(nn.Module):
         return self.proj_dropout(self.proj(out))
 
 
+class GeluLinearFunction(torch.autograd.Function):
+    """`linear(gelu(h), weight, bias)` that keeps only `h` for the backward pass and recomputes the (cheap,
+    elementwise) GELU there: the MLP then stores 4C instead of 8C values per token."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias):
+        dtype = hidden.dtype  # under autocast fc1 already produced the autocast dtype
+        out = F.linear(F.gelu(hidden), weight.to(dtype), bias.to(dtype) if bias is not None else None)
+        ctx.save_for_backward(hidden, weight, bias)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        hidden, weight, bias = ctx.saved_tensors
+        dtype = hidden.dtype
+        grad_out = grad_out.to(dtype)
+        activated = F.gelu(hidden)
+        grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).t() @ activated.reshape(-1, activated.shape[-1])
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if bias is not None else None
+        grad_hidden = torch.ops.aten.gelu_backward(grad_out @ weight.to(dtype), hidden)
+        return (
+            grad_hidden,
+            grad_weight.to(weight.dtype),
+            grad_bias.to(bias.dtype) if grad_bias is not None else None,
+        )
+
+
 class BEVTMLP(nn.Module):
     def __init__(self, config: BEVTConfig, dim: int):
         super().__init__()
@@ -443,9 +471,18 @@ class BEVTMLP(nn.Module):
         self.act = ACT2FN[config.hidden_act]
         self.fc2 = nn.Linear(hidden, dim)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.memory_lean = config.hidden_act == "gelu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.fc2(self.dropout(self.act(self.fc1(x)))))
+        hidden = self.fc1(x)
+        if (
+            self.memory_lean
+            and torch.is_grad_enabled()
+            and not (self.training and self.dropout.p > 0)
+            and not torch.compiler.is_compiling()  # inductor makes its own recompute choices
+        ):
+            return GeluLinearFunction.apply(hidden, self.fc2.weight, self.fc2.bias)
+        return self.dropout(self.fc2(self.dropout(self.act(hidden))))
 
 
 class BEVTLayer(GradientCheckpointingLayer):
