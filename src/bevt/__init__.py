@@ -54,6 +54,7 @@ from .masking import BlockMaskGenerator, TubeMaskGenerator, save_mask_grid  # no
 from .processing_bevt import BEVTVideoProcessor  # noqa: E402
 
 AutoVideoProcessor.register(BEVTConfig, BEVTVideoProcessor, exist_ok=True)
+BEVTVideoProcessor.register_for_auto_class("AutoVideoProcessor")  # copied next to saved models
 __all__ += ["BEVTVideoProcessor", "BlockMaskGenerator", "TubeMaskGenerator", "save_mask_grid"]
 
 # Visual tokenizer (configuration_tokenizer.py, modeling_tokenizer.py, safe_loading.py, convert_tokenizer.py).

@@ -52,8 +52,8 @@ from transformers.processing_utils import Unpack, VideosKwargs
 from transformers.video_processing_utils import BaseVideoProcessor
 from transformers.video_utils import VideoMetadata, group_videos_by_shape, reorder_videos
 
-from .data.decoding import VideoDecodingError, VideoReader
-from .data.sampling import SAMPLING_MODES, sample_frame_indices
+from .frame_sampling import SAMPLING_MODES, sample_frame_indices
+from .video_decoding import VideoDecodingError, VideoReader
 
 __all__ = ["BEVTVideoProcessor", "BEVTVideoProcessorKwargs"]
 
