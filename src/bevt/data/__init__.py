@@ -17,6 +17,16 @@ _LAZY = {
     "decode_video": "decoding",
     "get_num_frames": "decoding",
     "sample_frame_indices": "sampling",
+    "ShardWriter": "shards",
+    "write_shards": "shards",
+    "build_stream": "streaming",
+    "StreamDataLoader": "streaming",
+    "DataQualityError": "streaming",
+    "BEVTPretrainingCollator": "collator",
+    "PretrainingVideoTransform": "transforms",
+    "PretrainingImageTransform": "transforms",
+    "VideoClassificationTrainTransform": "transforms",
+    "mixup_cutmix": "transforms",
 }
 
 __all__ = sorted(_LAZY)

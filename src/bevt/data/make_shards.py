@@ -1,0 +1,545 @@
+"""Build WebDataset shards from an annotation list or a class-folder tree (``python -m bevt.data.make_shards``).
+
+Inputs (``--input``; paths are relative to ``--root``):
+
+* mmaction-style text list: one ``relative/path label`` per line (``label`` an int index or a class name),
+  or just ``relative/path`` for unlabeled data; blank lines and ``#`` comments are ignored.
+* CSV with a header: a path column (``path``, ``video``, ``filename``, ``file`` or ``image``) and optionally a
+  label column (``label``, ``label_id``, ``class`` or ``label_name``; ints are indices, other values class
+  names). Other columns are copied into each sample's metadata.
+* no ``--input`` (or a folder): the ImageNet layout ``ROOT/<class>/<file>``; classes are the sorted folder
+  names (files directly under ``ROOT`` are unlabeled).
+
+Class names come from ``--labels FILE`` (one per line, index order) or, when the list names classes, their
+sorted set. Unreadable inputs (missing, empty, wrong kind, undecodable with ``--verify``, failed re-encode)
+are skipped, counted by reason in ``dataset_info.json`` and listed (the first 100).
+
+``--reencode`` rescales each video to ``--short-side`` (only ever down) and re-encodes it as H.264 with a
+keyframe every ``--gop`` frames, no B-frames and ``tune=fastdecode``. Decoding the sampled window is the
+dominant data cost in training, and a short GOP bounds how many frames have to be decoded to reach each
+sampled one: see ``BENCHMARKS.md`` for the measured speed-up.
+
+Example::
+
+    python -m bevt.data.make_shards --input k400/train.txt --root k400/videos --output-dir shards/k400 \\
+        --labels k400/labels.txt --shard-size-mb 256 --reencode --short-side 256 --num-workers 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import multiprocessing
+import os
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from bevt.data.shards import (
+    IMAGE_EXTENSIONS,
+    MEDIA_EXTENSIONS,
+    ShardWriter,
+    make_key,
+    media_kind,
+    read_labels,
+    write_dataset_info,
+)
+
+__all__ = ["Entry", "main", "make_shards", "parse_annotations", "reencode_video", "scan_folder"]
+
+logger = logging.getLogger(__name__)
+
+_PATH_COLUMNS = ("path", "video", "filename", "file", "image")
+_LABEL_COLUMNS = ("label", "label_id", "class", "label_name")
+_MAX_SKIPPED_EXAMPLES = 100
+
+
+@dataclass
+class Entry:
+    """One input file: its path relative to the root, label index / name, and extra metadata."""
+
+    path: str
+    label: int | None = None
+    label_name: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _int_or_none(token: str) -> int | None:
+    try:
+        return int(token)
+    except ValueError:
+        return None
+
+
+def _resolve_labels(entries: list[Entry], labels: Sequence[str] | None, where: str) -> list[str] | None:
+    """Fill in label indices from names (and names from indices); returns the class names."""
+    names = list(labels) if labels is not None else None
+    if names is None:
+        named = sorted({e.label_name for e in entries if e.label_name is not None and e.label is None})
+        if named:
+            if any(e.label is not None for e in entries):
+                raise ValueError(f"{where}: mixes integer labels and class names; pass --labels to map them")
+            names = named
+    if names is not None:
+        index = {name: i for i, name in enumerate(names)}
+        if len(index) != len(names):
+            raise ValueError(f"duplicate class names in the label list ({len(names) - len(index)} repeats)")
+        for e in entries:
+            if e.label is None and e.label_name is not None:
+                if e.label_name not in index:
+                    raise ValueError(f"{where}: class {e.label_name!r} of {e.path} is not in the label list")
+                e.label = index[e.label_name]
+            elif e.label is not None:
+                if not 0 <= e.label < len(names):
+                    raise ValueError(
+                        f"{where}: label {e.label} of {e.path} is outside [0, {len(names)}) of the label list"
+                    )
+                e.label_name = names[e.label]
+    return names
+
+
+def parse_annotations(
+    path: str | os.PathLike, labels: Sequence[str] | None = None
+) -> tuple[list[Entry], list[str] | None]:
+    """Read an annotation list (text or ``.csv``, see the module docstring).
+
+    Returns:
+        The entries (labels resolved to indices and names where known) and the class names (or ``None``).
+
+    Raises:
+        ValueError: a malformed line / missing column / unknown class, naming the file and line.
+    """
+    p = Path(path)
+    entries: list[Entry] = []
+    if p.suffix.lower() == ".csv":
+        with p.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            columns = [c.strip() for c in reader.fieldnames or []]
+            path_col = next((c for c in _PATH_COLUMNS if c in columns), None)
+            if path_col is None:
+                raise ValueError(f"{p}: CSV needs a path column, one of {list(_PATH_COLUMNS)}; has {columns}")
+            label_col = next((c for c in _LABEL_COLUMNS if c in columns), None)
+            for lineno, row in enumerate(reader, start=2):
+                row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+                rel = row.pop(path_col)
+                if not rel:
+                    raise ValueError(f"{p}:{lineno}: empty path")
+                entry = Entry(rel)
+                if label_col is not None:
+                    value = row.pop(label_col)
+                    if value:
+                        idx = _int_or_none(value)
+                        if idx is None:
+                            entry.label_name = value
+                        else:
+                            entry.label = idx
+                entry.extra = {k: v for k, v in row.items() if v != ""}
+                entries.append(entry)
+    else:
+        with p.open(encoding="utf-8") as f:
+            for lineno, raw in enumerate(f, start=1):
+                line = raw.strip()
+                if not line or line.startswith("#"):
+                    continue
+                parts = line.split()
+                if len(parts) == 1:
+                    entries.append(Entry(parts[0]))
+                elif len(parts) == 2:
+                    idx = _int_or_none(parts[1])
+                    entries.append(Entry(parts[0], idx, None if idx is not None else parts[1]))
+                else:
+                    raise ValueError(
+                        f"{p}:{lineno}: expected 'relative/path label' (2 fields), got {len(parts)} fields "
+                        f"in {line!r}; paths with spaces need a CSV list"
+                    )
+    if not entries:
+        raise ValueError(f"{p}: the annotation list is empty")
+    names = _resolve_labels(entries, labels, str(p))
+    return entries, names
+
+
+def scan_folder(
+    root: str | os.PathLike, labels: Sequence[str] | None = None, extensions: Sequence[str] = MEDIA_EXTENSIONS
+) -> tuple[list[Entry], list[str] | None]:
+    """Entries of an ImageNet-style tree ``root/<class>/<file>`` (classes: sorted folder names).
+
+    Files directly under ``root`` are unlabeled; deeper files belong to their top-level folder's class.
+    """
+    base = Path(root)
+    if not base.is_dir():
+        raise FileNotFoundError(f"root folder not found: {base}")
+    exts = {e.lower() for e in extensions}
+    entries: list[Entry] = []
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames.sort()
+        rel_dir = Path(dirpath).relative_to(base)
+        for name in sorted(filenames):
+            if name.rsplit(".", 1)[-1].lower() not in exts or "." not in name:
+                continue
+            rel = (rel_dir / name).as_posix()
+            cls = rel_dir.parts[0] if rel_dir.parts else None
+            entries.append(Entry(rel, None, cls))
+    if not entries:
+        raise ValueError(f"no media files ({sorted(exts)}) under {base}")
+    if labels is None:
+        classes = sorted({e.label_name for e in entries if e.label_name is not None})
+        labels = classes or None
+    names = _resolve_labels(entries, labels, str(base))
+    return entries, names
+
+
+# ------------------------------------------------------------------------------------------ re-encoding
+
+
+def _even(x: float) -> int:
+    return max(2, int(round(x / 2)) * 2)
+
+
+def reencode_video(
+    source: bytes | str | os.PathLike,
+    *,
+    short_side: int | None = 256,
+    gop: int = 16,
+    crf: int = 23,
+    preset: str = "veryfast",
+    fast_decode: bool = True,
+    threads: int = 0,
+) -> tuple[bytes, int]:
+    """Re-encode a video as H.264 MP4 for fast training reads (PyAV / libx264; audio is dropped).
+
+    Args:
+        source: the encoded video (bytes) or its path.
+        short_side: scale so the shorter side is this many pixels, keeping the aspect ratio (never
+            upscales; sizes are rounded to even numbers as yuv420p requires). ``None`` keeps the size.
+        gop: frames between keyframes (fixed: no scene-cut keyframes); the cost of reaching a sampled
+            frame is at most ``gop`` decoded frames.
+        crf, preset: x264 quality / speed.
+        fast_decode: x264 ``tune=fastdecode`` (no CABAC, no deblocking: faster to decode, a bit larger).
+        threads: encoder threads (0 = library default; use 1 when running one encode per core).
+
+    Returns:
+        ``(mp4_bytes, num_frames)``; every decoded input frame is kept, at the input's average rate.
+
+    Raises:
+        ValueError: no video stream or no decodable frame in the input.
+    """
+    import av
+
+    if gop < 1:
+        raise ValueError(f"gop must be >= 1, got {gop}")
+    src = io.BytesIO(source) if isinstance(source, bytes | bytearray) else os.fspath(source)
+    out_buf = io.BytesIO()
+    count = 0
+    with av.open(src, mode="r") as inp:
+        if not inp.streams.video:
+            raise ValueError("no video stream in the input")
+        ist = inp.streams.video[0]
+        ist.thread_type = "AUTO"
+        rate = ist.average_rate or ist.guessed_rate or Fraction(30)
+        rate = Fraction(rate).limit_denominator(1001 * 1000)
+        with av.open(out_buf, mode="w", format="mp4") as out:
+            ost = None
+            size = (0, 0)
+            for frame in inp.decode(ist):
+                if ost is None:
+                    w, h = frame.width, frame.height
+                    if short_side is not None and min(w, h) > short_side:
+                        scale = short_side / min(w, h)
+                        size = (_even(w * scale), _even(h * scale))
+                    else:
+                        size = (_even(w), _even(h)) if (w % 2 or h % 2) else (w, h)
+                    ost = out.add_stream("libx264", rate=rate)
+                    ost.width, ost.height = size
+                    ost.pix_fmt = "yuv420p"
+                    ost.codec_context.gop_size = gop
+                    if threads:
+                        ost.codec_context.thread_count = threads
+                    params = f"keyint={gop}:scenecut=0:bframes=0"
+                    ost.options = {"crf": str(crf), "preset": preset, "x264-params": params}
+                    if fast_decode:
+                        ost.options = {**ost.options, "tune": "fastdecode"}
+                scaled = frame.reformat(width=size[0], height=size[1], format="yuv420p", interpolation="AREA")
+                scaled.pts = count
+                scaled.time_base = 1 / rate
+                for packet in ost.encode(scaled):
+                    out.mux(packet)
+                count += 1
+            if ost is None:
+                raise ValueError("the input has no decodable video frame")
+            for packet in ost.encode(None):
+                out.mux(packet)
+    return out_buf.getvalue(), count
+
+
+# ------------------------------------------------------------------------------------------ building
+
+
+@dataclass
+class _Options:
+    root: str
+    kind: str
+    verify: bool
+    reencode: dict[str, Any] | None
+
+
+def _prepare(task: tuple[int, str, _Options]) -> tuple[int, str | None, str, bytes, dict[str, Any]]:
+    """Load (and verify / re-encode) one file: ``(index, None, ext, data, extra)`` or a skip reason."""
+    index, rel, opt = task
+    path = os.path.join(opt.root, rel)
+    ext = rel.rsplit(".", 1)[-1].lower() if "." in os.path.basename(rel) else ""
+    if ext not in MEDIA_EXTENSIONS:
+        return index, "unsupported_extension", f"extension {ext!r} not in {list(MEDIA_EXTENSIONS)}", b"", {}
+    if media_kind(ext) != opt.kind:
+        return index, "wrong_kind", f"a {media_kind(ext)} file in a {opt.kind} dataset", b"", {}
+    if not os.path.isfile(path):
+        return index, "missing", f"file not found: {path}", b"", {}
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        return index, "unreadable", f"{type(err).__name__}: {err}", b"", {}
+    if not data:
+        return index, "empty", "the file is empty (0 bytes)", b"", {}
+    extra: dict[str, Any] = {}
+    if opt.kind == "video" and opt.reencode is not None:
+        try:
+            data, count = reencode_video(data, **opt.reencode)
+        except Exception as err:  # noqa: BLE001 - any failure just skips this file
+            return index, "reencode_failed", f"{type(err).__name__}: {err}", b"", {}
+        ext = "mp4"
+        extra["num_frames"] = count
+    if opt.verify:
+        from bevt.data.decoding import VideoReader, decode_image
+
+        try:
+            if opt.kind == "video":
+                with VideoReader(data) as reader:
+                    reader.get_batch([0, reader.num_frames - 1])
+                    extra["num_frames"] = reader.num_frames
+            else:
+                decode_image(data)
+        except Exception as err:  # noqa: BLE001
+            return index, "undecodable", f"{type(err).__name__}: {err}", b"", {}
+    return index, None, ext, data, extra
+
+
+def _infer_kind(entries: Sequence[Entry]) -> str:
+    exts = {e.path.rsplit(".", 1)[-1].lower() for e in entries if "." in os.path.basename(e.path)}
+    if exts and exts <= set(IMAGE_EXTENSIONS):
+        return "image"
+    return "video"
+
+
+def make_shards(
+    entries: Sequence[Entry],
+    root: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    labels: Sequence[str] | None = None,
+    kind: str | None = None,
+    shard_size_mb: float = 256.0,
+    max_samples_per_shard: int | None = None,
+    num_shards: int | None = None,
+    prefix: str = "shard",
+    shuffle: bool = True,
+    seed: int = 0,
+    verify: bool = False,
+    reencode: dict[str, Any] | None = None,
+    num_workers: int = 1,
+    log_every: int = 1000,
+) -> dict[str, Any]:
+    """Write the entries' files into shards under ``output_dir``; returns the ``dataset_info.json`` content.
+
+    Args:
+        entries: from :func:`parse_annotations` / :func:`scan_folder`.
+        root: folder the entry paths are relative to.
+        labels: class names (index order), written to ``labels.txt``.
+        kind: ``"video"`` or ``"image"`` (default: from the extensions).
+        shard_size_mb, max_samples_per_shard, prefix: see :class:`bevt.data.shards.ShardWriter`.
+        num_shards: exactly this many shards with (nearly) equal entry counts instead of a size cap.
+        shuffle, seed: write the samples in a seeded random order (keys keep the list position, so they
+            do not depend on the order). Shuffled shards matter: streaming only shuffles within a buffer.
+        verify: decode each file (first and last frame of videos) and skip those that fail.
+        reencode: keyword arguments of :func:`reencode_video` to re-encode every video, or ``None``.
+        num_workers: processes that read / verify / re-encode in parallel.
+        log_every: progress log interval in samples.
+    """
+    if not entries:
+        raise ValueError("no entries to write")
+    kind = kind or _infer_kind(entries)
+    if kind not in ("video", "image"):
+        raise ValueError(f"kind must be 'video' or 'image', got {kind!r}")
+    if reencode is not None and kind != "video":
+        raise ValueError("--reencode applies to videos only")
+    order = list(range(len(entries)))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    boundaries: set[int] = set()
+    if num_shards is not None:
+        n = len(order)
+        if not 1 <= num_shards <= n:
+            raise ValueError(f"num_shards={num_shards} must be in [1, {n}]")
+        acc = 0
+        for i in range(num_shards - 1):
+            acc += n // num_shards + (1 if i < n % num_shards else 0)
+            boundaries.add(acc)
+        shard_size_mb = float("inf")
+    opt = _Options(os.fspath(root), kind, verify, reencode)
+    tasks = [(i, entries[i].path, opt) for i in order]
+    skipped: Counter[str] = Counter()
+    skipped_examples: list[dict[str, Any]] = []
+    writer = ShardWriter(
+        output_dir, prefix=prefix, shard_size_mb=shard_size_mb, max_samples_per_shard=max_samples_per_shard
+    )
+    start = time.perf_counter()
+    pool = multiprocessing.get_context("spawn").Pool(num_workers) if num_workers > 1 else None
+    try:
+        results = pool.imap(_prepare, tasks, chunksize=1) if pool is not None else map(_prepare, tasks)
+        with writer:
+            for position, (index, reason, ext_or_msg, data, extra) in enumerate(results):
+                if position in boundaries:
+                    writer.start_new_shard()
+                entry = entries[index]
+                if reason is not None:
+                    skipped[reason] += 1
+                    logger.warning("skipping %s: %s (%s)", entry.path, reason, ext_or_msg)
+                    if len(skipped_examples) < _MAX_SKIPPED_EXAMPLES:
+                        skipped_examples.append({"path": entry.path, "reason": reason, "message": ext_or_msg})
+                    continue
+                meta = {**entry.extra, **extra, "label": entry.label, "label_name": entry.label_name}
+                meta["path"] = entry.path
+                writer.write(make_key(index, entry.path), ext_or_msg, data, meta)
+                if log_every and (position + 1) % log_every == 0:
+                    rate = (position + 1) / (time.perf_counter() - start)
+                    logger.info("%d / %d inputs (%.1f/s)", position + 1, len(tasks), rate)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    if writer.num_samples == 0:
+        raise RuntimeError(
+            f"no sample could be written: all {len(tasks)} inputs were skipped ({dict(skipped)}); "
+            f"first problems: {skipped_examples[:3]}"
+        )
+    extra_info = {
+        "reencode": reencode,
+        "shuffle_seed": seed if shuffle else None,
+        "num_inputs": len(tasks),
+        "num_skipped": sum(skipped.values()),
+    }
+    path = write_dataset_info(
+        output_dir,
+        writer.shards,
+        kind=kind,
+        labels=labels,
+        label_counts=writer.label_counts,
+        skipped=dict(skipped),
+        skipped_examples=skipped_examples,
+        extra=extra_info,
+    )
+    import json
+
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bevt.data.make_shards",
+        description="Write WebDataset .tar shards (media + json per sample) for bevt training.",
+    )
+    p.add_argument(
+        "--input", help="annotation list (text 'path label' lines, or .csv); omit for ROOT/<class>/<file>"
+    )
+    p.add_argument("--root", required=True, help="folder the listed paths are relative to")
+    p.add_argument("--output-dir", required=True, help="where to write the shards and dataset_info.json")
+    p.add_argument("--labels", help="class names, one per line in index order (e.g. kinetics400_labels.txt)")
+    p.add_argument("--kind", choices=("auto", "video", "image"), default="auto")
+    p.add_argument("--shard-size-mb", type=float, default=256.0, help="size cap per shard (MiB)")
+    p.add_argument("--max-samples-per-shard", type=int, default=None)
+    p.add_argument(
+        "--num-shards",
+        type=int,
+        default=None,
+        help="exactly N shards of equal sample counts (overrides the size cap); use a multiple of "
+        "world_size x dataloader workers",
+    )
+    p.add_argument("--prefix", default="shard", help="shard file name prefix (e.g. train / val)")
+    p.add_argument("--no-shuffle", action="store_true", help="keep the list order (default: seeded shuffle)")
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed")
+    p.add_argument("--verify", action="store_true", help="decode every file and skip those that fail")
+    p.add_argument("--reencode", action="store_true", help="rescale + re-encode videos for fast decoding")
+    p.add_argument("--short-side", type=int, default=256, help="--reencode: short side in pixels (0: keep)")
+    p.add_argument("--gop", type=int, default=16, help="--reencode: frames between keyframes")
+    p.add_argument("--crf", type=int, default=23, help="--reencode: x264 CRF quality")
+    p.add_argument("--preset", default="veryfast", help="--reencode: x264 preset")
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=0,
+        help="parallel processes (0: all cores with --reencode/--verify, else 1)",
+    )
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    names = read_labels(args.labels) if args.labels else None
+    try:
+        if args.input and not os.path.isdir(args.input):
+            entries, names = parse_annotations(args.input, names)
+        else:
+            entries, names = scan_folder(args.input or args.root, names)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    kind = None if args.kind == "auto" else args.kind
+    reencode = None
+    if args.reencode:
+        workers = args.num_workers or os.cpu_count() or 1
+        reencode = {
+            "short_side": args.short_side or None,
+            "gop": args.gop,
+            "crf": args.crf,
+            "preset": args.preset,
+            "threads": 1 if workers > 1 else 0,
+        }
+    workers = args.num_workers or ((os.cpu_count() or 1) if (args.reencode or args.verify) else 1)
+    info = make_shards(
+        entries,
+        args.root,
+        args.output_dir,
+        labels=names,
+        kind=kind,
+        shard_size_mb=args.shard_size_mb,
+        max_samples_per_shard=args.max_samples_per_shard,
+        num_shards=args.num_shards,
+        prefix=args.prefix,
+        shuffle=not args.no_shuffle,
+        seed=args.seed,
+        verify=args.verify,
+        reencode=reencode,
+        num_workers=workers,
+    )
+    print(
+        f"wrote {info['num_samples']} {info['kind']} samples in {info['num_shards']} shards "
+        f"({info['num_bytes'] / 2**20:.1f} MiB) to {args.output_dir}; skipped {info['num_skipped']}"
+        + (f" {info['skipped']}" if info["skipped"] else "")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,501 @@
+"""WebDataset shards: the sample format, a writer, and helpers to find, describe and read shards.
+
+Sample format (``bevt/1``), the contract between :mod:`bevt.data.make_shards`, the demo-data generators of
+the training scripts and :mod:`bevt.data.streaming`:
+
+* A shard is an uncompressed POSIX ``.tar``. Each sample is two consecutive members with the same key:
+  ``KEY.<ext>`` (the encoded media, ``ext`` in :data:`VIDEO_EXTENSIONS` or :data:`IMAGE_EXTENSIONS`) and
+  ``KEY.json`` (its metadata).
+* ``KEY`` matches ``[A-Za-z0-9_-]{1,128}``: WebDataset readers split member names at the first dot, so keys
+  cannot contain dots (nor slashes). Keys are unique within a dataset.
+* ``KEY.json`` is a JSON object with at least ``label`` (``int`` class index or ``null`` for unlabeled
+  data), ``label_name`` (``str`` or ``null``) and ``path`` (the original relative path, or ``null``); any
+  further JSON-serialisable fields are kept as they are.
+* Next to the shards, ``dataset_info.json`` records the counts (per shard and in total, per label, skipped
+  inputs by reason) and ``labels.txt`` the class names in index order, one per line (when known).
+
+Writing from Python (bytes already in memory)::
+
+    paths = write_shards(
+        [("clip_0", "mp4", mp4_bytes, {"label": 3, "label_name": "dancing", "path": "a/clip_0.mp4"})],
+        "out/", shard_size_mb=256, prefix="train", kind="video", labels=names,
+    )
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import math
+import os
+import re
+import tarfile
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DATASET_INFO_FILE",
+    "IMAGE_EXTENSIONS",
+    "LABELS_FILE",
+    "MEDIA_EXTENSIONS",
+    "SAMPLE_FORMAT",
+    "VIDEO_EXTENSIONS",
+    "ShardInfo",
+    "ShardWriter",
+    "check_key",
+    "iter_shard",
+    "list_shards",
+    "load_dataset_info",
+    "make_key",
+    "media_kind",
+    "read_labels",
+    "write_dataset_info",
+    "write_shards",
+]
+
+SAMPLE_FORMAT = "bevt/1"
+"""Version tag of the sample format written into ``dataset_info.json``."""
+
+VIDEO_EXTENSIONS: tuple[str, ...] = ("mp4", "avi", "webm", "mkv")
+IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png")
+MEDIA_EXTENSIONS: tuple[str, ...] = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
+
+DATASET_INFO_FILE = "dataset_info.json"
+LABELS_FILE = "labels.txt"
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_SLUG_RE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def media_kind(ext: str) -> str:
+    """``"video"`` or ``"image"`` for a media extension (case-insensitive, with or without the dot).
+
+    Raises:
+        ValueError: the extension is not one of :data:`MEDIA_EXTENSIONS`.
+    """
+    e = ext.lower().lstrip(".")
+    if e in VIDEO_EXTENSIONS:
+        return "video"
+    if e in IMAGE_EXTENSIONS:
+        return "image"
+    raise ValueError(f"unsupported media extension {ext!r}; expected one of {list(MEDIA_EXTENSIONS)}")
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a valid sample key (``[A-Za-z0-9_-]{1,128}``), else raise ``ValueError``."""
+    if not isinstance(key, str) or not _KEY_RE.match(key):
+        raise ValueError(
+            f"invalid sample key {key!r}: keys must be 1-128 characters from [A-Za-z0-9_-] "
+            "(no dots: WebDataset splits member names at the first dot; no slashes)"
+        )
+    return key
+
+
+def make_key(index: int, path: str | os.PathLike | None = None, max_len: int = 96) -> str:
+    """A valid, unique key from a running index and (for readability) the file's path.
+
+    ``make_key(12, "abseiling/x.y.mp4") == "00000012_abseiling_x_y"``.
+    """
+    key = f"{index:08d}"
+    if path is not None:
+        stem = os.fspath(path)
+        root, ext = os.path.splitext(stem)
+        if ext.lower().lstrip(".") in MEDIA_EXTENSIONS:
+            stem = root
+        slug = _SLUG_RE.sub("_", stem).strip("_")
+        if slug:
+            key = f"{key}_{slug}"[:max_len].rstrip("_")
+    return check_key(key)
+
+
+def _check_meta(key: str, meta: Mapping[str, Any] | None) -> dict[str, Any]:
+    out = dict(meta or {})
+    out.setdefault("label", None)
+    out.setdefault("label_name", None)
+    out.setdefault("path", None)
+    label = out["label"]
+    if label is not None and (isinstance(label, bool) or not isinstance(label, int)):
+        raise ValueError(f"sample {key!r}: 'label' must be an int class index or None, got {label!r}")
+    if out["label_name"] is not None and not isinstance(out["label_name"], str):
+        raise ValueError(f"sample {key!r}: 'label_name' must be a str or None, got {out['label_name']!r}")
+    if out["path"] is not None:
+        out["path"] = os.fspath(out["path"])
+    return out
+
+
+@dataclass
+class ShardInfo:
+    """One written shard: file name (relative to the output folder), samples and bytes."""
+
+    file: str
+    num_samples: int
+    num_bytes: int
+
+
+class ShardWriter:
+    """Write samples into size-capped WebDataset ``.tar`` shards named ``{prefix}-{index:05d}.tar``.
+
+    A new shard starts when adding a sample would push the current one past ``shard_size_mb`` (a sample
+    larger than the cap gets a shard of its own), after ``max_samples_per_shard`` samples, or when
+    :meth:`start_new_shard` is called. Each shard is written to ``*.tar.tmp`` and renamed when complete, so
+    a crash never leaves a truncated ``.tar`` behind. Member headers carry fixed times and owners: the same
+    samples give byte-identical shards.
+
+    Args:
+        output_dir: folder for the shards (created).
+        prefix: shard file name prefix.
+        shard_size_mb: size cap per shard in MiB (``math.inf``: no cap).
+        max_samples_per_shard: optional cap on samples per shard.
+
+    Use as a context manager, or call :meth:`close`; :attr:`shards` lists what was written.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        *,
+        prefix: str = "shard",
+        shard_size_mb: float = 256.0,
+        max_samples_per_shard: int | None = None,
+    ) -> None:
+        if shard_size_mb <= 0:
+            raise ValueError(f"shard_size_mb must be > 0, got {shard_size_mb}")
+        if max_samples_per_shard is not None and max_samples_per_shard < 1:
+            raise ValueError(f"max_samples_per_shard must be >= 1, got {max_samples_per_shard}")
+        if not prefix or "/" in prefix or "." in prefix:
+            raise ValueError(f"invalid shard prefix {prefix!r} (non-empty, no '/' or '.')")
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        self.max_bytes = int(shard_size_mb * 2**20) if math.isfinite(shard_size_mb) else None
+        self.max_samples = max_samples_per_shard
+        self.shards: list[ShardInfo] = []
+        self.label_counts: Counter[int] = Counter()
+        self._keys: set[str] = set()
+        self._tar: tarfile.TarFile | None = None
+        self._tmp_path: Path | None = None
+        self._count = 0
+        self._bytes = 0
+        self._closed = False
+
+    # -------------------------------------------------------------------------------- shard handling
+
+    def _shard_path(self, index: int) -> Path:
+        return self.output_dir / f"{self.prefix}-{index:05d}.tar"
+
+    def _open_shard(self) -> None:
+        path = self._shard_path(len(self.shards))
+        self._tmp_path = path.with_name(path.name + ".tmp")
+        self._tar = tarfile.open(self._tmp_path, mode="w", format=tarfile.PAX_FORMAT)
+        self._count = 0
+        self._bytes = 0
+
+    def _finish_shard(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        path = self._shard_path(len(self.shards))
+        os.replace(self._tmp_path, path)
+        self.shards.append(ShardInfo(path.name, self._count, path.stat().st_size))
+        self._tar = None
+        self._tmp_path = None
+
+    def start_new_shard(self) -> None:
+        """Close the current shard (if it holds samples); the next sample opens a new one."""
+        if self._tar is not None and self._count > 0:
+            self._finish_shard()
+
+    @staticmethod
+    def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        tar.addfile(info, io.BytesIO(data))
+
+    # -------------------------------------------------------------------------------- writing
+
+    def write(self, key: str, ext: str, data: bytes, meta: Mapping[str, Any] | None = None) -> str:
+        """Add one sample; returns the path of the shard it went to.
+
+        Args:
+            key: unique sample key (see :func:`check_key`).
+            ext: media extension, one of :data:`MEDIA_EXTENSIONS` (case-insensitive).
+            data: the encoded media bytes, stored as they are (validity is checked when reading).
+            meta: metadata; ``label`` / ``label_name`` / ``path`` default to ``None``.
+
+        Raises:
+            ValueError: invalid or duplicate key, unsupported extension, bad metadata.
+            RuntimeError: the writer is closed.
+        """
+        if self._closed:
+            raise RuntimeError("ShardWriter is closed")
+        check_key(key)
+        if key in self._keys:
+            raise ValueError(f"duplicate sample key {key!r}")
+        e = ext.lower().lstrip(".")
+        media_kind(e)
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(f"sample {key!r}: data must be bytes, got {type(data).__name__}")
+        record = _check_meta(key, meta)
+        try:
+            meta_bytes = json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8")
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"sample {key!r}: metadata is not JSON-serialisable: {err}") from err
+        size = len(data) + len(meta_bytes) + 2048  # two 512-byte headers (+ PAX) and padding, roughly
+        if self._tar is not None and self._count > 0:
+            full = self.max_samples is not None and self._count >= self.max_samples
+            if full or (self.max_bytes is not None and self._bytes + size > self.max_bytes):
+                self._finish_shard()
+        if self._tar is None:
+            self._open_shard()
+        self._add_member(self._tar, f"{key}.{e}", bytes(data))
+        self._add_member(self._tar, f"{key}.json", meta_bytes)
+        self._keys.add(key)
+        self._count += 1
+        self._bytes += size
+        if record["label"] is not None:
+            self.label_counts[record["label"]] += 1
+        return str(self._shard_path(len(self.shards)))
+
+    def close(self) -> list[str]:
+        """Finish the last shard; returns all shard paths in order."""
+        if not self._closed:
+            if self._tar is not None:
+                if self._count > 0:
+                    self._finish_shard()
+                else:
+                    self._tar.close()
+                    os.unlink(self._tmp_path)
+                    self._tar = None
+            self._closed = True
+        return [str(self.output_dir / s.file) for s in self.shards]
+
+    def abort(self) -> None:
+        """Drop the shard being written (its ``.tmp`` file); completed shards stay."""
+        if self._tar is not None:
+            self._tar.close()
+            if self._tmp_path is not None and self._tmp_path.exists():
+                os.unlink(self._tmp_path)
+            self._tar = None
+        self._closed = True
+
+    @property
+    def num_samples(self) -> int:
+        """Samples written so far."""
+        return len(self._keys)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_dataset_info(
+    output_dir: str | os.PathLike,
+    shards: Sequence[ShardInfo],
+    *,
+    kind: str | None = None,
+    labels: Sequence[str] | None = None,
+    label_counts: Mapping[int, int] | None = None,
+    skipped: Mapping[str, int] | None = None,
+    skipped_examples: Sequence[Mapping[str, Any]] = (),
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``dataset_info.json`` (and ``labels.txt`` when ``labels`` is given); returns the info path."""
+    from bevt import __version__
+
+    out = Path(output_dir)
+    info: dict[str, Any] = {
+        "sample_format": SAMPLE_FORMAT,
+        "kind": kind,
+        "num_samples": sum(s.num_samples for s in shards),
+        "num_bytes": sum(s.num_bytes for s in shards),
+        "num_shards": len(shards),
+        "shards": [asdict(s) for s in shards],
+        "num_labels": len(labels) if labels is not None else None,
+        "labels": list(labels) if labels is not None else None,
+        "label_counts": {str(k): int(v) for k, v in sorted((label_counts or {}).items())},
+        "skipped": dict(skipped or {}),
+        "skipped_examples": list(skipped_examples),
+        "created_with": f"bevt {__version__}",
+    }
+    if extra:
+        info.update(extra)
+    path = out / DATASET_INFO_FILE
+    path.write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if labels is not None:
+        bad = [name for name in labels if "\n" in name]
+        if bad:
+            raise ValueError(f"label names cannot contain newlines: {bad[:3]}")
+        (out / LABELS_FILE).write_text("".join(f"{name}\n" for name in labels), encoding="utf-8")
+    return path
+
+
+def write_shards(
+    samples: Iterable[tuple[str, str, bytes, Mapping[str, Any] | None]],
+    output_dir: str | os.PathLike,
+    *,
+    shard_size_mb: float = 256.0,
+    prefix: str = "shard",
+    max_samples_per_shard: int | None = None,
+    num_shards: int | None = None,
+    kind: str | None = None,
+    labels: Sequence[str] | None = None,
+    write_info: bool = True,
+) -> list[str]:
+    """Write ``(key, ext, bytes, meta)`` samples into shards (+ ``dataset_info.json`` / ``labels.txt``).
+
+    Args:
+        samples: iterable of ``(key, ext, data, meta)``; see :meth:`ShardWriter.write`.
+        output_dir: output folder (created).
+        shard_size_mb, prefix, max_samples_per_shard: see :class:`ShardWriter`.
+        num_shards: split into exactly this many shards of (nearly) equal sample counts instead (needs a
+            sized ``samples``; at most one shard per sample). Equal counts keep ranks in step when a
+            multi-process run gives each rank whole shards.
+        kind: ``"video"`` / ``"image"`` recorded in the info (default: inferred from the extensions).
+        labels: class names in index order, written to ``labels.txt``.
+        write_info: write ``dataset_info.json``.
+
+    Returns:
+        The shard paths, in order.
+    """
+    sizes: list[int] | None = None
+    if num_shards is not None:
+        if not isinstance(samples, Sequence):
+            samples = list(samples)
+        n = len(samples)
+        if not 1 <= num_shards <= max(n, 1):
+            raise ValueError(f"num_shards={num_shards} must be in [1, {max(n, 1)}] for {n} samples")
+        sizes = [n // num_shards + (1 if i < n % num_shards else 0) for i in range(num_shards)]
+        shard_size_mb = math.inf
+    kinds: set[str] = set()
+    writer = ShardWriter(
+        output_dir, prefix=prefix, shard_size_mb=shard_size_mb, max_samples_per_shard=max_samples_per_shard
+    )
+    with writer:
+        boundaries = set()
+        if sizes is not None:
+            total = 0
+            for s in sizes[:-1]:
+                total += s
+                boundaries.add(total)
+        for i, (key, ext, data, meta) in enumerate(samples):
+            if i in boundaries:
+                writer.start_new_shard()
+            kinds.add(media_kind(ext))
+            writer.write(key, ext, data, meta)
+    paths = writer.close()
+    if write_info:
+        if kind is None and len(kinds) == 1:
+            kind = kinds.pop()
+        write_dataset_info(
+            output_dir, writer.shards, kind=kind, labels=labels, label_counts=writer.label_counts
+        )
+    return paths
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def list_shards(data_files: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Resolve shards: a folder (its ``*.tar``), a glob pattern, a file, or a list of these.
+
+    Returns absolute paths; a folder or glob expands in sorted order, a list keeps its order.
+
+    Raises:
+        FileNotFoundError: nothing matches, or a listed file does not exist.
+        ValueError: a resolved file is not a ``.tar``.
+    """
+    items = [data_files] if isinstance(data_files, str | os.PathLike) else list(data_files)
+    if not items:
+        raise FileNotFoundError("no shard files given (empty list)")
+    out: list[str] = []
+    for item in items:
+        s = os.fspath(item)
+        if os.path.isdir(s):
+            found = sorted(glob.glob(os.path.join(s, "*.tar")))
+            if not found:
+                raise FileNotFoundError(f"no .tar shards in folder {s}")
+        elif any(c in s for c in "*?["):
+            found = sorted(glob.glob(s))
+            if not found:
+                raise FileNotFoundError(f"no shard files match {s!r}")
+        elif os.path.isfile(s):
+            found = [s]
+        else:
+            raise FileNotFoundError(f"shard file not found: {s}")
+        for f in found:
+            if not f.endswith(".tar"):
+                raise ValueError(f"not a .tar shard: {f}")
+            out.append(os.path.abspath(f))
+    return out
+
+
+def load_dataset_info(path: str | os.PathLike) -> dict[str, Any] | None:
+    """``dataset_info.json`` from a shard folder (or next to a shard file), or ``None`` if there is none."""
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    info = folder / DATASET_INFO_FILE
+    if not info.is_file():
+        return None
+    return json.loads(info.read_text(encoding="utf-8"))
+
+
+def read_labels(path: str | os.PathLike) -> list[str]:
+    """Class names from a ``labels.txt`` (one per line, index order) or a folder holding one."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / LABELS_FILE
+    names = [line.rstrip("\r\n") for line in p.read_text(encoding="utf-8").splitlines()]
+    while names and not names[-1]:
+        names.pop()
+    return names
+
+
+def iter_shard(path: str | os.PathLike) -> Iterator[tuple[str, str, bytes, dict[str, Any] | None]]:
+    """Read a shard directly (no ``datasets``): yields ``(key, ext, data, meta)`` in file order.
+
+    ``meta`` is ``None`` when a sample has no (or an unreadable) ``.json`` member; a sample without a
+    media member yields ``ext=""`` and ``data=b""``. For inspection and tests; training reads shards
+    through :func:`bevt.data.streaming.build_stream`.
+    """
+    current: dict[str, Any] = {}
+
+    def emit() -> tuple[str, str, bytes, dict[str, Any] | None]:
+        meta = current.get("json")
+        return current["key"], current.get("ext", ""), current.get("data", b""), meta
+
+    with tarfile.open(path, mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = os.path.basename(member.name)
+            if "." not in base:
+                continue
+            key, ext = base.split(".", 1)
+            if current and current["key"] != key:
+                yield emit()
+                current = {}
+            current["key"] = key
+            raw = tar.extractfile(member).read()
+            if ext.lower() == "json":
+                try:
+                    current["json"] = json.loads(raw)
+                except ValueError:
+                    current["json"] = None
+            else:
+                current["ext"] = ext.lower()
+                current["data"] = raw
+        if current:
+            yield emit()
