@@ -32,21 +32,27 @@ from reference_bevt import reference_pretraining_loss  # noqa: E402
 from bevt import BEVTConfig, BEVTForMaskedVideoModeling, BEVTForVideoClassification  # noqa: E402
 
 
-def build_inputs(frames: int, size: int, images: int, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def build_inputs(
+    frames: int, size: int, images: int, vocab: int, seed: int = 0, videos: int = 1
+) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     grid = size // 16
     block = torch.zeros(grid, grid, dtype=torch.bool)
     block.view(-1)[torch.randperm(grid * grid, generator=g)[: grid * grid // 2]] = True  # 50% of patches
     tube = torch.zeros(frames // 2, grid, grid, dtype=torch.bool)
     tube[: max(1, 3 * frames // 8)] = block  # a 75% temporal span
-    return {
-        "pixel_values": torch.randn(1, frames, 3, size, size, generator=g),
-        "bool_masked_pos": tube[None],
-        "labels": torch.randint(0, vocab, (1, frames, grid, grid), generator=g),
-        "image_pixel_values": torch.randn(images, 3, size, size, generator=g),
-        "image_bool_masked_pos": block[None].repeat(images, 1, 1),
-        "image_labels": torch.randint(0, vocab, (images, grid, grid), generator=g),
+    inputs = {
+        "pixel_values": torch.randn(videos, frames, 3, size, size, generator=g),
+        "bool_masked_pos": tube[None].repeat(videos, 1, 1, 1),
+        "labels": torch.randint(0, vocab, (videos, frames, grid, grid), generator=g),
     }
+    if images:
+        inputs.update(
+            image_pixel_values=torch.randn(images, 3, size, size, generator=g),
+            image_bool_masked_pos=block[None].repeat(images, 1, 1),
+            image_labels=torch.randint(0, vocab, (images, grid, grid), generator=g),
+        )
+    return inputs
 
 
 def build_model(preset: str, seed: int = 0) -> BEVTForMaskedVideoModeling:
@@ -127,7 +133,7 @@ def measure_memory(kind: str, args) -> None:
     """Run in a fresh subprocess: print the peak-RSS growth (MiB) of one training step."""
     torch.set_num_threads(args.threads)
     model = build_model(args.preset)
-    inputs = build_inputs(args.frames, args.size, args.images, model.config.vocab_size)
+    inputs = build_inputs(args.frames, args.size, args.images, model.config.vocab_size, videos=args.videos)
     base = _status_kib("VmRSS")
     try:  # reset the peak-RSS mark (Linux); otherwise fall back to the process-lifetime peak
         Path("/proc/self/clear_refs").write_text("5")
@@ -153,6 +159,7 @@ def memory_of(kind: str, args) -> float:
     cmd = [
         sys.executable, __file__, "--measure-memory", kind, "--preset", args.preset, "--frames", str(args.frames),
         "--size", str(args.size), "--images", str(args.images), "--threads", str(args.threads),
+        "--videos", str(getattr(args, "videos", 1)),
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
@@ -164,6 +171,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--videos", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per candidate (median reported)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd inference")
@@ -189,7 +197,7 @@ def main() -> None:
     }
 
     model = build_model(args.preset)
-    inputs = build_inputs(args.frames, args.size, args.images, model.config.vocab_size)
+    inputs = build_inputs(args.frames, args.size, args.images, model.config.vocab_size, videos=args.videos)
     with torch.no_grad():
         ours_loss = model(**inputs).loss
         ref_loss = reference_pretraining_loss(model, **inputs)[0]

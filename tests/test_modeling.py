@@ -505,3 +505,12 @@ def test_memory_lean_mlp_matches_plain(dtype):
     torch.testing.assert_close(lean.float(), plain.float(), atol=tol, rtol=tol)
     for got, expected in zip(grads, want):
         torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=tol)
+
+
+def test_torch_compile_matches_eager():
+    model = BEVTModel(tiny_config()).eval()
+    pixel_values, mask, _ = video_batch(batch=1)
+    with torch.no_grad():
+        expected = model(pixel_values, mask).last_hidden_state
+        got = torch.compile(model, fullgraph=True)(pixel_values, mask).last_hidden_state  # no graph break
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

@@ -245,7 +245,8 @@ def sdpa_window_attention_forward(
     without storing it."""
     if attention_mask is None and window_bias is not None:
         needs_grad = torch.is_grad_enabled() and (query.requires_grad or window_bias.requires_grad)
-        if needs_grad and query.device.type == "cpu" and dropout == 0.0:
+        eligible = query.device.type == "cpu" and dropout == 0.0 and not torch.compiler.is_compiling()
+        if needs_grad and eligible:
             out = WindowAttentionFunction.apply(query, key, value, window_bias, window_shift_mask, scaling)
             return out.transpose(1, 2).contiguous(), None
         attention_mask = window_attention_mask(window_bias, window_shift_mask, query.dtype)

@@ -1,0 +1,454 @@
+"""Pretraining: shared training utilities, demo data, CLI validation, and end-to-end runs of run_pretraining.py
+(the demo, exact resume, SIGTERM checkpointing, non-finite losses, and 2-process gloo DDP on CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bevt import BEVTConfig, BEVTForMaskedVideoModeling
+from bevt.data.demo_pretraining import write_demo_pretraining_shards
+from bevt.pretraining import PretrainingData, build_mask_generators, model_inputs, random_tokenizer
+from bevt.training import (
+    AverageMeter,
+    CheckpointManager,
+    GracefulExit,
+    NonFiniteLossError,
+    NonFiniteLossGuard,
+    StepTimer,
+    ThroughputMeter,
+    build_param_groups,
+    seed_everything,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "run_pretraining.py"
+BIN = Path(sys.executable).parent
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("run_pretraining", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def script():
+    return _load_script()
+
+
+# ------------------------------------------------------------------------------------------------- utilities
+
+
+def test_param_groups_skip_decay_on_norms_biases_bias_tables_and_mask_token():
+    model = BEVTForMaskedVideoModeling(BEVTConfig.from_preset("test"))
+    model.head.lm_head.weight.requires_grad_(False)
+    groups = build_param_groups(model, weight_decay=0.05, learning_rate=1e-3)
+    by_name = {n: g for g in groups for n in g["param_names"]}
+    assert set(by_name) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "head.lm_head.weight" not in by_name
+    for name, group in by_name.items():
+        no_decay = (
+            name.endswith(".bias")
+            or "norm" in name
+            or "relative_position_bias_table" in name
+            or name.endswith("mask_token")
+        )
+        assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
+        assert group["lr"] == 1e-3
+    assert by_name["bevt.encoder.layers.0.blocks.0.attention.qkv.weight"]["weight_decay"] == 0.05
+    # optional per-parameter lr scales (layer decay) split the groups
+    scaled = build_param_groups(
+        model, 0.05, lr_scale=lambda n: 0.5 if "layers.0." in n else 1.0, learning_rate=1.0
+    )
+    assert {(g["weight_decay"], g["lr"]) for g in scaled} == {
+        (0.05, 0.5),
+        (0.05, 1.0),
+        (0.0, 0.5),
+        (0.0, 1.0),
+    }
+    torch.optim.AdamW(scaled)  # valid optimizer groups
+    with pytest.raises(ValueError, match="weight_decay"):
+        build_param_groups(model, -1.0)
+
+
+def test_nonfinite_guard_skips_then_stops():
+    guard = NonFiniteLossGuard(max_consecutive=3)
+    assert guard.update(True)
+    assert not guard.update(False) and not guard.update(False)
+    assert guard.update(True) and guard.consecutive == 0 and guard.total_skipped == 2
+    guard.update(False)
+    guard.update(False)
+    with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row"):
+        guard.update(False, step=7)
+    restored = NonFiniteLossGuard(3)
+    restored.load_state_dict(guard.state_dict())
+    assert restored.total_skipped == 5
+
+
+def test_graceful_exit_turns_sigterm_into_a_request():
+    previous = signal.getsignal(signal.SIGTERM)
+    with GracefulExit() as stopper:
+        assert not stopper.should_stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stopper.should_stop() and stopper.exit_code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_meters():
+    meter = AverageMeter()
+    meter.update(1.0)
+    meter.update(3.0, n=3)
+    assert meter.avg == pytest.approx(2.5) and meter.val == 3.0
+    rate = ThroughputMeter(window=2)
+    for samples, seconds in ((100, 10.0), (10, 1.0), (30, 1.0)):
+        rate.update(samples, seconds)
+    assert rate.rate == pytest.approx(20.0)  # only the last two updates
+    timer = StepTimer()
+    with timer.phase("data"):
+        time.sleep(0.01)
+    assert timer.averages()["data"] >= 0.01
+    assert seed_everything(3, process_index=2) == 5
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.value = 0
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+def test_checkpoint_manager_is_atomic_rotates_and_restores(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    counter = _Counter()
+    accelerator.register_for_checkpointing(counter)
+    manager = CheckpointManager(tmp_path, save_total_limit=2)
+    assert manager.latest() is None
+    for step in (1, 2, 3):
+        counter.value = step
+        with torch.no_grad():
+            model.weight.fill_(step)
+        manager.save(accelerator, step, extra_state={"note": step}, data_state={"position": step * 10})
+    assert [p.name for p in manager.checkpoints()] == ["checkpoint-2", "checkpoint-3"]  # rotated
+
+    # A save killed half-way leaves only a temporary folder: the latest complete checkpoint is untouched.
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(accelerator, "save_state", killed)
+    with pytest.raises(KeyboardInterrupt):
+        manager.save(accelerator, 4, data_state={})
+    monkeypatch.undo()
+    assert (tmp_path / ".tmp-checkpoint-4").is_dir() and not (tmp_path / "checkpoint-4").exists()
+    (tmp_path / "checkpoint-9").mkdir()  # a folder that looks like a checkpoint but was never completed
+    assert manager.latest() == tmp_path / "checkpoint-3"
+    assert manager.resolve("latest") == tmp_path / "checkpoint-3"
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        manager.resolve(tmp_path / "checkpoint-9")
+    with pytest.raises(FileNotFoundError, match="resume_from_checkpoint"):
+        manager.resolve(tmp_path / "nowhere")
+
+    torch.manual_seed(123)
+    manager.save(accelerator, 5, extra_state={"note": 5}, data_state={"position": 50})
+    expected_random = torch.rand(3)  # what the RNG gives right after the save
+    assert not (tmp_path / ".tmp-checkpoint-5").exists() and not (tmp_path / ".tmp-checkpoint-4").exists()
+    with torch.no_grad():
+        model.weight.zero_()
+    counter.value = -1
+    torch.rand(7)
+    resumed = manager.load(accelerator, "latest")
+    assert resumed.step == 5 and resumed.extra_state == {"note": 5} and resumed.data_state == {"position": 50}
+    assert counter.value == 3 and torch.all(accelerator.unwrap_model(model).weight == 3)
+    assert torch.equal(torch.rand(3), expected_random)  # the RNG state was restored too
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory) -> Path:
+    """The demo shards, written once for the module; copied into each run's output folder."""
+    folder = tmp_path_factory.mktemp("demo") / "demo_data"
+    write_demo_pretraining_shards(folder)
+    return folder
+
+
+def test_demo_data_is_deterministic_and_cached(tmp_path):
+    kwargs = {"num_videos": 4, "num_images": 6, "num_shards": 2, "size": 32, "num_frames": 8}
+    first = write_demo_pretraining_shards(tmp_path / "a", **kwargs)
+    second = write_demo_pretraining_shards(tmp_path / "b", **kwargs)
+    assert len(first.video_shards) == len(first.image_shards) == 2
+    for a, b in zip(first.video_shards + first.image_shards, second.video_shards + second.image_shards):
+        assert Path(a).read_bytes() == Path(b).read_bytes()
+    stamp = os.path.getmtime(first.video_shards[0])
+    again = write_demo_pretraining_shards(tmp_path / "a", **kwargs)  # reused, not rewritten
+    assert again.video_shards == first.video_shards and os.path.getmtime(first.video_shards[0]) == stamp
+    shutil.copytree(tmp_path / "a", tmp_path / "moved")
+    moved = write_demo_pretraining_shards(tmp_path / "moved", **kwargs)
+    assert all(p.startswith(str(tmp_path / "moved")) for p in moved.video_shards + moved.image_shards)
+
+
+def test_pretraining_data_batches_and_exact_resume(demo_data):
+    settings = {
+        "image_batch_size": 4,
+        "video_batch_size": 2,
+        "image_size": 64,
+        "num_frames": 8,
+        "frame_interval": 2,
+        "scale_range": (64, 80),
+        "min_mask_patches": 2,
+        "shuffle_buffer": 8,
+        "seed": 3,
+    }
+    shards = write_demo_pretraining_shards(demo_data)
+    data = PretrainingData(shards.image_shards, shards.video_shards, **settings)
+    batch = data.next_batch()
+    assert batch["pixel_values"].shape == (2, 8, 3, 64, 64)
+    assert batch["bool_masked_pos"].shape == (2, 4, 4, 4)
+    assert batch["tokenizer_pixel_values"].shape == (2, 8, 3, 32, 32)
+    assert batch["image_pixel_values"].shape == (4, 3, 64, 64)
+    assert batch["image_bool_masked_pos"].shape == (4, 4, 4) and batch["image_bool_masked_pos"][0].sum() == 8
+    state = json.loads(json.dumps(data.state_dict()))  # checkpoints store it as JSON
+    expected = data.next_batch()
+    data.close()
+    resumed = PretrainingData(shards.image_shards, shards.video_shards, **settings)
+    resumed.load_state_dict(state)
+    again = resumed.next_batch()
+    resumed.close()
+    assert set(again) == set(expected)
+    for key in expected:
+        assert torch.equal(again[key], expected[key]), key
+
+    tokenizer = random_tokenizer(vocab_size=64, image_size=32, seed=0)
+    inputs = model_inputs(again, tokenizer, "cpu")
+    assert inputs["labels"].shape == (2, 8, 4, 4) and inputs["image_labels"].shape == (4, 4, 4)
+    assert inputs["labels"].unique().numel() > 8  # the centred random tokenizer spreads the token ids
+    output = BEVTForMaskedVideoModeling(BEVTConfig.from_preset("test"))(**inputs)
+    assert torch.isfinite(output.loss)
+
+
+def test_mask_generators_follow_the_official_ratio():
+    tube, block = build_mask_generators(224, 16)
+    assert tube.shape == (8, 14, 14) and block.shape == (14, 14)
+    assert int(block().sum()) == 98 and tube.min_tube_len == 4 and tube.max_tube_len == 8
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def test_help_documents_every_flag_with_its_default(script):
+    parser = script.build_parser()
+    formatter = parser.formatter_class(parser.prog)
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert "(default:" in formatter._get_help_string(action) % {"default": action.default}, action.dest
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--image_size", "100"], "--image_size must be a multiple of 32"),
+        (["--num_frames", "7"], "--num_frames must be even"),
+        (["--mask_ratio", "1.5"], "--mask_ratio must be in (0, 1)"),
+        (["--scale_range", "32", "40"], "--scale_range must be LOW HIGH"),
+        (["--image_shards", "x.tar"], "--video_shards must be given with --stage joint"),
+        (
+            ["--stage", "image", "--image_shards", "a", "--video_shards", "b"],
+            "--video_shards must be omitted",
+        ),
+        (["--learning_rate", "0"], "--learning_rate must be > 0"),
+        (["--save_total_limit", "0"], "--save_total_limit must be a positive integer"),
+        (["--swin2d_checkpoint", "missing.pth"], "--swin2d_checkpoint must be an existing file"),
+        (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be a positive integer"),
+    ],
+)
+def test_bad_flags_name_the_flag_and_the_expected_value(script, argv, message):
+    with pytest.raises(SystemExit) as err:
+        script.parse_args(argv)
+    assert message in str(err.value)
+
+
+def test_demo_defaults_and_recipe_defaults(script):
+    demo = script.parse_args([])
+    assert demo.demo and demo.image_size == 64 and demo.tokenizer_size == 32 and demo.max_train_steps == 120
+    recipe = script.parse_args(["--image_shards", "i.tar", "--video_shards", "v.tar"])
+    assert not recipe.demo and recipe.image_size == 224 and recipe.tokenizer_size == 112
+    assert (recipe.video_batch_size, recipe.image_batch_size, recipe.learning_rate) == (8, 64, 5e-4)
+    assert (recipe.num_frames, recipe.frame_interval, recipe.max_grad_norm, recipe.weight_decay) == (
+        16,
+        8,
+        3.0,
+        0.05,
+    )
+
+
+# ------------------------------------------------------------------------------------------------- end to end
+
+
+def _run(
+    args: list[str], output_dir: Path, demo_data: Path, launcher: list[str] | None = None, env=None, **kw
+):
+    if not (output_dir / "demo_data").exists():
+        shutil.copytree(demo_data, output_dir / "demo_data")
+    command = [*(launcher or [sys.executable]), str(SCRIPT), "--output_dir", str(output_dir), *args]
+    run_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    return subprocess.run(command, cwd=REPO, env=run_env, capture_output=True, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_demo_loss_falls_and_resume_gives_identical_weights(tmp_path, demo_data):
+    out = tmp_path / "run"
+    args = ["--max_train_steps", "30", "--checkpointing_steps", "20", "--logging_steps", "10"]
+    launcher = [str(BIN / "accelerate"), "launch", "--num_processes", "1"]
+    first = _run(args, out, demo_data, launcher=launcher, timeout=420)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "RANDOM weights" in first.stderr
+    results = json.loads((out / "training_results.json").read_text())
+    start, end = results["first"], results["final_window"]
+    assert end["loss"] < start["loss"] - 1.0, results
+    assert end["video_mask_accuracy"] > start["video_mask_accuracy"] + 0.1, results
+    assert end["image_mask_accuracy"] > start["image_mask_accuracy"] + 0.1, results
+    assert (out / "checkpoint-20" / "checkpoint_complete.json").is_file()
+
+    from transformers import AutoModelForPreTraining, AutoVideoProcessor
+
+    model = AutoModelForPreTraining.from_pretrained(out)
+    assert isinstance(model, BEVTForMaskedVideoModeling)
+    assert AutoVideoProcessor.from_pretrained(out).num_frames == 8
+    card = (out / "README.md").read_text()
+    assert "BEVTForMaskedVideoModeling" in card and "run_pretraining.py" in card
+    uninterrupted = load_file(out / "model.safetensors")
+
+    resume = [*args, "--resume_from_checkpoint", str(out / "checkpoint-20")]
+    second = _run(resume, out, demo_data, launcher=launcher, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resumed from" in second.stderr and "at step 20" in second.stderr
+    resumed = load_file(out / "model.safetensors")
+    assert uninterrupted.keys() == resumed.keys()
+    different = {
+        n: (t - resumed[n]).abs().max().item()
+        for n, t in uninterrupted.items()
+        if not torch.equal(t, resumed[n])
+    }
+    assert not different, different
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path, demo_data):
+    out = tmp_path / "run"
+    shutil.copytree(demo_data, out / "demo_data")
+    log = open(tmp_path / "log.txt", "w")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "500",
+            "--logging_steps",
+            "1",
+        ],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.time() + 240
+    while "step 2/500" not in (tmp_path / "log.txt").read_text() and time.time() < deadline:
+        assert process.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    returncode = process.wait(timeout=120)
+    log.close()
+    text = (tmp_path / "log.txt").read_text()
+    assert returncode == 128 + signal.SIGTERM, text[-3000:]
+    assert "received signal 15" in text
+    latest = CheckpointManager(out).latest()
+    assert latest is not None and CheckpointManager.step_of(latest) >= 2
+    assert not (out / "model.safetensors").exists()  # interrupted: no final model
+
+
+@pytest.mark.slow
+def test_nonfinite_losses_stop_the_run_with_a_clear_message(tmp_path, demo_data):
+    args = [
+        "--learning_rate",
+        "1e30",
+        "--num_warmup_steps",
+        "0",
+        "--max_nonfinite_steps",
+        "2",
+        "--max_train_steps",
+        "20",
+    ]
+    result = _run(args, tmp_path / "run", demo_data, timeout=300)
+    assert result.returncode == 1
+    assert "update skipped" in result.stderr
+    assert "NaN/inf for 2 optimizer steps in a row" in result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_with_gloo_ddp_read_disjoint_samples(tmp_path, demo_data):
+    out = tmp_path / "run"
+    launcher = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(_free_port()),
+    ]
+    args = [
+        "--max_train_steps",
+        "3",
+        "--checkpointing_steps",
+        "3",
+        "--logging_steps",
+        "1",
+        "--log_sample_keys",
+    ]
+    result = _run(args, out, demo_data, launcher=launcher, env={"ACCELERATE_USE_CPU": "1"}, timeout=420)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "(2 processes x 1 accumulation)" in result.stderr
+    keys = [(out / f"sample_keys_rank{rank}.txt").read_text().split() for rank in (0, 1)]
+    # each step: 4 videos + 16 images per rank
+    assert len(keys[0]) == len(keys[1]) == 3 * (4 + 16)
+    assert not set(keys[0]) & set(keys[1])
+    checkpoint = out / "checkpoint-3"
+    for rank in (0, 1):
+        assert (checkpoint / f"data_state_rank{rank}.json").is_file()
+        assert (checkpoint / f"random_states_{rank}.pkl").is_file()
