@@ -186,11 +186,13 @@ class WindowAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def _scores(q, k, bias, shift_mask, hs: slice, heads: int, scaling: float) -> torch.Tensor:
+        """Scaled scores + bias (+ shift mask) of one chunk, float32 (b, rows, N, N); chunks hold whole windows."""
         scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scaling)
-        index = torch.arange(hs.start, hs.stop, device=q.device)
-        scores += bias.index_select(0, index % heads)
+        n = scores.shape[-1]
+        per_window = scores.view(scores.shape[0], -1, heads, n, n)  # (b, windows in chunk, heads, N, N)
+        per_window += bias
         if shift_mask is not None:
-            scores += shift_mask.index_select(0, index // heads)
+            per_window += shift_mask[hs.start // heads : hs.stop // heads, None]
         return scores
 
     @staticmethod
@@ -219,8 +221,7 @@ class WindowAttentionFunction(torch.autograd.Function):
             grad_v[bs, hs] = torch.matmul(probs.transpose(-1, -2).to(go.dtype), go)
             grad_probs = torch.matmul(go, v.transpose(-1, -2)).float()
             grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, torch.float32)
-            index = torch.arange(hs.start, hs.stop, device=q.device) % heads
-            grad_bias.index_add_(0, index, grad_scores.sum(0))
+            grad_bias += grad_scores.view(grad_scores.shape[0], -1, *bias.shape).sum((0, 1))
             grad_scores = grad_scores.mul_(scaling).to(q.dtype)
             grad_q[bs, hs] = torch.matmul(grad_scores, k)
             grad_k[bs, hs] = torch.matmul(grad_scores.transpose(-1, -2), q)
