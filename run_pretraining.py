@@ -821,7 +821,9 @@ def train(
     step_started = time.perf_counter()
     with GracefulExit() as stopper, progress:
         while state.step < args.max_train_steps:
-            with meters.timer.phase("data"):
+            # A DataLoader draws its base seed from the global RNG when it starts: keep that out of the model's
+            # random stream (drop path), so a resumed run continues it exactly.
+            with meters.timer.phase("data"), torch.random.fork_rng(devices=[]):
                 batch = data.next_batch()
             with meters.timer.phase("compute"), accelerator.accumulate(model):
                 with accelerator.autocast():

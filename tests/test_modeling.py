@@ -454,7 +454,9 @@ def test_sdpa_training_gradients_equal_eager():
         model.zero_grad()
         out = model(pixel_values, mask, labels, images, image_mask, image_labels)
         out.loss.backward()
-        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out.loss.detach(), {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+        }
 
     sdpa_loss, sdpa_grads = grads("sdpa")
     eager_loss, eager_grads = grads("eager")
@@ -514,3 +516,24 @@ def test_torch_compile_matches_eager():
         expected = model(pixel_values, mask).last_hidden_state
         got = torch.compile(model, fullgraph=True)(pixel_values, mask).last_hidden_state  # no graph break
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_classification_loss_does_not_rewrite_problem_type():
+    model = BEVTForVideoClassification(tiny_config(num_labels=3)).eval()
+    pixel_values, _, _ = video_batch()
+    hard = model(pixel_values, labels=torch.tensor([0, 2]))
+    assert model.config.problem_type is None  # a batch of class ids does not pin the loss type
+    soft = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.0, 1.0]])
+    expected = -(soft * torch.log_softmax(hard.logits, -1)).sum(-1).mean()
+    torch.testing.assert_close(model(pixel_values, labels=soft).loss, expected)
+    model.config.problem_type = "multi_label_classification"
+    multi = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    torch.testing.assert_close(
+        model(pixel_values, labels=multi).loss,
+        torch.nn.functional.binary_cross_entropy_with_logits(hard.logits, multi),
+    )
+    regression = BEVTForVideoClassification(tiny_config(num_labels=1)).eval()
+    out = regression(pixel_values, labels=torch.tensor([0.5, -1.0]))
+    torch.testing.assert_close(
+        out.loss, torch.nn.functional.mse_loss(out.logits.squeeze(-1), torch.tensor([0.5, -1.0]))
+    )

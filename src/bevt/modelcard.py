@@ -174,32 +174,28 @@ def _architecture(
 
 def _usage(pipeline_tag: str | None, repo_hint: str) -> str:
     if pipeline_tag == "video-classification":
-        return f"""With the `bevt` package installed (`import bevt` registers the model and its video processor):
+        return f"""The folder carries its model and video-processor code, so it works without installing `bevt`:
 
 ```python
-import bevt  # noqa: F401
 from transformers import pipeline
 
-classifier = pipeline("video-classification", model="{repo_hint}")
+classifier = pipeline("video-classification", model="{repo_hint}", trust_remote_code=True)
 classifier("video.mp4", top_k=5)  # [{{"label": ..., "score": ...}}, ...]
 ```
 
-Multi-view scoring as in the evaluation below:
+With `bevt` installed, `import bevt` registers the classes and `trust_remote_code` is not needed. Multi-view scoring
+as in the evaluation below:
 
 ```python
 import torch
 from transformers import AutoModelForVideoClassification, AutoVideoProcessor
 
-model = AutoModelForVideoClassification.from_pretrained("{repo_hint}").eval()
-processor = AutoVideoProcessor.from_pretrained("{repo_hint}")
+model = AutoModelForVideoClassification.from_pretrained("{repo_hint}", trust_remote_code=True).eval()
+processor = AutoVideoProcessor.from_pretrained("{repo_hint}", trust_remote_code=True)
 inputs = processor("video.mp4", num_clips=4, num_crops=3, return_tensors="pt")
 with torch.no_grad():
     scores = processor.aggregate_views(model(**inputs).logits, num_views=12)  # (1, num_labels)
-```
-
-Without `bevt`, the model itself loads from its own code in this folder:
-`AutoModelForVideoClassification.from_pretrained("{repo_hint}", trust_remote_code=True)` (inputs: normalised
-clips `(batch, frames, 3, height, width)`)."""
+```"""
     return f"""```python
 from transformers import AutoModel
 

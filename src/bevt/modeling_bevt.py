@@ -178,7 +178,9 @@ class WindowAttentionFunction(torch.autograd.Function):
     @staticmethod
     def _chunks(batch: int, heads_total: int, n: int, heads: int):
         per_head = n * n * 4
-        head_chunk = max(heads, min(heads_total, WindowAttentionFunction.CHUNK_BYTES // per_head // heads * heads))
+        head_chunk = max(
+            heads, min(heads_total, WindowAttentionFunction.CHUNK_BYTES // per_head // heads * heads)
+        )
         batch_chunk = max(1, WindowAttentionFunction.CHUNK_BYTES // (per_head * head_chunk))
         for b0 in range(0, batch, batch_chunk):
             for h0 in range(0, heads_total, head_chunk):
@@ -200,7 +202,9 @@ class WindowAttentionFunction(torch.autograd.Function):
         heads = bias.shape[0]
         out = torch.empty_like(query)
         for bs, hs in WindowAttentionFunction._chunks(query.shape[0], query.shape[1], query.shape[2], heads):
-            scores = WindowAttentionFunction._scores(query[bs, hs], key[bs, hs], bias, shift_mask, hs, heads, scaling)
+            scores = WindowAttentionFunction._scores(
+                query[bs, hs], key[bs, hs], bias, shift_mask, hs, heads, scaling
+            )
             probs = torch.softmax(scores, dim=-1).to(value.dtype)
             out[bs, hs] = torch.matmul(probs, value[bs, hs])
         ctx.save_for_backward(query, key, value, bias, shift_mask)
@@ -217,7 +221,9 @@ class WindowAttentionFunction(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         for bs, hs in WindowAttentionFunction._chunks(query.shape[0], query.shape[1], query.shape[2], heads):
             q, k, v, go = query[bs, hs], key[bs, hs], value[bs, hs], grad_out[bs, hs]
-            probs = torch.softmax(WindowAttentionFunction._scores(q, k, bias, shift_mask, hs, heads, scaling), -1)
+            probs = torch.softmax(
+                WindowAttentionFunction._scores(q, k, bias, shift_mask, hs, heads, scaling), -1
+            )
             grad_v[bs, hs] = torch.matmul(probs.transpose(-1, -2).to(go.dtype), go)
             grad_probs = torch.matmul(go, v.transpose(-1, -2)).float()
             grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, torch.float32)
@@ -455,7 +461,9 @@ class GeluLinearFunction(torch.autograd.Function):
         dtype = hidden.dtype
         grad_out = grad_out.to(dtype)
         activated = F.gelu(hidden)
-        grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).t() @ activated.reshape(-1, activated.shape[-1])
+        grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).t() @ activated.reshape(
+            -1, activated.shape[-1]
+        )
         grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if bias is not None else None
         grad_hidden = torch.ops.aten.gelu_backward(grad_out @ weight.to(dtype), hidden)
         return (
@@ -931,6 +939,30 @@ class BEVTForMaskedVideoModeling(BEVTPreTrainedModel):
 class BEVTForVideoClassification(BEVTPreTrainedModel):
     """BEVT encoder -> mean-pooled final-norm features -> dropout -> linear classifier."""
 
+    def _classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Transformers' rules for `config.problem_type`, decided per call (the config is never written, so one
+        batch of class ids does not turn later soft targets into a different loss): num_labels == 1 -> MSE;
+        integer labels -> cross-entropy; float (B, num_labels) -> cross-entropy against class distributions,
+        or BCE-with-logits for problem_type "multi_label_classification"."""
+        problem = self.config.problem_type
+        if problem is None:
+            if self.num_labels == 1:
+                problem = "regression"
+            elif labels.is_floating_point():
+                problem = "soft_labels"
+            else:
+                problem = "single_label_classification"
+        logits = logits.float()
+        if problem == "regression":
+            if self.num_labels == 1:
+                return F.mse_loss(logits.squeeze(-1), labels.float().squeeze(-1))
+            return F.mse_loss(logits, labels.float())
+        if problem == "multi_label_classification":
+            return F.binary_cross_entropy_with_logits(logits, labels.float())
+        if labels.is_floating_point():  # soft targets (mixup/cutmix, label smoothing)
+            return torch.sum(-labels * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
+
     def __init__(self, config: BEVTConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -967,12 +999,17 @@ class BEVTForVideoClassification(BEVTPreTrainedModel):
                         f"`labels` must be class ids in [0, {self.num_labels}), got values in "
                         f"[{int(labels.min())}, {int(labels.max())}]"
                     )
-            soft = labels.is_floating_point() and labels.shape == logits.shape
-            if soft and self.config.problem_type not in ("multi_label_classification", "regression"):
-                # soft targets (mixup/cutmix, label smoothing): cross-entropy against a distribution
-                loss = torch.sum(-labels * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-            else:
-                loss = self.loss_function(labels, logits, self.config)
+            if (
+                labels.is_floating_point()
+                and labels.ndim > 1
+                and labels.shape != logits.shape
+                and self.config.problem_type != "regression"
+            ):
+                raise ValueError(
+                    f"float `labels` (class distributions) must have the logits' shape {tuple(logits.shape)} "
+                    f"(batch, num_labels), got {tuple(labels.shape)}"
+                )
+            loss = self._classification_loss(logits, labels)
         if not return_dict:
             out = (logits, outputs.hidden_states) if outputs.hidden_states is not None else (logits,)
             return ((loss,) + out) if loss is not None else out

@@ -152,7 +152,12 @@ class PretrainingData:
                 repeat=True,
             )
             self.streams[kind] = StreamDataLoader(
-                stream, batch_size, collate_fn=collate, num_workers=num_workers, drop_last=True
+                stream,
+                batch_size,
+                collate_fn=collate,
+                num_workers=num_workers,
+                drop_last=True,
+                pin_memory=torch.cuda.is_available(),  # page-locked batches: asynchronous host-to-GPU copies
             )
         self._iterators: dict[str, Any] = {}
         self._key_log = open(key_log, "a") if key_log is not None else None  # noqa: SIM115 - closed in close()
