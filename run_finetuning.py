@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import sys
@@ -38,11 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, DynamoBackend, TorchDynamoPlugin
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 import bevt
@@ -73,20 +69,42 @@ from bevt.finetuning import (
 from bevt.metrics import load_video_accuracy
 from bevt.modelcard import EvalDataset, build_model_card, count_flops_per_view
 from bevt.processing_bevt import BEVTVideoProcessor
+from bevt.script_utils import (
+    HUB_IGNORE_PATTERNS,
+    HelpFormatter,
+    WindowMeters,
+    add_adam_args,
+    add_checkpoint_args,
+    add_compute_args,
+    add_hub_args,
+    add_run_control_args,
+    add_tracking_args,
+    clip_and_step,
+    fail,
+    init_tracking,
+    progress_bar,
+    push_to_hub,
+    reduce_step_stats,
+    require_non_negative,
+    require_positive_ints,
+    require_unit_interval,
+    resume_if_requested,
+    start_run,
+    validate_optimizer_args,
+    validate_step_count_args,
+    write_demo_data_once,
+)
 from bevt.training import (
-    AverageMeter,
     CheckpointManager,
     GracefulExit,
     NonFiniteLossGuard,
-    StepTimer,
-    ThroughputMeter,
     build_param_groups,
     seed_everything,
 )
 
 logger = get_logger(__name__)
 
-SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+TRACKER_PROJECT = "bevt_finetuning"  # Accelerate tracker project: logs under <output_dir>/bevt_finetuning
 METRICS = ("top1_accuracy", "top5_accuracy", "mean_class_accuracy")
 
 # Official BEVT fine-tuning recipes (configs/recognition/swin/*bevt_finetune*.py) and the built-in demo.
@@ -229,12 +247,6 @@ def _recipe_default(name: str) -> str:
     return f"(default: k400 {k400}, ssv2 {ssv2}; demo: {demo})"
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action: argparse.Action) -> str:
-        help_text = action.help or ""
-        return help_text if "(default:" in help_text else super()._get_help_string(action)
-
-
 def _parse_randaug(values: list[str] | None) -> tuple[int, int] | None | str:
     if values is None:
         return "unset"
@@ -254,7 +266,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Fine-tune BEVT for video classification with Accelerate. Without --train_shards (and "
         "without --do_eval_only), runs the built-in demo on synthetic temporal-reasoning data.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("data")
     g.add_argument(
@@ -446,10 +458,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help=f"Clips per device per micro-step. {_recipe_default('per_device_train_batch_size')}",
     )
-    g.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in backward.")
-    g.add_argument(
-        "--torch_compile", action="store_true", help="Compile the model with torch.compile (inductor)."
-    )
+    add_compute_args(g)
     g.add_argument(
         "--torch_threads",
         type=int,
@@ -483,12 +492,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help=f"lr of every backbone parameter relative to the classifier. {_recipe_default('backbone_lr_multiplier')}",
     )
-    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
-    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
-    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
-    g.add_argument(
-        "--lr_scheduler_type", choices=SCHEDULERS, default="cosine", help="Schedule after the warmup."
-    )
+    add_adam_args(g, scheduler_help="Schedule after the warmup.")
     g.add_argument(
         "--warmup_epochs", type=float, default=None, help=f"Linear warmup. {_recipe_default('warmup_epochs')}"
     )
@@ -520,48 +524,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help=f"EMA of the weights, evaluated and exported when on (0 disables). {_recipe_default('ema_decay')}",
     )
-    g.add_argument(
-        "--max_nonfinite_steps",
-        type=int,
-        default=5,
-        help="Stop after this many consecutive steps with a NaN/inf loss or gradient (each is skipped).",
+    add_run_control_args(
+        g,
+        mixed_precision_help="Overrides the Accelerate config.",
+        seed_help="Seed of the init, data order and augmentations.",
     )
-    g.add_argument(
-        "--mixed_precision",
-        choices=("no", "fp16", "bf16"),
-        default=None,
-        help="Overrides the Accelerate config.",
-    )
-    g.add_argument("--seed", type=int, default=42, help="Seed of the init, data order and augmentations.")
 
     g = p.add_argument_group("checkpoints, logging, Hub")
-    g.add_argument(
-        "--output_dir", default=None, help=f"Exported model and checkpoints. {_recipe_default('output_dir')}"
-    )
-    g.add_argument(
-        "--checkpointing_steps",
-        type=int,
-        default=None,
-        help=f"Save a checkpoint every N optimizer steps (0: at the end/on signals only). "
+    add_checkpoint_args(
+        g,
+        output_dir_help=f"Exported model and checkpoints. {_recipe_default('output_dir')}",
+        checkpointing_steps_help="Save a checkpoint every N optimizer steps (0: at the end/on signals only). "
         f"{_recipe_default('checkpointing_steps')}",
+        save_total_limit_help="Keep at most this many checkpoints.",
+        logging_steps_help=f"Log every N optimizer steps. {_recipe_default('logging_steps')}",
     )
-    g.add_argument("--save_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
-    g.add_argument(
-        "--resume_from_checkpoint",
-        default=None,
-        help="A checkpoint folder, or 'latest': the newest complete one in --output_dir (none yet: start fresh, so "
-        "a pre-emptible job can always pass 'latest').",
-    )
-    g.add_argument(
-        "--logging_steps",
-        type=int,
-        default=None,
-        help=f"Log every N optimizer steps. {_recipe_default('logging_steps')}",
-    )
-    g.add_argument("--with_tracking", action="store_true", help="Log metrics with the --report_to tracker.")
-    g.add_argument(
-        "--report_to", default="tensorboard", help="Accelerate tracker(s): tensorboard, wandb, all, ..."
-    )
+    add_tracking_args(g)
     g.add_argument(
         "--dataset_name",
         default=None,
@@ -572,9 +550,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Hub id of the starting model for the card (default: --model_name_or_path when it is not a local folder).",
     )
-    g.add_argument("--push_to_hub", action="store_true", help="Upload the exported folder to the Hub.")
-    g.add_argument("--hub_model_id", default=None, help="Hub repository (default: the output folder's name).")
-    g.add_argument("--hub_token", default=None, help="Hub token (default: the logged-in one).")
+    add_hub_args(g, push_help="Upload the exported folder to the Hub.")
     args = p.parse_args(argv)
     args.randaug = _parse_randaug(args.randaug)
     apply_recipe_defaults(args)
@@ -600,87 +576,67 @@ def apply_recipe_defaults(args: argparse.Namespace) -> None:
         )
 
 
-def _fail(flag: str, expected: str, got: Any) -> None:
-    raise SystemExit(f"error: {flag} must be {expected}, got {got!r}")
-
-
 def validate_args(args: argparse.Namespace) -> None:
     """Check flag values; errors name the flag and what it expects."""
     if args.do_eval_only:
         if not args.model_name_or_path:
-            _fail("--model_name_or_path", "given with --do_eval_only (the model to evaluate)", None)
+            fail("--model_name_or_path", "given with --do_eval_only (the model to evaluate)", None)
         if not args.validation_shards:
-            _fail("--validation_shards", "given with --do_eval_only", None)
+            fail("--validation_shards", "given with --do_eval_only", None)
     if args.demo and args.validation_shards:
-        _fail(
+        fail(
             "--validation_shards",
             "given together with --train_shards (without both, the demo uses its own data)",
             args.validation_shards,
         )
-    positive = (
-        "num_frames",
-        "frame_interval",
-        "image_size",
-        "short_side",
-        "eval_num_clips",
-        "eval_short_side",
-        "per_device_eval_batch_size",
-        "per_device_train_batch_size",
-        "gradient_accumulation_steps",
-        "logging_steps",
-        "max_nonfinite_steps",
+    require_positive_ints(
+        args,
+        (
+            "num_frames",
+            "frame_interval",
+            "image_size",
+            "short_side",
+            "eval_num_clips",
+            "eval_short_side",
+            "per_device_eval_batch_size",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "max_nonfinite_steps",
+        ),
     )
-    for name in positive:
-        value = getattr(args, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            _fail(f"--{name}", "a positive integer", value)
     if args.eval_short_side < args.image_size:
-        _fail("--eval_short_side", f">= --image_size ({args.image_size})", args.eval_short_side)
+        fail("--eval_short_side", f">= --image_size ({args.image_size})", args.eval_short_side)
     low, high = args.crop_scale
     if not 0 < low <= high <= 1:
-        _fail("--crop_scale", "LOW HIGH with 0 < LOW <= HIGH <= 1", list(args.crop_scale))
+        fail("--crop_scale", "LOW HIGH with 0 < LOW <= HIGH <= 1", list(args.crop_scale))
     if any(w < 1 for w in args.window_size):
-        _fail("--window_size", "three positive integers", list(args.window_size))
-    for name in ("flip_prob", "random_erasing"):
-        if not 0 <= getattr(args, name) <= 1:
-            _fail(f"--{name}", "in [0, 1]", getattr(args, name))
+        fail("--window_size", "three positive integers", list(args.window_size))
+    require_unit_interval(args, ("flip_prob", "random_erasing"))
     for name in ("drop_path_rate", "classifier_dropout", "label_smoothing"):
         if not 0 <= getattr(args, name) < 1:
-            _fail(f"--{name}", "in [0, 1)", getattr(args, name))
+            fail(f"--{name}", "in [0, 1)", getattr(args, name))
     if args.randaug is not None and not (args.randaug[0] >= 1 and 0 <= args.randaug[1] <= 30):
-        _fail("--randaug", "N >= 1 and 0 <= M <= 30 (or 'none')", list(args.randaug))
-    for name in ("mixup", "cutmix", "weight_decay", "max_grad_norm"):
-        if not getattr(args, name) >= 0:
-            _fail(f"--{name}", ">= 0", getattr(args, name))
+        fail("--randaug", "N >= 1 and 0 <= M <= 30 (or 'none')", list(args.randaug))
+    require_non_negative(args, ("mixup", "cutmix", "weight_decay", "max_grad_norm"))
     if not 0 < args.layer_decay <= 1:
-        _fail("--layer_decay", "in (0, 1]", args.layer_decay)
+        fail("--layer_decay", "in (0, 1]", args.layer_decay)
     if not args.backbone_lr_multiplier >= 0:
-        _fail("--backbone_lr_multiplier", ">= 0", args.backbone_lr_multiplier)
+        fail("--backbone_lr_multiplier", ">= 0", args.backbone_lr_multiplier)
     if not 0 <= args.ema_decay < 1:
-        _fail("--ema_decay", "in [0, 1) (0 disables)", args.ema_decay)
-    if not args.learning_rate > 0:
-        _fail("--learning_rate", "> 0", args.learning_rate)
-    if not 0 <= args.adam_beta1 < 1 or not 0 <= args.adam_beta2 < 1:
-        _fail("--adam_beta1/--adam_beta2", "in [0, 1)", (args.adam_beta1, args.adam_beta2))
-    if args.num_warmup_steps is not None and args.num_warmup_steps < 0:
-        _fail("--num_warmup_steps", ">= 0", args.num_warmup_steps)
-    if not args.warmup_epochs >= 0:
-        _fail("--warmup_epochs", ">= 0", args.warmup_epochs)
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        _fail("--max_train_steps", "a positive integer", args.max_train_steps)
-    if args.max_train_steps is None and not (args.num_train_epochs or 0) > 0:
-        _fail("--max_train_steps or --num_train_epochs", "given (positive)", None)
+        fail("--ema_decay", "in [0, 1) (0 disables)", args.ema_decay)
+    validate_optimizer_args(args)
+    require_non_negative(args, ("warmup_epochs",))
+    validate_step_count_args(args)
     if not args.eval_every_epochs > 0:
-        _fail("--eval_every_epochs", "> 0", args.eval_every_epochs)
+        fail("--eval_every_epochs", "> 0", args.eval_every_epochs)
     for name in ("eval_steps", "max_eval_views_per_forward", "save_total_limit", "torch_threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            _fail(f"--{name}", "a positive integer", value)
-    for name in ("checkpointing_steps", "shuffle_buffer", "num_workers", "seed"):
-        if getattr(args, name) < 0:
-            _fail(f"--{name}", ">= 0", getattr(args, name))
+            fail(f"--{name}", "a positive integer", value)
+    require_non_negative(args, ("checkpointing_steps", "shuffle_buffer", "num_workers", "seed"))
     if args.label_names is not None and not os.path.isfile(args.label_names):
-        _fail("--label_names", "an existing text file (one class name per line)", args.label_names)
+        fail("--label_names", "an existing text file (one class name per line)", args.label_names)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -706,15 +662,15 @@ def resolve_label_names(args: argparse.Namespace, model_config: BEVTConfig | Non
             info = load_dataset_info(folder) or {}
             names, source = list(info.get("labels") or []), str(folder / "dataset_info.json")
         if not names:
-            _fail(
+            fail(
                 "--label_names",
                 "given: no labels.txt or labels in dataset_info.json next to the shards",
                 None,
             )
     if len(names) < 2:
-        _fail("--label_names", "a file with at least 2 class names", source)
+        fail("--label_names", "a file with at least 2 class names", source)
     if len(set(names)) != len(names):
-        _fail("--label_names", "a file of unique class names", source)
+        fail("--label_names", "a file of unique class names", source)
     return names
 
 
@@ -956,7 +912,7 @@ def resolve_schedule(args: argparse.Namespace, samples_per_epoch: int | None, nu
     if args.max_train_steps is not None:
         max_steps = args.max_train_steps
     elif steps_per_epoch is None:
-        _fail(
+        fail(
             "--max_train_steps",
             "given when the shards have no dataset_info.json (epochs need the sample count)",
             None,
@@ -1106,15 +1062,9 @@ def train(
     num_labels = accelerator.unwrap_model(model).config.num_labels
     world = accelerator.num_processes
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
-    timer, throughput = StepTimer(), ThroughputMeter()
-    window = {name: AverageMeter() for name in ("loss", "accuracy", "grad_norm")}
-    progress = tqdm(
-        total=schedule.max_train_steps,
-        initial=state.step,
-        desc="fine-tuning",
-        disable=not accelerator.is_local_main_process,
-        dynamic_ncols=True,
-    )
+    meters = WindowMeters.of(("loss", "accuracy", "grad_norm"), streams=("video",))
+    throughput = meters.throughput["video"]
+    progress = progress_bar(accelerator, schedule.max_train_steps, state.step, "fine-tuning")
 
     def save_checkpoint() -> None:
         state.guard = guard.state_dict()
@@ -1157,9 +1107,9 @@ def train(
         while state.step < schedule.max_train_steps:
             # The DataLoader draws its base seed from the global RNG when it starts: keep that out of the RNG
             # stream of the model (drop path), so a resumed run continues it exactly.
-            with timer.phase("data"), torch.random.fork_rng(devices=[]):
+            with meters.timer.phase("data"), torch.random.fork_rng(devices=[]):
                 batch = next(iterator)
-            with timer.phase("compute"), accelerator.accumulate(model):
+            with meters.timer.phase("compute"), accelerator.accumulate(model):
                 labels = batch["labels"]
                 generator = seeded_generator(
                     args.seed, "mix", state.step, len(micro_stats), accelerator.process_index
@@ -1175,27 +1125,21 @@ def train(
                 accelerator.backward(output.loss)
                 if not accelerator.sync_gradients:
                     continue
-                local = torch.stack(micro_stats).mean(0).to(device)
+                mean, finite = reduce_step_stats(accelerator, micro_stats)
                 micro_stats.clear()
-                nonfinite = (~torch.isfinite(local)).any().float().reshape(1)
-                reduced = accelerator.reduce(
-                    torch.cat([torch.nan_to_num(local, 0.0, 0.0, 0.0), nonfinite]), "sum"
+                loss, accuracy = mean.tolist()
+                apply, grad_norm = clip_and_step(
+                    accelerator,
+                    model,
+                    optimizer,
+                    lr_scheduler,
+                    guard,
+                    finite=finite,
+                    max_grad_norm=args.max_grad_norm,
+                    step=state.step + 1,
                 )
-                loss, accuracy = (reduced[:2] / world).tolist()
-                finite = reduced[-1].item() == 0
-                grad_norm = accelerator.clip_grad_norm_(
-                    model.parameters(), args.max_grad_norm or float("inf")
-                )
-                grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-                if accelerator.scaler is None and not math.isfinite(grad_norm):
-                    finite = False
-                apply = guard.update(finite, state.step + 1)
-                if apply or accelerator.scaler is not None:
-                    optimizer.step()
                 if not apply:
                     logger.warning(f"step {state.step + 1}: non-finite loss or gradient norm, update skipped")
-                optimizer.zero_grad(set_to_none=True)
-                lr_scheduler.step()
                 if ema is not None and apply:
                     ema.update(accelerator.unwrap_model(model))
 
@@ -1205,13 +1149,13 @@ def train(
             step_started = time.perf_counter()
             throughput.update(per_step, seconds)
             if apply:
-                window["loss"].update(loss)
-                window["accuracy"].update(accuracy)
-                window["grad_norm"].update(grad_norm)
+                meters.window["loss"].update(loss)
+                meters.window["accuracy"].update(accuracy)
+                meters.window["grad_norm"].update(grad_norm)
             progress.update(1)
             progress.set_postfix({"loss": f"{loss:.3f}", "clips/s": f"{throughput.rate:.1f}"}, refresh=False)
             if state.step % args.logging_steps == 0 or state.step == schedule.max_train_steps:
-                log_train(args, accelerator, state, schedule, window, timer, throughput, lr_scheduler, guard)
+                log_train(args, accelerator, state, schedule, meters, lr_scheduler, guard)
             if (
                 evaluator is not None
                 and schedule.eval_steps
@@ -1239,15 +1183,14 @@ def log_train(
     accelerator: Accelerator,
     state: TrainState,
     schedule: Schedule,
-    window: dict[str, AverageMeter],
-    timer: StepTimer,
-    throughput: ThroughputMeter,
+    meters: WindowMeters,
     lr_scheduler: Any,
     guard: NonFiniteLossGuard,
 ) -> None:
     """One log line (main process) and tracker scalars; resets the window."""
-    averages = {name: meter.avg for name, meter in window.items()}
-    timing = timer.averages()
+    averages = meters.averages()
+    timing = meters.timer.averages()
+    throughput = meters.throughput["video"]
     lr = max(lr_scheduler.get_last_lr())
     epoch = f" (epoch {state.step / schedule.steps_per_epoch:.2f})" if schedule.steps_per_epoch else ""
     if not math.isnan(averages["loss"]):
@@ -1258,13 +1201,10 @@ def log_train(
             "per micro-step"
         )
     if args.with_tracking:
-        values = {f"train/{k}": v for k, v in averages.items() if not math.isnan(v)}
-        values.update({"train/lr": lr, "train/nonfinite_steps_skipped": guard.total_skipped})
+        values = meters.tracker_values(averages, lr, guard)
         values.update({"throughput/clips_per_second": throughput.rate, "train/samples": state.samples})
         accelerator.log(values, step=state.step)
-    for meter in window.values():
-        meter.reset()
-    timer.reset()
+    meters.reset()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1272,43 +1212,11 @@ def log_train(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def build_accelerator(args: argparse.Namespace) -> Accelerator:
-    """Accelerator with per-rank data reading (`dispatch_batches=False`: every rank decodes its own shards)."""
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=args.report_to if args.with_tracking else None,
-        project_dir=args.output_dir,
-        dataloader_config=DataLoaderConfiguration(dispatch_batches=False),
-        dynamo_plugin=TorchDynamoPlugin(backend=DynamoBackend.INDUCTOR) if args.torch_compile else None,
-    )
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        logger.warning("--mixed_precision fp16 has no effect on CPU (Accelerate ignores it); use bf16 or no.")
-    return accelerator
-
-
-def setup_logging(accelerator: Accelerator) -> None:
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
-    )
-    if accelerator.is_local_main_process:
-        transformers.utils.logging.set_verbosity_warning()
-    else:
-        transformers.utils.logging.set_verbosity_error()
-        logging.getLogger().setLevel(logging.ERROR)
-
-
 def prepare_demo_data(args: argparse.Namespace, accelerator: Accelerator) -> None:
     """Write (once) the synthetic shards under `<output_dir>/demo_data` and point the data flags at them."""
     from bevt.data.demo_finetuning import write_demo_shards
 
-    folder = Path(args.output_dir) / "demo_data"
-    if accelerator.is_main_process:
-        started = time.perf_counter()
-        write_demo_shards(folder)
-        logger.info(f"demo data ready in {folder} ({time.perf_counter() - started:.1f}s)")
-    accelerator.wait_for_everyone()
-    demo = write_demo_shards(folder)  # reads the manifest the main process wrote
+    demo = write_demo_data_once(accelerator, Path(args.output_dir) / "demo_data", write_demo_shards)
     args.train_shards = demo.train_shards
     args.validation_shards = demo.validation_shards
     if args.label_names is None:
@@ -1344,7 +1252,7 @@ def evaluate_only(args: argparse.Namespace, accelerator: Accelerator, argv: list
         raise SystemExit(f"error: --model_name_or_path {args.model_name_or_path}: {err}") from None
     label_names = resolve_label_names(args, model.config)
     if len(label_names) != model.config.num_labels:
-        _fail("--label_names", f"{model.config.num_labels} names (the model's classes)", len(label_names))
+        fail("--label_names", f"{model.config.num_labels} names (the model's classes)", len(label_names))
     model.to(accelerator.device)
     evaluator = Evaluator(args, accelerator, label_names)
     metrics, predictions = evaluator.run(model)
@@ -1361,29 +1269,6 @@ def evaluate_only(args: argparse.Namespace, accelerator: Accelerator, argv: list
         )
     accelerator.wait_for_everyone()
     return 0
-
-
-def push_to_hub(args: argparse.Namespace) -> None:
-    """Upload the exported folder (not the checkpoints, demo data or logs) to the Hub."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=args.hub_token)
-    repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
-    repo_id = api.create_repo(repo_id, exist_ok=True).repo_id
-    api.upload_folder(
-        repo_id=repo_id,
-        folder_path=args.output_dir,
-        commit_message="BEVT fine-tuning: model, video processor, evaluation results",
-        ignore_patterns=[
-            "checkpoint-*",
-            ".tmp-*",
-            ".old-*",
-            ".deleting-*",
-            "demo_data/*",
-            "bevt_finetuning/*",
-        ],
-    )
-    logger.info(f"pushed to https://huggingface.co/{repo_id}")
 
 
 def summarize(args: argparse.Namespace, state: TrainState, final_metrics: dict[str, float] | None) -> None:
@@ -1404,11 +1289,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    accelerator = build_accelerator(args)
-    setup_logging(accelerator)
-    logger.info(accelerator.state, main_process_only=False)
-    if accelerator.is_main_process:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    accelerator = start_run(args, quiet_accelerate=False)
     if args.do_eval_only:
         return evaluate_only(args, accelerator, argv)
     if args.demo:
@@ -1438,21 +1319,14 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.register_for_checkpointing(ema)
 
     manager = CheckpointManager(args.output_dir, save_total_limit=args.save_total_limit)
-    state = TrainState()
-    if args.resume_from_checkpoint == "latest" and manager.latest() is None:
-        logger.info(
-            f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir} yet, starting from scratch"
-        )
-    elif args.resume_from_checkpoint:
-        path = manager.resolve(args.resume_from_checkpoint)
-        resumed = manager.load(accelerator, path)
-        state = TrainState.from_checkpoint(resumed.step, resumed.extra_state)
-        if resumed.data_state is not None:
-            loader.load_state_dict(resumed.data_state)
-        logger.info(f"resumed from {path} at step {state.step}")
-    if args.with_tracking:
-        hparams = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in vars(args).items()}
-        accelerator.init_trackers("bevt_finetuning", config=hparams)
+
+    def load_data_state(data_state: Any) -> None:
+        if data_state is not None:
+            loader.load_state_dict(data_state)
+
+    resumed = resume_if_requested(args, accelerator, manager, load_data_state)
+    state = TrainState.from_checkpoint(resumed.step, resumed.extra_state) if resumed else TrainState()
+    init_tracking(args, accelerator, TRACKER_PROJECT)
 
     unwrapped = accelerator.unwrap_model(model)
     total_batch = (
@@ -1490,7 +1364,11 @@ def main(argv: list[str] | None = None) -> int:
         if accelerator.is_main_process:
             summarize(args, state, final_metrics)
             if args.push_to_hub:
-                push_to_hub(args)
+                push_to_hub(
+                    args,
+                    commit_message="BEVT fine-tuning: model, video processor, evaluation results",
+                    ignore_patterns=(*HUB_IGNORE_PATTERNS, f"{TRACKER_PROJECT}/*"),
+                )
     if args.with_tracking:
         accelerator.end_training()
     return exit_code

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import signal
@@ -27,28 +26,47 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
-import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, DynamoBackend, TorchDynamoPlugin
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 import bevt
 from bevt import BEVTConfig, BEVTForMaskedVideoModeling
 from bevt.modeling_tokenizer import BEVTVisualTokenizer
 from bevt.pretraining import PretrainingData, model_inputs, random_tokenizer
+from bevt.script_utils import (
+    HUB_IGNORE_PATTERNS,
+    HelpFormatter,
+    WindowMeters,
+    add_adam_args,
+    add_checkpoint_args,
+    add_compute_args,
+    add_hub_args,
+    add_run_control_args,
+    add_tracking_args,
+    clip_and_step,
+    fail,
+    init_tracking,
+    progress_bar,
+    push_to_hub,
+    reduce_step_stats,
+    require_non_negative,
+    require_positive_ints,
+    require_unit_interval,
+    resume_if_requested,
+    start_run,
+    validate_optimizer_args,
+    validate_step_count_args,
+    write_demo_data_once,
+)
 from bevt.training import (
-    AverageMeter,
     CheckpointManager,
     GracefulExit,
     NonFiniteLossError,
     NonFiniteLossGuard,
-    StepTimer,
-    ThroughputMeter,
     build_param_groups,
     seed_everything,
 )
@@ -56,7 +74,7 @@ from bevt.training import (
 logger = get_logger(__name__)
 
 STAGES = ("image", "joint")
-SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+TRACKER_PROJECT = "bevt_pretraining"  # Accelerate tracker project: logs under <output_dir>/bevt_pretraining
 
 # Values of the flags whose default depends on the mode: the full recipe (Swin-B, 224 px, 16x8 clips) or the
 # built-in demo (no data flags: a tiny model on 64 px synthetic data, a few minutes on a laptop CPU).
@@ -123,22 +141,12 @@ def _mode_default(name: str) -> str:
     return f"(default: {show(RECIPE_DEFAULTS[name])}; demo: {show(DEMO_DEFAULTS[name])})"
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Adds "(default: X)" to every flag's help unless the help already states its defaults."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        help_text = action.help or ""
-        if "(default:" in help_text:
-            return help_text
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags; every flag's help states its default (recipe and demo defaults where they differ)."""
     p = argparse.ArgumentParser(
         description="BEVT pretraining (masked image/video modeling) with Accelerate. Without --video_shards and "
         "--image_shards, runs the built-in demo on synthetic data.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("data")
     g.add_argument(
@@ -260,10 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--video_loss_weight", type=float, default=1.0, help="Weight of the video loss (joint stage)."
     )
     g.add_argument("--image_loss_weight", type=float, default=1.0, help="Weight of the image loss.")
-    g.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in backward.")
-    g.add_argument(
-        "--torch_compile", action="store_true", help="Compile the model with torch.compile (inductor)."
-    )
+    add_compute_args(g)
 
     g = p.add_argument_group("optimisation")
     g.add_argument(
@@ -278,12 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.05,
         help="AdamW weight decay (none on norms, biases, bias tables, mask token).",
     )
-    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
-    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
-    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
-    g.add_argument(
-        "--lr_scheduler_type", choices=SCHEDULERS, default="cosine", help="Schedule after the linear warmup."
-    )
+    add_adam_args(g, scheduler_help="Schedule after the linear warmup.")
     g.add_argument(
         "--num_warmup_steps", type=int, default=None, help="Warmup steps (overrides --warmup_ratio)."
     )
@@ -309,64 +309,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--gradient_accumulation_steps", type=int, default=1, help="Micro-steps per optimizer step."
     )
     g.add_argument("--max_grad_norm", type=float, default=3.0, help="Gradient clipping norm (0 disables).")
-    g.add_argument(
-        "--max_nonfinite_steps",
-        type=int,
-        default=5,
-        help="Stop after this many consecutive steps with a NaN/inf loss or gradient (each is skipped).",
-    )
-    g.add_argument(
-        "--mixed_precision",
-        choices=("no", "fp16", "bf16"),
-        default=None,
-        help="Overrides the Accelerate config (fp16 needs a GPU).",
-    )
-    g.add_argument(
-        "--seed", type=int, default=42, help="Seed of the model init, data order, augmentations and masks."
+    add_run_control_args(
+        g,
+        mixed_precision_help="Overrides the Accelerate config (fp16 needs a GPU).",
+        seed_help="Seed of the model init, data order, augmentations and masks.",
     )
 
     g = p.add_argument_group("checkpoints and logging")
-    g.add_argument(
-        "--output_dir",
-        default=None,
-        help=f"Where checkpoints and the final model go. {_mode_default('output_dir')}",
-    )
-    g.add_argument(
-        "--checkpointing_steps",
-        type=int,
-        default=None,
-        help=f"Save a checkpoint every N optimizer steps (0: only at the end/on signals). {_mode_default('checkpointing_steps')}",
-    )
-    g.add_argument(
-        "--save_total_limit",
-        type=int,
-        default=None,
-        help="Keep at most this many checkpoints (oldest deleted).",
-    )
-    g.add_argument(
-        "--resume_from_checkpoint",
-        default=None,
-        help="A checkpoint folder, or 'latest': the newest complete one in --output_dir (none yet: start fresh, so "
-        "a pre-emptible job can always pass 'latest').",
-    )
-    g.add_argument(
-        "--logging_steps",
-        type=int,
-        default=None,
-        help=f"Log every N optimizer steps. {_mode_default('logging_steps')}",
+    add_checkpoint_args(
+        g,
+        output_dir_help=f"Where checkpoints and the final model go. {_mode_default('output_dir')}",
+        checkpointing_steps_help="Save a checkpoint every N optimizer steps (0: only at the end/on signals). "
+        f"{_mode_default('checkpointing_steps')}",
+        save_total_limit_help="Keep at most this many checkpoints (oldest deleted).",
+        logging_steps_help=f"Log every N optimizer steps. {_mode_default('logging_steps')}",
     )
     g.add_argument(
         "--log_sample_keys",
         action="store_true",
         help="Append the keys of the samples each rank trains on to <output_dir>/sample_keys_rank<R>.txt.",
     )
-    g.add_argument("--with_tracking", action="store_true", help="Log metrics with the --report_to tracker.")
-    g.add_argument(
-        "--report_to", default="tensorboard", help="Accelerate tracker(s): tensorboard, wandb, all, ..."
-    )
-    g.add_argument("--push_to_hub", action="store_true", help="Push the final folder to the Hub.")
-    g.add_argument("--hub_model_id", default=None, help="Hub repository (default: the output folder's name).")
-    g.add_argument("--hub_token", default=None, help="Hub token (default: the logged-in one).")
+    add_tracking_args(g)
+    add_hub_args(g, push_help="Push the final folder to the Hub.")
     return p
 
 
@@ -391,99 +355,81 @@ def apply_mode_defaults(args: argparse.Namespace) -> None:
     args.tube_range = tuple(args.tube_range)
 
 
-def _fail(flag: str, expected: str, got: Any) -> NoReturn:
-    """Exit with `error: <flag> must be <expected>, got <value>`."""
-    raise SystemExit(f"error: {flag} must be {expected}, got {got!r}")
-
-
 def validate_args(args: argparse.Namespace) -> None:
     """Check flag values; errors name the flag and what it expects."""
     if not args.demo:
         if args.image_shards is None:
-            _fail("--image_shards", "given (both stages train on images)", None)
+            fail("--image_shards", "given (both stages train on images)", None)
         if args.stage == "joint" and args.video_shards is None:
-            _fail("--video_shards", "given with --stage joint (or use --stage image)", None)
+            fail("--video_shards", "given with --stage joint (or use --stage image)", None)
         if args.stage == "image" and args.video_shards is not None:
-            _fail(
+            fail(
                 "--video_shards",
                 "omitted with --stage image (stage 1 trains on images only)",
                 args.video_shards,
             )
-    positive = (
-        "image_size",
-        "num_frames",
-        "frame_interval",
-        "tokenizer_size",
-        "video_batch_size",
-        "image_batch_size",
-        "gradient_accumulation_steps",
-        "logging_steps",
-        "max_nonfinite_steps",
+    require_positive_ints(
+        args,
+        (
+            "image_size",
+            "num_frames",
+            "frame_interval",
+            "tokenizer_size",
+            "video_batch_size",
+            "image_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "max_nonfinite_steps",
+        ),
     )
-    for name in positive:
-        value = getattr(args, name)
-        if not isinstance(value, int) or value < 1:
-            _fail(f"--{name}", "a positive integer", value)
     if args.image_size % 32:
-        _fail("--image_size", "a multiple of 32 (the heads meet stages 3 and 4)", args.image_size)
+        fail("--image_size", "a multiple of 32 (the heads meet stages 3 and 4)", args.image_size)
     if args.num_frames % 2:
-        _fail("--num_frames", "even (patches span 2 frames)", args.num_frames)
+        fail("--num_frames", "even (patches span 2 frames)", args.num_frames)
     low, high = args.scale_range
     if not args.image_size <= low <= high:
-        _fail(
+        fail(
             "--scale_range",
             f"LOW HIGH with {args.image_size} (--image_size) <= LOW <= HIGH",
             list(args.scale_range),
         )
     if args.tokenizer_size > args.image_size or args.tokenizer_size % 8:
-        _fail("--tokenizer_size", "a multiple of 8 and at most --image_size", args.tokenizer_size)
+        fail("--tokenizer_size", "a multiple of 8 and at most --image_size", args.tokenizer_size)
     if not 0 < args.mask_ratio < 1:
-        _fail("--mask_ratio", "in (0, 1)", args.mask_ratio)
+        fail("--mask_ratio", "in (0, 1)", args.mask_ratio)
     if args.min_mask_patches < 1:
-        _fail("--min_mask_patches", "a positive integer", args.min_mask_patches)
+        fail("--min_mask_patches", "a positive integer", args.min_mask_patches)
     if not 0 <= args.tube_range[0] <= args.tube_range[1] <= 1:
-        _fail("--tube_range", "LOW HIGH with 0 <= LOW <= HIGH <= 1", list(args.tube_range))
-    for name in ("flip_prob",):
-        if not 0 <= getattr(args, name) <= 1:
-            _fail(f"--{name}", "in [0, 1]", getattr(args, name))
-    for name in ("color_jitter", "weight_decay", "max_grad_norm", "video_loss_weight", "image_loss_weight"):
-        if not getattr(args, name) >= 0:
-            _fail(f"--{name}", ">= 0", getattr(args, name))
+        fail("--tube_range", "LOW HIGH with 0 <= LOW <= HIGH <= 1", list(args.tube_range))
+    require_unit_interval(args, ("flip_prob",))
+    require_non_negative(
+        args, ("color_jitter", "weight_decay", "max_grad_norm", "video_loss_weight", "image_loss_weight")
+    )
     if args.stage == "joint" and args.video_loss_weight == 0 and args.image_loss_weight == 0:
-        _fail("--video_loss_weight/--image_loss_weight", "not both 0", 0)
-    if not args.learning_rate > 0:
-        _fail("--learning_rate", "> 0", args.learning_rate)
-    if not 0 <= args.adam_beta1 < 1 or not 0 <= args.adam_beta2 < 1:
-        _fail("--adam_beta1/--adam_beta2", "in [0, 1)", (args.adam_beta1, args.adam_beta2))
-    if args.num_warmup_steps is not None and args.num_warmup_steps < 0:
-        _fail("--num_warmup_steps", ">= 0", args.num_warmup_steps)
+        fail("--video_loss_weight/--image_loss_weight", "not both 0", 0)
+    validate_optimizer_args(args)
     if not 0 <= args.warmup_ratio < 1:
-        _fail("--warmup_ratio", "in [0, 1)", args.warmup_ratio)
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        _fail("--max_train_steps", "a positive integer", args.max_train_steps)
-    if args.max_train_steps is None and not (args.num_train_epochs or 0) > 0:
-        _fail("--max_train_steps or --num_train_epochs", "given (positive)", None)
-    for name in ("checkpointing_steps", "shuffle_buffer", "num_workers", "seed"):
-        if getattr(args, name) < 0:
-            _fail(f"--{name}", ">= 0", getattr(args, name))
+        fail("--warmup_ratio", "in [0, 1)", args.warmup_ratio)
+    validate_step_count_args(args)
+    require_non_negative(args, ("checkpointing_steps", "shuffle_buffer", "num_workers", "seed"))
     if args.save_total_limit is not None and args.save_total_limit < 1:
-        _fail("--save_total_limit", "a positive integer", args.save_total_limit)
+        fail("--save_total_limit", "a positive integer", args.save_total_limit)
     if args.model_name_or_path and args.swin2d_checkpoint:
-        _fail(
+        fail(
             "--swin2d_checkpoint",
             "omitted when --model_name_or_path is given (choose one initialisation)",
             args.swin2d_checkpoint,
         )
     if args.model_name_or_path and args.config_overrides:
-        _fail(
+        fail(
             "--config_overrides",
             "omitted with --model_name_or_path (it only applies to new models)",
             args.config_overrides,
         )
     if args.swin2d_checkpoint is not None and not os.path.isfile(args.swin2d_checkpoint):
-        _fail("--swin2d_checkpoint", "an existing file", args.swin2d_checkpoint)
+        fail("--swin2d_checkpoint", "an existing file", args.swin2d_checkpoint)
     if args.stage == "image" and args.image_loss_weight == 0:
-        _fail("--image_loss_weight", "> 0 with --stage image (the only loss)", args.image_loss_weight)
+        fail("--image_loss_weight", "> 0 with --stage image (the only loss)", args.image_loss_weight)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -498,7 +444,7 @@ def parse_config_overrides(text: str | None) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     for item in _split_top_level(text):
         if "=" not in item:
-            _fail(
+            fail(
                 "--config_overrides",
                 'comma-separated key=value pairs, e.g. "embed_dim=96,drop_path_rate=0.2"',
                 text,
@@ -535,7 +481,7 @@ def build_model(args: argparse.Namespace, vocab_size: int | None) -> BEVTForMask
     if args.model_name_or_path:
         model = BEVTForMaskedVideoModeling.from_pretrained(args.model_name_or_path)
         if vocab_size is not None and model.config.vocab_size != vocab_size:
-            _fail(
+            fail(
                 "--tokenizer_name_or_path",
                 f"a tokenizer with vocab_size {model.config.vocab_size} (the model's)",
                 vocab_size,
@@ -571,7 +517,7 @@ def load_tokenizer(args: argparse.Namespace) -> BEVTVisualTokenizer:
     tokenizer = BEVTVisualTokenizer.from_pretrained(args.tokenizer_name_or_path)
     expected = args.image_size // 16 * tokenizer.config.downsample_factor
     if args.tokenizer_size != expected:
-        _fail(
+        fail(
             "--tokenizer_size",
             f"{expected} (one {tokenizer.config.downsample_factor}-px tokenizer cell per 16-px patch of "
             f"--image_size {args.image_size})",
@@ -592,7 +538,7 @@ def build_random_tokenizer(args: argparse.Namespace, vocab_size: int) -> BEVTVis
         * 100
     )
     if args.tokenizer_size != args.image_size // 2:
-        _fail(
+        fail(
             "--tokenizer_size",
             f"{args.image_size // 2} (--image_size // 2) with the random tokenizer",
             args.tokenizer_size,
@@ -662,7 +608,7 @@ def resolve_training_steps(
     """Set `args.max_train_steps` (from epochs when not given) and `args.num_warmup_steps`."""
     if args.max_train_steps is None:
         if samples_per_epoch is None:
-            _fail(
+            fail(
                 "--max_train_steps",
                 "given when the shards have no dataset_info.json (needed to turn --num_train_epochs into steps)",
                 None,
@@ -723,22 +669,6 @@ class StepResult:
     applied: bool
 
 
-@dataclass
-class Meters:
-    """What the loop measures between two log lines."""
-
-    window: dict[str, AverageMeter] = field(
-        default_factory=lambda: {name: AverageMeter() for name in (*STAT_NAMES, "grad_norm")}
-    )
-    timer: StepTimer = field(default_factory=StepTimer)
-    throughput: dict[str, ThroughputMeter] = field(default_factory=dict)
-
-    def reset(self) -> None:
-        for meter in self.window.values():
-            meter.reset()
-        self.timer.reset()
-
-
 def micro_batch_stats(output: Any) -> torch.Tensor:
     """(len(STAT_NAMES),) detached float32 statistics of one micro-batch; an absent stream gives 0."""
     zero = torch.zeros((), device=output.loss.device)
@@ -765,25 +695,23 @@ def optimizer_step(
     With the fp16 grad scaler, `optimizer.step()` always runs: the scaler itself skips steps with inf/NaN gradients
     and lowers its scale. Skipped steps still advance the schedule, so `--max_train_steps` bounds the run.
     """
-    local = torch.stack(micro_stats).mean(0)
-    nonfinite = (~torch.isfinite(local)).any().float().reshape(1)
-    reduced = accelerator.reduce(torch.cat([torch.nan_to_num(local, 0.0, 0.0, 0.0), nonfinite]), "sum")
-    finite = reduced[-1].item() == 0
-    values = (reduced[:-1] / accelerator.num_processes).tolist() if finite else [math.nan] * len(STAT_NAMES)
-    norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
-    grad_norm = float(norm) if norm is not None else math.nan  # None under DeepSpeed (it clips itself)
-    if accelerator.scaler is None and not math.isfinite(grad_norm) and norm is not None:
-        finite = False
-    applied = guard.update(finite, step)
-    if applied or accelerator.scaler is not None:
-        optimizer.step()
+    mean, finite = reduce_step_stats(accelerator, micro_stats)
+    values = mean.tolist() if finite else [math.nan] * len(STAT_NAMES)
+    applied, grad_norm = clip_and_step(
+        accelerator,
+        model,
+        optimizer,
+        lr_scheduler,
+        guard,
+        finite=finite,
+        max_grad_norm=args.max_grad_norm,
+        step=step,  # DeepSpeed clips itself and returns no norm
+    )
     if not applied:
         logger.warning(
             f"step {step}: non-finite loss or gradient norm, update skipped ({guard.consecutive} in a row, "
             f"{guard.total_skipped} in total; the run stops at {guard.max_consecutive} in a row)"
         )
-    optimizer.zero_grad(set_to_none=True)
-    lr_scheduler.step()
     return StepResult(dict(zip(STAT_NAMES, values)), grad_norm, applied)
 
 
@@ -807,15 +735,9 @@ def train(
         for stream, batch in (("video", args.video_batch_size), ("image", args.image_batch_size))
         if stream in data.streams
     }
-    meters = Meters(throughput={stream: ThroughputMeter() for stream in per_step})
+    meters = WindowMeters.of((*STAT_NAMES, "grad_norm"), streams=per_step)
     main_stream, unit = ("video", "clips/s") if "video" in per_step else ("image", "img/s")
-    progress = tqdm(
-        total=args.max_train_steps,
-        initial=state.step,
-        desc="pretraining",
-        disable=not accelerator.is_local_main_process,
-        dynamic_ncols=True,
-    )
+    progress = progress_bar(accelerator, args.max_train_steps, state.step, "pretraining")
     model.train()
     micro_stats: list[torch.Tensor] = []
     step_started = time.perf_counter()
@@ -877,14 +799,14 @@ def log_metrics(
     args: argparse.Namespace,
     accelerator: Accelerator,
     state: TrainState,
-    meters: Meters,
+    meters: WindowMeters,
     guard: NonFiniteLossGuard,
     data: PretrainingData,
     lr_scheduler: Any,
 ) -> None:
     """One log line on the main process and, with --with_tracking, the tracker scalars; then resets the window."""
     skipped = skipped_samples(data, accelerator)  # collective: every rank calls it
-    averages = {name: meter.avg for name, meter in meters.window.items()}
+    averages = meters.averages()
     timing = meters.timer.averages()
     rates = {stream: meter.rate for stream, meter in meters.throughput.items()}
     lr = lr_scheduler.get_last_lr()[0]
@@ -899,9 +821,7 @@ def log_metrics(
             f"{timing.get('compute', 0):.3f}s per micro-step | skipped samples {sum(skipped.values())}"
         )
     if args.with_tracking:
-        values: dict[str, float] = {f"train/{n}": v for n, v in averages.items() if not math.isnan(v)}
-        values["train/lr"] = lr
-        values["train/nonfinite_steps_skipped"] = guard.total_skipped
+        values = meters.tracker_values(averages, lr, guard)
         values.update({f"time/{phase}_seconds_per_micro_step": v for phase, v in timing.items()})
         values.update({f"throughput/{stream}_per_second": rate for stream, rate in rates.items()})
         values.update({f"data/{stream}_samples_skipped": count for stream, count in skipped.items()})
@@ -924,45 +844,13 @@ def _format_metrics(metrics: dict[str, float], stage: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def build_accelerator(args: argparse.Namespace) -> Accelerator:
-    """Accelerator with per-rank data reading (`dispatch_batches=False`: every rank decodes its own shards)."""
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=args.report_to if args.with_tracking else None,
-        project_dir=args.output_dir,
-        dataloader_config=DataLoaderConfiguration(dispatch_batches=False),
-        dynamo_plugin=TorchDynamoPlugin(backend=DynamoBackend.INDUCTOR) if args.torch_compile else None,
-    )
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        logger.warning("--mixed_precision fp16 has no effect on CPU (Accelerate ignores it); use bf16 or no.")
-    return accelerator
-
-
-def setup_logging(accelerator: Accelerator) -> None:
-    """INFO logs on the local main process (warnings and errors elsewhere); Accelerate's per-file save logs off."""
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
-    )
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-    if accelerator.is_local_main_process:
-        transformers.utils.logging.set_verbosity_warning()
-    else:
-        transformers.utils.logging.set_verbosity_error()
-        logging.getLogger().setLevel(logging.ERROR)
-
-
 def prepare_demo_data(args: argparse.Namespace, accelerator: Accelerator) -> None:
     """Write (once) the synthetic demo shards under `<output_dir>/demo_data` and point the data flags at them."""
     from bevt.data.demo_pretraining import write_demo_pretraining_shards
 
-    folder = Path(args.output_dir) / "demo_data"
-    if accelerator.is_main_process:
-        started = time.perf_counter()
-        write_demo_pretraining_shards(folder)
-        logger.info(f"demo data ready in {folder} ({time.perf_counter() - started:.1f}s)")
-    accelerator.wait_for_everyone()
-    demo = write_demo_pretraining_shards(folder)  # reads the manifest the main process wrote
+    demo = write_demo_data_once(
+        accelerator, Path(args.output_dir) / "demo_data", write_demo_pretraining_shards
+    )
     args.image_shards = demo.image_shards
     args.video_shards = demo.video_shards if args.stage == "joint" else None
 
@@ -1065,30 +953,6 @@ def summarize(args: argparse.Namespace, state: TrainState) -> None:
     )
 
 
-def push_to_hub(args: argparse.Namespace) -> None:
-    """Upload the final folder (not the checkpoints, demo data or logs) to the Hub."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=args.hub_token)
-    repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
-    repo_id = api.create_repo(repo_id, exist_ok=True).repo_id
-    api.upload_folder(
-        repo_id=repo_id,
-        folder_path=args.output_dir,
-        commit_message=f"BEVT pretraining ({args.stage} stage), step {args.max_train_steps}",
-        ignore_patterns=[
-            "checkpoint-*",
-            ".tmp-*",
-            ".old-*",
-            ".deleting-*",
-            "demo_data/*",
-            "bevt_pretraining/*",
-            "sample_keys_rank*",
-        ],
-    )
-    logger.info(f"pushed to https://huggingface.co/{repo_id}")
-
-
 def log_run_header(
     args: argparse.Namespace,
     accelerator: Accelerator,
@@ -1113,11 +977,7 @@ def log_run_header(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    accelerator = build_accelerator(args)
-    setup_logging(accelerator)
-    logger.info(accelerator.state, main_process_only=False)
-    if accelerator.is_main_process:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    accelerator = start_run(args, quiet_accelerate=True)  # Accelerate's per-file save logs off
     if args.demo:
         logger.info(
             "No --video_shards/--image_shards given: running the built-in demo (synthetic data, tiny model)."
@@ -1144,21 +1004,10 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.register_for_checkpointing(lr_scheduler)  # stepped by us once per optimizer step
 
     manager = CheckpointManager(args.output_dir, save_total_limit=args.save_total_limit)
-    state = TrainState()
-    if args.resume_from_checkpoint == "latest" and manager.latest() is None:
-        logger.info(
-            f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir} yet, starting from scratch"
-        )
-    elif args.resume_from_checkpoint:
-        path = manager.resolve(args.resume_from_checkpoint)
-        resumed = manager.load(accelerator, path)
-        state = TrainState.from_checkpoint(resumed.step, resumed.extra_state)
-        data.load_state_dict(resumed.data_state)
-        logger.info(f"resumed from {path} at step {state.step}")
+    resumed = resume_if_requested(args, accelerator, manager, data.load_state_dict)
+    state = TrainState.from_checkpoint(resumed.step, resumed.extra_state) if resumed else TrainState()
 
-    if args.with_tracking:
-        hparams = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in vars(args).items()}
-        accelerator.init_trackers("bevt_pretraining", config=hparams)
+    init_tracking(args, accelerator, TRACKER_PROJECT)
     log_run_header(args, accelerator, model, data, state)
     try:
         exit_code = train(args, accelerator, model, tokenizer, optimizer, lr_scheduler, data, manager, state)
@@ -1170,7 +1019,11 @@ def main(argv: list[str] | None = None) -> int:
         if accelerator.is_main_process:
             summarize(args, state)
             if args.push_to_hub:
-                push_to_hub(args)
+                push_to_hub(
+                    args,
+                    commit_message=f"BEVT pretraining ({args.stage} stage), step {args.max_train_steps}",
+                    ignore_patterns=(*HUB_IGNORE_PATTERNS, f"{TRACKER_PROJECT}/*", "sample_keys_rank*"),
+                )
     if args.with_tracking:
         accelerator.end_training()
     data.close()
