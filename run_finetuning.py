@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ import bevt
 from bevt import BEVTConfig, BEVTForVideoClassification
 from bevt.data.sampling import SAMPLING_MODES
 from bevt.data.shards import load_dataset_info, read_labels
-from bevt.data.streaming import StreamDataLoader, build_stream
+from bevt.data.streaming import DataQualityError, StreamDataLoader, build_stream
 from bevt.data.transforms import (
     VideoClassificationTrainTransform,
     mixup_cutmix,
@@ -97,6 +98,7 @@ from bevt.script_utils import (
 from bevt.training import (
     CheckpointManager,
     GracefulExit,
+    NonFiniteLossError,
     NonFiniteLossGuard,
     build_param_groups,
     seed_everything,
@@ -691,7 +693,7 @@ def build_model(args: argparse.Namespace, label_names: list[str]) -> BEVTForVide
             model, report = load_model_for_finetuning(
                 args.model_name_or_path, label_names, **_config_updates(args)
             )
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, pickle.UnpicklingError) as err:
             raise SystemExit(f"error: --model_name_or_path {args.model_name_or_path}: {err}") from None
         logger.info(f"Model: {report.describe()}")
     else:
@@ -1248,7 +1250,7 @@ def evaluate_only(args: argparse.Namespace, accelerator: Accelerator, argv: list
     processor_defaults_from_folder(args, argv)
     try:
         model = BEVTForVideoClassification.from_pretrained(args.model_name_or_path)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, pickle.UnpicklingError) as err:
         raise SystemExit(f"error: --model_name_or_path {args.model_name_or_path}: {err}") from None
     label_names = resolve_label_names(args, model.config)
     if len(label_names) != model.config.num_labels:
@@ -1343,21 +1345,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     hyperparameters = card_hyperparameters(args, schedule, accelerator.num_processes)
     exporter = Exporter(args, label_names, evaluator.num_views if evaluator else None)
-    exit_code = train(
-        args,
-        accelerator,
-        model,
-        optimizer,
-        lr_scheduler,
-        loader,
-        evaluator,
-        ema,
-        manager,
-        state,
-        schedule,
-        exporter,
-        hyperparameters,
-    )
+    try:
+        exit_code = train(
+            args,
+            accelerator,
+            model,
+            optimizer,
+            lr_scheduler,
+            loader,
+            evaluator,
+            ema,
+            manager,
+            state,
+            schedule,
+            exporter,
+            hyperparameters,
+        )
+    except (NonFiniteLossError, DataQualityError) as err:  # a clear stop, not a traceback
+        logger.error(f"error: {err}", main_process_only=False)
+        exit_code = 1
     final_metrics = None
     if exit_code == 0:
         final_metrics = finish(args, accelerator, model, ema, evaluator, exporter, state, hyperparameters)

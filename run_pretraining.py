@@ -18,9 +18,12 @@ trained on it for a short schedule (see the README).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import json
 import math
 import os
+import pickle
 import signal
 import sys
 import time
@@ -35,6 +38,7 @@ from transformers import get_scheduler
 
 import bevt
 from bevt import BEVTConfig, BEVTForMaskedVideoModeling
+from bevt.data.streaming import DataQualityError
 from bevt.modeling_tokenizer import BEVTVisualTokenizer
 from bevt.pretraining import PretrainingData, model_inputs, random_tokenizer
 from bevt.script_utils import (
@@ -450,6 +454,11 @@ def parse_config_overrides(text: str | None) -> dict[str, Any]:
                 text,
             )
         key, raw = (part.strip() for part in item.split("=", 1))
+        known = {f.name for f in dataclasses.fields(BEVTConfig)} | {"num_labels"}
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"did you mean {close[0]!r} for {key!r}?" if close else f"{key!r} is not one"
+            fail("--config_overrides", f"key=value pairs of BEVTConfig fields ({hint})", text)
         raw_json = raw.replace("(", "[").replace(")", "]")
         try:
             value = json.loads(raw_json)
@@ -479,7 +488,10 @@ def _split_top_level(text: str) -> list[str]:
 def build_model(args: argparse.Namespace, vocab_size: int | None) -> BEVTForMaskedVideoModeling:
     """From `--model_name_or_path`, or a new model from `--model_preset` (+ overrides, + `--swin2d_checkpoint`)."""
     if args.model_name_or_path:
-        model = BEVTForMaskedVideoModeling.from_pretrained(args.model_name_or_path)
+        try:
+            model = BEVTForMaskedVideoModeling.from_pretrained(args.model_name_or_path)
+        except (OSError, ValueError, pickle.UnpicklingError) as err:
+            raise SystemExit(f"error: --model_name_or_path {args.model_name_or_path}: {err}") from None
         if vocab_size is not None and model.config.vocab_size != vocab_size:
             fail(
                 "--tokenizer_name_or_path",
@@ -501,7 +513,10 @@ def build_model(args: argparse.Namespace, vocab_size: int | None) -> BEVTForMask
         if args.swin2d_checkpoint:
             from bevt.convert import load_swin2d_into
 
-            report = load_swin2d_into(model, args.swin2d_checkpoint)
+            try:
+                report = load_swin2d_into(model, args.swin2d_checkpoint)
+            except ValueError as err:  # UnsafeCheckpointError, ConversionError, a corrupt file
+                raise SystemExit(f"error: --swin2d_checkpoint {args.swin2d_checkpoint}: {err}") from None
             logger.info(
                 f"Initialised from the 2D Swin checkpoint {args.swin2d_checkpoint}:\n{report.summary()}"
             )
@@ -514,7 +529,10 @@ def build_model(args: argparse.Namespace, vocab_size: int | None) -> BEVTForMask
 
 def load_tokenizer(args: argparse.Namespace) -> BEVTVisualTokenizer:
     """The frozen target tokenizer from `--tokenizer_name_or_path` (a converted `BEVTVisualTokenizer` folder)."""
-    tokenizer = BEVTVisualTokenizer.from_pretrained(args.tokenizer_name_or_path)
+    try:
+        tokenizer = BEVTVisualTokenizer.from_pretrained(args.tokenizer_name_or_path)
+    except (OSError, ValueError, pickle.UnpicklingError) as err:
+        raise SystemExit(f"error: --tokenizer_name_or_path {args.tokenizer_name_or_path}: {err}") from None
     expected = args.image_size // 16 * tokenizer.config.downsample_factor
     if args.tokenizer_size != expected:
         fail(
@@ -1011,7 +1029,7 @@ def main(argv: list[str] | None = None) -> int:
     log_run_header(args, accelerator, model, data, state)
     try:
         exit_code = train(args, accelerator, model, tokenizer, optimizer, lr_scheduler, data, manager, state)
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, DataQualityError) as err:  # a clear stop, not a traceback
         logger.error(f"error: {err}", main_process_only=False)
         exit_code = 1
     if exit_code == 0:

@@ -119,6 +119,24 @@ class BEVTConfig(PreTrainedConfig):
                     f"`num_heads[{i}]`={heads} does not divide the stage-{i + 1} channels {dim} "
                     f"(embed_dim={self.embed_dim} * 2**{i})"
                 )
+        for name in (
+            "mlp_ratio",
+            "hidden_dropout_prob",
+            "attention_probs_dropout_prob",
+            "drop_path_rate",
+            "classifier_dropout",
+            "video_loss_weight",
+            "image_loss_weight",
+            "layer_norm_eps",
+            "initializer_range",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"`{name}` must be a number, got {value!r}")
+        from transformers.activations import ACT2FN
+
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"`hidden_act` must be one of {sorted(ACT2FN)}, got {self.hidden_act!r}")
         if not self.mlp_ratio > 0:
             raise ValueError(f"`mlp_ratio` must be positive, got {self.mlp_ratio!r}")
         for name in (

@@ -61,7 +61,7 @@ from .modeling_bevt import (
     BEVTModel,
     BEVTPreTrainedModel,
 )
-from .safe_loading import PathLike, UnsafeCheckpointError, load_checkpoint
+from .safe_loading import PathLike, load_checkpoint
 
 __all__ = [
     "FORMATS",
@@ -713,9 +713,33 @@ def _convert_tokenizer(args: argparse.Namespace) -> str:
     return f"{args.format} -> {type(model).__name__} (vocab {model.config.vocab_size})"
 
 
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject bad flag values before reading anything (argparse's usage error: exit status 2, no traceback)."""
+    for flag, value in (("--num-frames", args.num_frames), ("--frame-interval", args.frame_interval)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be a positive integer, got {value}")
+    if args.window_size is not None and min(args.window_size) < 1:
+        parser.error(f"--window-size must be three positive integers (D H W), got {' '.join(map(str, args.window_size))}")
+    given = args.checkpoint_window_size
+    if given is not None and (len(given) not in (2, 3) or min(given) < 1):
+        parser.error(
+            f"--checkpoint-window-size must be D H W (3D) or H W (2D) positive integers, got {' '.join(map(str, given))}"
+        )
+    if args.vqgan_norm_groups < 1:
+        parser.error(f"--vqgan-norm-groups must be a positive integer, got {args.vqgan_norm_groups}")
+    for pattern in args.drop_keys:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            parser.error(f"--drop-keys {pattern!r} is not a valid regular expression: {error}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point; returns the exit status (0 on success, 1 when the checkpoint cannot be converted)."""
-    args = _parser().parse_args(argv)
+    """Command line entry point; returns the exit status (0 on success, 1 when the checkpoint cannot be converted,
+    2 for invalid flags)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
     try:
         if args.format in TOKENIZER_FORMATS:
             summary = _convert_tokenizer(args)
@@ -734,7 +758,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sampling_mode=args.sampling_mode,
             )
             summary = report.summary()
-    except (ConversionError, UnsafeCheckpointError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
+        # ConversionError and UnsafeCheckpointError are ValueErrors, like a corrupt or wrong-format checkpoint;
+        # OSError: missing / unreadable files. A user error, not a crash: one line, no traceback.
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(summary)

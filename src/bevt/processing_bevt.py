@@ -352,6 +352,10 @@ class BEVTVideoProcessor(BaseVideoProcessor):
                 frames = torch.as_tensor(item)
                 if frames.ndim == 3:
                     frames = frames.unsqueeze(0)
+                if frames.shape[0] == 0:
+                    raise ValueError(
+                        f"video {index} of the batch has no frames (shape {tuple(frames.shape)})"
+                    )
                 indices = sample(frames.shape[0])
                 clips.extend(frames[idx] for idx in indices)
                 metadata.append(

@@ -127,16 +127,21 @@ def load_checkpoint(
         The mapping stored in the file, nothing unwrapped (e.g. `{"state_dict": {...}, "meta": {...}}`).
 
     Raises:
-        UnsafeCheckpointError: the file needs a global outside the allowlist (named in the message); nothing ran.
-        ValueError: the file's top-level object is not a mapping.
+        UnsafeCheckpointError: the file needs a global outside the allowlist (named in the message), or it cannot
+            be parsed as a pickle at all (so it cannot be checked); nothing ran.
+        ValueError: the file is corrupt or truncated, or its top-level object is not a mapping.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return dict(load_file(str(path), device="cpu"))
+        try:
+            return dict(load_file(str(path), device="cpu"))
+        except SafetensorError as error:
+            raise ValueError(f"{path}: not a valid .safetensors file ({error})") from None
 
     module_classes = frozenset(module_classes)
     found = scan_pickle_globals(path)
@@ -195,6 +200,18 @@ def scan_pickle_globals(path: PathLike) -> set[str]:
     (`pickletools.genops`). `__builtin__` (protocol 2) is reported as `builtins`.
     """
     path = Path(path)
+    try:
+        return _scan_file(path)
+    except (UnsafeCheckpointError, zipfile.BadZipFile) as error:
+        if str(error).startswith(str(path)):
+            raise
+        raise UnsafeCheckpointError(
+            f"{path}: cannot be read as a torch.save/pickle checkpoint (corrupt, truncated, or another format), so "
+            f"it is not loaded; nothing was executed ({error})"
+        ) from None
+
+
+def _scan_file(path: Path) -> set[str]:
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             names = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
@@ -270,6 +287,11 @@ def _record_class(qualified_name: str) -> type[PickledRecord]:
 def _torch_load(path: Path, found: set[str]) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as error:  # a storage or the zip is cut / damaged
+        raise ValueError(
+            f"{path}: cannot read this checkpoint, it is corrupt or truncated ({type(error).__name__}: "
+            f"{str(error).strip() or 'unexpected end of file'})"
+        ) from None
     except pickle.UnpicklingError as error:
         message = str(error)
         # torch names the first refused global (and drops the `builtins.` prefix): match it with the static scan.

@@ -303,7 +303,10 @@ def resume_if_requested(
         return None
     if not args.resume_from_checkpoint:
         return None
-    path = manager.resolve(args.resume_from_checkpoint)
+    try:
+        path = manager.resolve(args.resume_from_checkpoint)
+    except (FileNotFoundError, ValueError) as err:  # the messages name the flag and the folder
+        raise SystemExit(f"error: {err}") from None
     resumed = manager.load(accelerator, path)
     load_data_state(resumed.data_state)
     logger.info(f"resumed from {path} at step {resumed.step}")

@@ -361,11 +361,17 @@ class CheckpointManager:
         return final
 
     def _remove_leftovers(self) -> None:
-        """Delete temporary folders of saves or deletions that were killed half-way (never complete checkpoints)."""
+        """Delete temporary folders of saves or deletions that were killed half-way (never complete checkpoints);
+        a checkpoint moved aside by a re-save that was killed before its replacement arrived is put back."""
         for child in self.output_dir.iterdir():
-            if child.is_dir() and child.name.startswith(
-                (f".tmp-{self.prefix}", f".deleting-{self.prefix}", ".old-")
-            ):
+            if not child.is_dir():
+                continue
+            if child.name.startswith(".old-"):
+                original = child.with_name(child.name.removeprefix(".old-"))
+                if not original.exists():  # killed between the two renames of a re-save: the old one is the good one
+                    os.replace(child, original)
+                    continue
+            if child.name.startswith((f".tmp-{self.prefix}", f".deleting-{self.prefix}", ".old-")):
                 shutil.rmtree(child, ignore_errors=True)
 
     def _move_into_place(self, tmp: Path, final: Path) -> None:
@@ -413,6 +419,13 @@ class CheckpointManager:
         else:
             with open(path / DATA_STATE_PATTERN.format(rank=accelerator.process_index)) as f:
                 data_state = json.load(f)
+        # Accelerate unpickles registered objects' states (custom_checkpoint_*.pkl: the lr scheduler, the EMA) with
+        # weights_only=False. Read each one safely first: anything but tensors and plain containers raises
+        # UnsafeCheckpointError (naming the global) before any code from the file can run.
+        from .safe_loading import load_checkpoint
+
+        for custom_state in sorted(path.glob("custom_checkpoint_*.pkl")):
+            load_checkpoint(custom_state)
         accelerator.load_state(str(path))
         return ResumedState(
             path=path,

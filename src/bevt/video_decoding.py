@@ -467,6 +467,10 @@ def decode_image(source: str | os.PathLike | bytes | bytearray | memoryview | Bi
                     img = Image.alpha_composite(background, img)
                 img = img.convert("RGB")
             array = np.asarray(img, dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+    except UnidentifiedImageError as err:
+        raise VideoDecodingError(f"cannot decode image {what}: not an image format PIL can read") from err
+    except (Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError) as err:
+        # DecompressionBombError: a header claiming more than PIL.Image.MAX_IMAGE_PIXELS pixels (refused before
+        # any memory is allocated for them)
         raise VideoDecodingError(f"cannot decode image {what}: {type(err).__name__}: {_short(err)}") from err
     return torch.from_numpy(array)

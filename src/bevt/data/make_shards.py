@@ -493,11 +493,59 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+X264_PRESETS = (
+    "ultrafast",
+    "superfast",
+    "veryfast",
+    "faster",
+    "fast",
+    "medium",
+    "slow",
+    "slower",
+    "veryslow",
+    "placebo",
+)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject bad flag values before any work (argparse's usage error: exit status 2, no traceback)."""
+    if not args.shard_size_mb > 0:
+        parser.error(f"--shard-size-mb must be > 0, got {args.shard_size_mb}")
+    for flag, value in (
+        ("--max-samples-per-shard", args.max_samples_per_shard),
+        ("--num-shards", args.num_shards),
+        ("--gop", args.gop),
+    ):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be a positive integer, got {value}")
+    for flag, value in (("--short-side", args.short_side), ("--num-workers", args.num_workers)):
+        if value < 0:
+            parser.error(f"{flag} must be >= 0, got {value}")
+    if not 0 <= args.crf <= 51:
+        parser.error(f"--crf must be an x264 quality in [0, 51], got {args.crf}")
+    if args.preset not in X264_PRESETS:
+        parser.error(
+            f"--preset must be an x264 preset, one of {', '.join(X264_PRESETS)}; got {args.preset!r}"
+        )
+    if not args.prefix or "/" in args.prefix or "." in args.prefix:
+        parser.error(f"--prefix must be a non-empty file name prefix without '/' or '.', got {args.prefix!r}")
+    if args.log_level.upper() not in LOG_LEVELS:
+        parser.error(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {args.log_level!r}")
+    for flag, path in (("--labels", args.labels), ("--input", args.input)):
+        if path is not None and not os.path.exists(path):
+            parser.error(f"{flag}: file not found: {path}")
+    if not os.path.isdir(args.root):
+        parser.error(f"--root must be an existing folder, got {args.root}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    names = read_labels(args.labels) if args.labels else None
     try:
+        names = read_labels(args.labels) if args.labels else None
         if args.input and not os.path.isdir(args.input):
             entries, names = parse_annotations(args.input, names)
         else:
@@ -517,22 +565,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             "threads": 1 if workers > 1 else 0,
         }
     workers = args.num_workers or ((os.cpu_count() or 1) if (args.reencode or args.verify) else 1)
-    info = make_shards(
-        entries,
-        args.root,
-        args.output_dir,
-        labels=names,
-        kind=kind,
-        shard_size_mb=args.shard_size_mb,
-        max_samples_per_shard=args.max_samples_per_shard,
-        num_shards=args.num_shards,
-        prefix=args.prefix,
-        shuffle=not args.no_shuffle,
-        seed=args.seed,
-        verify=args.verify,
-        reencode=reencode,
-        num_workers=workers,
-    )
+    try:
+        info = make_shards(
+            entries,
+            args.root,
+            args.output_dir,
+            labels=names,
+            kind=kind,
+            shard_size_mb=args.shard_size_mb,
+            max_samples_per_shard=args.max_samples_per_shard,
+            num_shards=args.num_shards,
+            prefix=args.prefix,
+            shuffle=not args.no_shuffle,
+            seed=args.seed,
+            verify=args.verify,
+            reencode=reencode,
+            num_workers=workers,
+        )
+    except ValueError as err:  # e.g. --num-shards larger than the number of samples
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(
         f"wrote {info['num_samples']} {info['kind']} samples in {info['num_shards']} shards "
         f"({info['num_bytes'] / 2**20:.1f} MiB) to {args.output_dir}; skipped {info['num_skipped']}"

@@ -14,6 +14,10 @@ the training scripts and :mod:`bevt.data.streaming`:
 * Next to the shards, ``dataset_info.json`` records the counts (per shard and in total, per label, skipped
   inputs by reason) and ``labels.txt`` the class names in index order, one per line (when known).
 
+Reading: training reads shards with :func:`iter_tar_samples` (through :mod:`bevt.data.streaming`), which survives
+damage (a truncated shard, a corrupt member header, duplicate members) and tolerates keys with dots;
+:func:`iter_shard` is a simple reader for inspection.
+
 Writing from Python (bytes already in memory)::
 
     paths = write_shards(
@@ -46,8 +50,10 @@ __all__ = [
     "VIDEO_EXTENSIONS",
     "ShardInfo",
     "ShardWriter",
+    "TarSample",
     "check_key",
     "iter_shard",
+    "iter_tar_samples",
     "list_shards",
     "load_dataset_info",
     "make_key",
@@ -118,8 +124,8 @@ def _check_meta(key: str, meta: Mapping[str, Any] | None) -> dict[str, Any]:
     out.setdefault("label_name", None)
     out.setdefault("path", None)
     label = out["label"]
-    if label is not None and (isinstance(label, bool) or not isinstance(label, int)):
-        raise ValueError(f"sample {key!r}: 'label' must be an int class index or None, got {label!r}")
+    if label is not None and (isinstance(label, bool) or not isinstance(label, int) or label < 0):
+        raise ValueError(f"sample {key!r}: 'label' must be an int class index >= 0 or None, got {label!r}")
     if out["label_name"] is not None and not isinstance(out["label_name"], str):
         raise ValueError(f"sample {key!r}: 'label_name' must be a str or None, got {out['label_name']!r}")
     if out["path"] is not None:
@@ -499,3 +505,163 @@ def iter_shard(path: str | os.PathLike) -> Iterator[tuple[str, str, bytes, dict[
                 current["data"] = raw
         if current:
             yield emit()
+
+
+# ------------------------------------------------------------------------------------------ tolerant reading
+
+_BLOCK = tarfile.BLOCKSIZE
+_SCAN_CHUNK = 1 << 20
+
+
+@dataclass
+class TarSample:
+    """One sample read by :func:`iter_tar_samples`.
+
+    ``members`` maps a lower-case extension (a media extension or ``"json"``) to the member's bytes. ``error``
+    is set (and ``members`` may be incomplete) when the tar is damaged at this sample; ``key`` is then the
+    damaged sample's key when known, else a description of where the damage is.
+    """
+
+    key: str
+    members: dict[str, bytes]
+    error: str | None = None
+
+
+def _next_header(f: Any, start: int, size: int) -> tuple[int | None, bool]:
+    """Scan the file from byte ``start`` for the next valid ustar member header (at a 512-byte boundary).
+
+    Returns ``(its offset or None, whether a non-zero byte lies between start and there)``.
+    """
+    offset, nonzero = start, False
+    while offset < size:
+        f.seek(offset)
+        chunk = f.read(min(_SCAN_CHUNK, size - offset))
+        if not chunk:
+            break
+        found = chunk.find(b"ustar")
+        while found >= 0:
+            header = offset + found - 257
+            if header >= start and header % _BLOCK == 0:
+                f.seek(header)
+                try:
+                    tarfile.TarInfo.frombuf(f.read(_BLOCK), "utf-8", "surrogateescape")
+                except tarfile.HeaderError:
+                    pass
+                else:
+                    before = chunk[: max(header - offset, 0)]
+                    return header, nonzero or before.count(0) != len(before)
+            found = chunk.find(b"ustar", found + 1)
+        nonzero = nonzero or chunk.count(0) != len(chunk)
+        if offset + len(chunk) >= size:
+            break
+        offset += len(chunk) - _BLOCK  # overlap: a magic across the chunk boundary is found next time
+    return None, nonzero
+
+
+def _split_member_name(name: str) -> tuple[str, str] | None:
+    base = os.path.basename(name)
+    stem, dot, ext = base.rpartition(".")
+    if not dot or not stem:
+        return None
+    return name[: len(name) - len(ext) - 1], ext.lower()
+
+
+def iter_tar_samples(path: str | os.PathLike) -> Iterator[TarSample]:
+    """Read a shard's samples, surviving damage: yields :class:`TarSample` in file order, never raises on bad data.
+
+    A sample is a run of consecutive members with the same key (the member name without its last extension, so
+    a key with dots still groups). Only media members (:data:`MEDIA_EXTENSIONS`) and ``KEY.json`` are kept, as
+    raw bytes (parsing them is up to the reader); other members, folders and links are ignored. Damage becomes a
+    sample with ``error`` set, and reading goes on where it can:
+
+    * a member cut short (a truncated shard): that sample is reported, nothing follows it;
+    * unreadable bytes where a member header should be (a corrupt header, garbage): reported, then reading
+      resumes at the next valid member header, so the samples after the damage are not lost; trailing
+      unreadable bytes are reported;
+    * a sample with two members of the same extension: reported instead of the sample;
+    * a file that is not a tar (or cannot be opened): reported as one error.
+
+    Samples before the damage are yielded complete.
+    """
+    path = os.fspath(path)
+    name = os.path.basename(path)
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed in the finally below
+    except OSError as err:
+        yield TarSample(f"<shard {name}>", {}, f"cannot open the shard: {err}")
+        return
+    try:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            yield TarSample(f"<shard {name}>", {}, "the shard is an empty file (0 bytes), not a tar")
+            return
+        position = 0
+        while True:
+            current: TarSample | None = None
+            reading: str | None = None  # key of the member being read
+            opened = False
+            f.seek(position)
+            try:
+                with tarfile.open(fileobj=f, mode="r:") as tar:
+                    opened = True
+                    for member in tar:
+                        split = _split_member_name(member.name) if member.isfile() else None
+                        if split is None or (split[1] != "json" and split[1] not in MEDIA_EXTENSIONS):
+                            continue
+                        key, ext = split
+                        if current is not None and current.key != key:
+                            yield current
+                            current = None
+                        reading = key
+                        data = tar.extractfile(member).read()
+                        reading = None
+                        if current is None:
+                            current = TarSample(key, {})
+                        if current.error is not None:
+                            continue
+                        if ext in current.members:
+                            current = TarSample(
+                                key, {}, f"the sample has two {ext!r} members ({member.name})"
+                            )
+                        else:
+                            current.members[ext] = data
+                    end = tar.offset
+            except (tarfile.TarError, OSError, EOFError) as err:
+                if reading is not None and current is not None and current.key == reading:
+                    current = None  # the damaged sample: reported below
+                if current is not None:
+                    yield current
+                if not opened:
+                    where, what = f"<shard {name}>", "not a readable tar file; skipping that shard"
+                else:
+                    where = reading or f"<byte {min(f.tell(), size)} of {name}>"
+                    what = "the shard is truncated or corrupt here; skipping the rest of that shard"
+                yield TarSample(where, {}, f"{what} ({type(err).__name__}: {err})")
+                return
+            if current is not None:
+                yield current
+            if end >= size:
+                return
+            f.seek(end)
+            garbage = f.read(_BLOCK).count(0) != min(_BLOCK, size - end)
+            resume, more = _next_header(f, end + _BLOCK, size)
+            where = f"<byte {end} of {name}>"
+            if resume is None:
+                if garbage or more:
+                    yield TarSample(
+                        where,
+                        {},
+                        f"unreadable data from byte {end} to the end ({size} bytes): a truncated or corrupt tar; "
+                        "skipping the rest of that shard",
+                    )
+                return
+            if garbage or more:
+                yield TarSample(
+                    where,
+                    {},
+                    f"unreadable tar data from byte {end} to {resume} (a corrupt member header?): skipped, "
+                    "reading on from the next member",
+                )
+            position = resume
+    finally:
+        f.close()

@@ -6,12 +6,16 @@ Pipeline per rank and DataLoader worker::
     split_dataset_by_node(rank, world_size) --(datasets splits shards over DataLoader workers)-->
     block shuffle --> decode (only the sampled frames) --> transform --> sample dict
 
-* **Reading** uses ``datasets`` with explicit features: media columns are ``Value("binary")`` (never the
-  ``Video`` feature, whose torchcodec decoding breaks on machines without a working torchcodec) and
-  ``KEY.json`` is a ``Json()`` column. We decode ourselves, per sample, inside a ``try``: a bad sample is
-  skipped, counted by reason in :class:`StreamStats` and logged with its key and shard; it never ends the
-  stream. Errors inside ``datasets`` itself (a truncated tar, invalid JSON) would end its iterator: we
-  then skip the rest of that shard (logged, counted as ``shard_error``) and go on. If more than
+* **Reading**: a ``datasets`` streaming ``IterableDataset`` built with ``IterableDataset.from_generator`` over
+  the shard list (so ``datasets`` shards it over ranks and DataLoader workers and records exact positions),
+  whose generator reads each tar with :func:`bevt.data.shards.iter_tar_samples`: media and ``KEY.json`` stay
+  raw bytes (``Value("binary")``; never the ``Video`` feature, whose torchcodec decoding breaks on machines
+  without a working torchcodec). ``datasets``' own webdataset reader is not used: it decodes ``KEY.json``
+  inside its iterator, so one invalid JSON file (or a duplicate member, or a corrupt tar header) ended the
+  whole shard and lost every good sample after it. Damage in a tar becomes a sample-level error instead
+  (``shard_error``), and reading goes on after a corrupt region. We parse and decode ourselves, per sample,
+  inside a ``try``: a bad sample is skipped, counted by reason in :class:`StreamStats` and logged with its
+  key and shard; it never ends the stream and never costs another sample. If more than
   ``max_failure_fraction`` of the samples fail (after ``min_samples_for_check`` attempts), or a whole epoch
   yields nothing, the stream stops with :class:`DataQualityError`.
 * **Ranks**: pass ``rank`` / ``world_size``; the stream applies ``split_dataset_by_node`` itself, so each
@@ -47,6 +51,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import logging
 import os
 import random
@@ -63,6 +68,7 @@ from bevt.data.shards import (
     IMAGE_EXTENSIONS,
     MEDIA_EXTENSIONS,
     VIDEO_EXTENSIONS,
+    iter_tar_samples,
     list_shards,
     load_dataset_info,
 )
@@ -85,13 +91,13 @@ IGNORE_LABEL = -100
 """``labels`` value of a sample without a label (PyTorch's cross-entropy ``ignore_index``)."""
 
 FAILURE_REASONS: tuple[str, ...] = (
-    "missing_media",  # no media member of the stream's kind (or a key with dots, which splits the sample)
+    "missing_media",  # no media member of the stream's kind
     "empty",  # zero-byte media
-    "bad_metadata",  # KEY.json is not an object, or its label is not an int
+    "bad_metadata",  # KEY.json is not valid JSON / not an object, or its label is not an int in [0, num_labels)
     "missing_label",  # require_label=True and the label is null / absent
     "decode_error",  # the decoder failed: corrupt, truncated, not a video / image, no frames
     "transform_error",  # the transform raised
-    "shard_error",  # datasets could not read on in a shard (truncated tar, invalid JSON): rest skipped
+    "shard_error",  # the tar is damaged here: truncated (rest of shard lost), corrupt header (skipped), duplicate
 )
 
 _STATE_FORMAT = "bevt-stream-state/1"
@@ -103,13 +109,25 @@ class DataQualityError(RuntimeError):
 
 
 def shard_features() -> Any:
-    """The ``datasets.Features`` used to read shards: media as raw bytes, metadata as JSON."""
-    from datasets import Features, Json, Value
+    """The ``datasets.Features`` of the raw samples: media and ``KEY.json`` as raw bytes, ``__error__`` (the tar
+    damage a sample stands for, else ``None``)."""
+    from datasets import Features, Value
 
     cols: dict[str, Any] = {"__key__": Value("string"), "__url__": Value("string")}
     cols.update({ext: Value("binary") for ext in MEDIA_EXTENSIONS})
-    cols["json"] = Json()
+    cols["json"] = Value("binary")
+    cols["__error__"] = Value("string")
     return Features(cols)
+
+
+def _raw_samples(shards: list[str]) -> Iterator[dict[str, Any]]:
+    """The generator behind :meth:`ShardStream.source`: raw samples of ``shards`` (``datasets`` passes each
+    DataLoader worker / rank its own sub-list). Never raises on damaged data (see ``iter_tar_samples``)."""
+    for shard in shards:
+        for sample in iter_tar_samples(shard):
+            row: dict[str, Any] = {"__key__": sample.key, "__url__": shard, "__error__": sample.error}
+            row.update({ext: sample.members.get(ext) for ext in (*MEDIA_EXTENSIONS, "json")})
+            yield row
 
 
 @dataclass
@@ -162,20 +180,6 @@ def _accepts_generator(fn: Callable) -> bool:
     return "generator" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def _skip_rest_of_shard(state: Any) -> bool:
-    """Point a ``datasets`` iterable state at the next shard (in the innermost shard-indexed dict)."""
-    if not isinstance(state, dict):
-        return False
-    for value in state.values():
-        if isinstance(value, dict) and _skip_rest_of_shard(value):
-            return True
-    if "shard_idx" in state and "shard_example_idx" in state:
-        state["shard_idx"] += 1
-        state["shard_example_idx"] = 0
-        return True
-    return False
-
-
 class ShardStream(IterableDataset):
     """A torch ``IterableDataset`` of decoded + transformed samples from bevt shards (see the module doc).
 
@@ -203,6 +207,7 @@ class ShardStream(IterableDataset):
         repeat: bool,
         epoch: int,
         require_label: bool,
+        num_labels: int | None,
         max_failure_fraction: float,
         min_samples_for_check: int,
         backend: str | None,
@@ -226,6 +231,7 @@ class ShardStream(IterableDataset):
         self.repeat = repeat
         self.epoch = epoch
         self.require_label = require_label
+        self.num_labels = num_labels
         self.max_failure_fraction = max_failure_fraction
         self.min_samples_for_check = min_samples_for_check
         self.backend = backend
@@ -300,16 +306,12 @@ class ShardStream(IterableDataset):
 
     def source(self, epoch: int | None = None) -> Any:
         """The raw ``datasets.IterableDataset`` of this rank for an epoch (bytes + metadata, not decoded)."""
-        from datasets import load_dataset
+        from datasets import IterableDataset as HFIterableDataset
         from datasets.distributed import split_dataset_by_node
 
         files = self.epoch_files(self.epoch if epoch is None else epoch)
-        ds = load_dataset(
-            "webdataset",
-            data_files={"train": files},
-            split="train",
-            streaming=True,
-            features=shard_features(),
+        ds = HFIterableDataset.from_generator(
+            _raw_samples, features=shard_features(), gen_kwargs={"shards": files}
         )
         if self.world_size > 1:
             ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
@@ -385,9 +387,15 @@ class ShardStream(IterableDataset):
         stats.failed[reason] += 1
         stats.recent.append((key, url, reason, message))
         n = stats.num_failed
-        if n <= self.log_limit or n % 100 == 0:
-            logger.warning(
-                "skipping sample %r of shard %s: %s: %s (%s)", key, url, reason, message, stats.summary()
+        if n <= self.log_limit or n % 100 == 0 or reason == "shard_error":
+            logger.log(
+                logging.ERROR if reason == "shard_error" else logging.WARNING,
+                "skipping sample %r of shard %s: %s: %s (%s)",
+                key,
+                url,
+                reason,
+                message,
+                stats.summary(),
             )
         if stats.attempts >= self.min_samples_for_check and n > self.max_failure_fraction * stats.attempts:
             raise DataQualityError(
@@ -396,12 +404,32 @@ class ShardStream(IterableDataset):
             )
 
     def _decode(self, data: bytes, generator: torch.Generator) -> torch.Tensor:
-        from bevt.data.decoding import VideoReader, decode_image
-        from bevt.data.sampling import sample_frame_indices
+        from bevt.data.decoding import VideoDecodingError, available_backends, decode_image, resolve_backend
 
         if self.kind == "image":
             return decode_image(data)
-        with VideoReader(data, backend=self.backend, num_threads=1) as reader:
+        backend = resolve_backend(self.backend)
+        start = generator.get_state()
+        try:
+            return self._decode_clips(data, generator, backend)
+        except VideoDecodingError as err:
+            # A backend's own bug must not cost a good video (decord 0.6 fails on some narrow frame sizes, e.g.
+            # 48 px wide): with automatic backend choice, try PyAV (the reference decoder) before giving up,
+            # drawing the same clip positions.
+            explicit = self.backend is not None or bool(os.environ.get("BEVT_VIDEO_BACKEND"))
+            if explicit or backend == "pyav" or "pyav" not in available_backends():
+                raise
+            generator.set_state(start)
+            try:
+                return self._decode_clips(data, generator, "pyav")
+            except VideoDecodingError as fallback:
+                raise VideoDecodingError(f"{err} (PyAV fallback: {fallback})") from err
+
+    def _decode_clips(self, data: bytes, generator: torch.Generator, backend: str) -> torch.Tensor:
+        from bevt.data.decoding import VideoReader
+        from bevt.data.sampling import sample_frame_indices
+
+        with VideoReader(data, backend=backend, num_threads=1) as reader:
             clips = sample_frame_indices(
                 reader.num_frames,
                 mode=self.sampling,
@@ -418,6 +446,8 @@ class ShardStream(IterableDataset):
 
     def _process(self, raw: Mapping[str, Any], epoch: int) -> dict[str, Any]:
         key, url = raw.get("__key__") or "?", raw.get("__url__") or "?"
+        if raw.get("__error__"):
+            raise _SampleError("shard_error", raw["__error__"])
         data = next((raw[c] for c in self.media_columns if raw.get(c) is not None), None)
         if data is None:
             found = [c for c in MEDIA_EXTENSIONS if raw.get(c) is not None]
@@ -426,14 +456,24 @@ class ShardStream(IterableDataset):
             )
         if len(data) == 0:
             raise _SampleError("empty", "the media member is empty (0 bytes)")
-        meta = raw.get("json")
-        if meta is None:
-            meta = {}
+        meta: Any = {}
+        if raw.get("json") is not None:
+            try:
+                meta = json.loads(raw["json"])
+            except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+                raise _SampleError("bad_metadata", f"{key}.json is not valid JSON: {err}") from None
         if not isinstance(meta, dict):
-            raise _SampleError("bad_metadata", f"KEY.json must hold an object, got {type(meta).__name__}")
+            raise _SampleError(
+                "bad_metadata", f"{key}.json must hold a JSON object, got {type(meta).__name__}"
+            )
         label = meta.get("label")
         if label is not None and (isinstance(label, bool) or not isinstance(label, int)):
-            raise _SampleError("bad_metadata", f"label must be an int or null, got {label!r}")
+            raise _SampleError("bad_metadata", f"'label' must be an int class index or null, got {label!r}")
+        if label is not None and not 0 <= label < (self.num_labels or label + 1):
+            expected = f"[0, {self.num_labels})" if self.num_labels else ">= 0"
+            raise _SampleError(
+                "bad_metadata", f"'label' {label} is out of range: expected {expected} or null"
+            )
         if label is None and self.require_label:
             raise _SampleError("missing_label", "the sample has no label")
         seed = derive_seed(self.seed, epoch, key)
@@ -462,30 +502,14 @@ class ShardStream(IterableDataset):
 
     # ------------------------------------------------------------------------------ iteration
 
-    def _read_block(self, reader: dict[str, Any], size: int, stats: StreamStats, count_errors: bool) -> list:
-        """Up to ``size`` raw samples; on a ``datasets`` error, skip the rest of that shard and go on."""
+    @staticmethod
+    def _read_block(reader: dict[str, Any], size: int) -> list:
+        """Up to ``size`` raw samples (tar damage arrives as samples with ``__error__``, never as an exception)."""
         items: list = []
-        while len(items) < size:
-            try:
-                items.append(next(reader["it"]))
-            except StopIteration:
+        for raw in reader["it"]:
+            items.append(raw)
+            if len(items) >= size:
                 break
-            except Exception as err:  # noqa: BLE001 - datasets' iterator is dead after this
-                state = reader["ds"].state_dict()
-                if not _skip_rest_of_shard(state):
-                    raise
-                if count_errors:
-                    stats.failed["shard_error"] += 1
-                logger.error(
-                    "cannot read on in a shard of rank %d (state %s): %s: %s; skipping the rest of that shard",
-                    self.rank,
-                    state,
-                    type(err).__name__,
-                    err,
-                )
-                ds = self.source(reader["epoch"])
-                ds.load_state_dict(state)
-                reader["ds"], reader["it"] = ds, iter(ds)
         return items
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -506,7 +530,6 @@ class ShardStream(IterableDataset):
             stats = StreamStats()
         if in_process:
             self.stats = stats
-        resumed_block = state is not None
         last: dict[str, Any] | None = None
         while True:
             fresh_epoch = start is None and block == 0
@@ -518,10 +541,7 @@ class ShardStream(IterableDataset):
             while True:
                 if start is None and block > 0:
                     start = reader["ds"].state_dict()
-                items = self._read_block(
-                    reader, max(self.shuffle_buffer, 1), stats, count_errors=not resumed_block
-                )
-                resumed_block = False
+                items = self._read_block(reader, max(self.shuffle_buffer, 1))
                 if not items:
                     break
                 epoch_raw += len(items)
@@ -604,6 +624,7 @@ def build_stream(
     repeat: bool = False,
     epoch: int = 0,
     require_label: bool = False,
+    num_labels: int | None = None,
     max_failure_fraction: float = 0.1,
     min_samples_for_check: int = 100,
     backend: str | None = None,
@@ -628,9 +649,13 @@ def build_stream(
         repeat: stream forever (epoch after epoch); otherwise one pass per iteration.
         epoch: first epoch (see :meth:`ShardStream.set_epoch`).
         require_label: skip (and count) samples without a label.
+        num_labels: labels must lie in ``[0, num_labels)`` (others are skipped as ``bad_metadata``); default:
+            the ``num_labels`` of the shards' ``dataset_info.json`` (when every folder records the same), else
+            only ``>= 0`` is checked.
         max_failure_fraction, min_samples_for_check: stop with :class:`DataQualityError` when more than this
             fraction of the samples seen (once there are at least ``min_samples_for_check``) failed.
-        backend: video decoding backend (``None``: automatic, see :mod:`bevt.data.decoding`).
+        backend: video decoding backend (``None``: automatic, see :mod:`bevt.data.decoding`; a video the
+            automatic choice cannot decode is retried with PyAV before it counts as a ``decode_error``).
         log_limit: log every failure up to this many per worker, then every 100th.
     """
     files = list_shards(data_files)
@@ -645,6 +670,19 @@ def build_stream(
         raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
     if not 0.0 <= max_failure_fraction <= 1.0:
         raise ValueError(f"max_failure_fraction must be in [0, 1], got {max_failure_fraction}")
+    if min_samples_for_check < 1:
+        raise ValueError(f"min_samples_for_check must be >= 1, got {min_samples_for_check}")
+    if num_labels is not None and (
+        isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1
+    ):
+        raise ValueError(f"num_labels must be a positive int or None, got {num_labels!r}")
+    if num_labels is None:
+        recorded = {
+            (load_dataset_info(folder) or {}).get("num_labels")
+            for folder in {os.path.dirname(f) for f in files}
+        }
+        if len(recorded) == 1 and isinstance(next(iter(recorded)), int):
+            num_labels = recorded.pop()
     if world_size > 1 and len(files) % world_size:
         logger.warning(
             "%d shards do not split evenly over %d ranks: every rank reads all shards and keeps every %d-th "
@@ -671,6 +709,7 @@ def build_stream(
         repeat=repeat,
         epoch=epoch,
         require_label=require_label,
+        num_labels=num_labels,
         max_failure_fraction=max_failure_fraction,
         min_samples_for_check=min_samples_for_check,
         backend=backend,
