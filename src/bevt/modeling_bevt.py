@@ -402,7 +402,11 @@ class BEVTAttention(nn.Module):
     def relative_position_bias(self, num_tokens: int) -> torch.Tensor:
         """(heads, N, N) bias for windows of N tokens (the first N rows/columns of the full-window index)."""
         index = self.relative_position_index[:num_tokens, :num_tokens].reshape(-1)
-        bias = self.relative_position_bias_table[index].view(num_tokens, num_tokens, self.num_heads)
+        # index_select (not advanced indexing): its backward is an index_add, ~4x faster on CPU than the
+        # accumulating index_put that `table[index]` uses for the many repeated rows.
+        bias = self.relative_position_bias_table.index_select(0, index).view(
+            num_tokens, num_tokens, self.num_heads
+        )
         return bias.permute(2, 0, 1)
 
     def forward(self, windows: torch.Tensor, shift_mask: torch.Tensor | None = None) -> torch.Tensor:
