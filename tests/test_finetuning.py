@@ -5,7 +5,6 @@ pretraining folder with multi-view evaluation and a Hub-ready export, evaluation
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import load_script  # noqa: E402
 from safetensors.torch import load_file
 from torch import nn
 
@@ -45,17 +45,9 @@ SCRIPT = REPO / "run_finetuning.py"
 BIN = Path(sys.executable).parent
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("run_finetuning", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def script():
-    return _load_script()
+    return load_script("run_finetuning.py")
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,6 @@ and pickle members inside data shards. A source scan checks the policy the tests
 from __future__ import annotations
 
 import ast
-import builtins
-import importlib.util
 import io
 import json
 import os
@@ -38,16 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 SYSTEM = f"{os.system.__module__}.system"  # "posix.system" on Linux
 
 
-class Payload:
-    """Unpickling this runs `os.system(touch marker)` or `builtins.eval(open(marker, "w"))`."""
-
-    def __init__(self, kind: str, marker: Path) -> None:
-        self.kind, self.marker = kind, marker
-
-    def __reduce__(self):
-        if self.kind == "os.system":
-            return os.system, (f"touch '{self.marker}'",)
-        return builtins.eval, (f"open({str(self.marker)!r}, 'w').close()",)
+from helpers import HostilePayload as Payload  # noqa: E402
+from helpers import load_script  # noqa: E402
 
 
 def getattr_chain(marker: Path) -> bytes:
@@ -278,18 +268,10 @@ def test_remote_code_is_never_trusted_on_the_users_behalf(tmp_path: Path, marker
 # ------------------------------------------------------------------------------------------------- scripts
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_pretraining_init_flags_refuse_hostile_files(
     tmp_path: Path, marker: Path, pickled_model_dir, pickled_tokenizer_dir
 ):
-    script = _load_script("run_pretraining")
+    script = load_script("run_pretraining.py")
     hostile = write_hostile(tmp_path / "swin2d.pth", marker, "legacy")
     out = ["--output_dir", str(tmp_path / "run")]
     args = script.parse_args(["--swin2d_checkpoint", str(hostile), *out])
@@ -307,7 +289,7 @@ def test_pretraining_init_flags_refuse_hostile_files(
 
 
 def test_finetuning_init_flag_refuses_hostile_files(tmp_path: Path, pickled_model_dir):
-    script = _load_script("run_finetuning")
+    script = load_script("run_finetuning.py")
     folder, marker = pickled_model_dir
     args = script.parse_args(["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "run")])
     with pytest.raises((pickle.UnpicklingError, SystemExit)):

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_script  # noqa: E402
 from safetensors.torch import load_file
 
 from bevt import BEVTConfig, BEVTForMaskedVideoModeling
@@ -38,17 +38,9 @@ SCRIPT = REPO / "run_pretraining.py"
 BIN = Path(sys.executable).parent
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("run_pretraining", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def script():
-    return _load_script()
+    return load_script("run_pretraining.py")
 
 
 # ------------------------------------------------------------------------------------------------- utilities
