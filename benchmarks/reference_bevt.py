@@ -2,7 +2,7 @@
 
 It computes the same math as `bevt.modeling_bevt` with the parameters of a `BEVTForMaskedVideoModeling` /
 `BEVTModel`, written the way the original code is: unfused matmul-softmax attention, the relative position bias
-gathered and the shifted-window mask built on every call, contiguous copies around every permute, and the
+gathered and the shifted-window mask built on every call, contiguous copies around every permute, linear layers through `F.linear`, and the
 vocabulary projection over every position before the masked ones are selected. It is our own code (not the
 original), used as the baseline that our model is timed against.
 """
@@ -13,6 +13,22 @@ import torch
 import torch.nn.functional as F
 
 from bevt.modeling_bevt import BEVTForMaskedVideoModeling, BEVTModel, BEVTStage
+
+
+def _linear(module, x: torch.Tensor) -> torch.Tensor:
+    """A linear layer the plain way (`F.linear`, MKL's sgemm on CPU), whatever the module's own forward does."""
+    return F.linear(x, module.weight, module.bias)
+
+
+def _merge(merging, x: torch.Tensor) -> torch.Tensor:
+    """Patch merging: concat the 2x2 neighbours, LayerNorm, linear reduction."""
+    h, w = x.shape[-3], x.shape[-2]
+    if h % 2 or w % 2:
+        x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+    x = torch.cat(
+        [x[..., 0::2, 0::2, :], x[..., 1::2, 0::2, :], x[..., 0::2, 1::2, :], x[..., 1::2, 1::2, :]], -1
+    )
+    return _linear(merging.reduction, merging.norm(x))
 
 
 def _partition(x: torch.Tensor, window: tuple[int, ...]) -> torch.Tensor:
@@ -35,7 +51,9 @@ def _reverse(windows: torch.Tensor, window: tuple[int, ...], b: int, grid: tuple
     return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(b, h, w, -1)
 
 
-def _build_mask(grid: tuple[int, ...], window: tuple[int, ...], shift: tuple[int, ...], device) -> torch.Tensor:
+def _build_mask(
+    grid: tuple[int, ...], window: tuple[int, ...], shift: tuple[int, ...], device
+) -> torch.Tensor:
     img = torch.zeros((1, *grid, 1), device=device)
     count = 0
     slices = [(slice(-w), slice(-w, -s), slice(-s, None)) for w, s in zip(window, shift)]
@@ -58,7 +76,7 @@ def _build_mask(grid: tuple[int, ...], window: tuple[int, ...], shift: tuple[int
 def _attention(attn_module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     b_, n, c = x.shape
     heads = attn_module.num_heads
-    qkv = attn_module.qkv(x).reshape(b_, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+    qkv = _linear(attn_module.qkv, x).reshape(b_, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]
     q = q * attn_module.scaling
     attn = q @ k.transpose(-2, -1)
@@ -71,7 +89,7 @@ def _attention(attn_module, x: torch.Tensor, mask: torch.Tensor | None) -> torch
         attn = attn.view(-1, heads, n, n)
     attn = attn.softmax(dim=-1)
     x = (attn @ v).transpose(1, 2).reshape(b_, n, c)
-    return attn_module.proj(x)
+    return _linear(attn_module.proj, x)
 
 
 def _block(block, x: torch.Tensor, window, shift, mask) -> torch.Tensor:
@@ -94,7 +112,7 @@ def _block(block, x: torch.Tensor, window, shift, mask) -> torch.Tensor:
     y = y[(slice(None), *[slice(0, g) for g in grid])].contiguous()
     x = shortcut + y
     mlp = block.mlp
-    return x + mlp.fc2(mlp.act(mlp.fc1(block.layernorm_after(x))))
+    return x + _linear(mlp.fc2, mlp.act(_linear(mlp.fc1, block.layernorm_after(x))))
 
 
 def _stage(stage: BEVTStage, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,8 +122,10 @@ def _stage(stage: BEVTStage, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     mask = _build_mask(padded, window, shift, x.device) if any(shift) else None
     for i, block in enumerate(stage.blocks):
         shifted = i % 2 == 1
-        x = _block(block, x, window, shift if shifted else (0,) * len(grid), mask if (shifted or every) else None)
-    merged = stage.downsample(x) if stage.downsample is not None else x
+        x = _block(
+            block, x, window, shift if shifted else (0,) * len(grid), mask if (shifted or every) else None
+        )
+    merged = _merge(stage.downsample, x) if stage.downsample is not None else x
     return x, merged
 
 
@@ -139,13 +159,13 @@ def reference_pretraining_loss(
     norm = model.bevt.layernorm
     s = reference_encode(model.bevt, pixel_values, bool_masked_pos)
     x4 = head.video_spatial_upsample(s[3].permute(0, 4, 1, 2, 3).contiguous()).permute(0, 2, 3, 4, 1)
-    x = head.video_fuse(torch.cat([s[2], x4], -1)).permute(0, 4, 1, 2, 3).contiguous()
+    x = _linear(head.video_fuse, torch.cat([s[2], x4], -1)).permute(0, 4, 1, 2, 3).contiguous()
     x = norm(head.video_temporal_upsample(x).permute(0, 2, 3, 4, 1).contiguous())
-    video_logits = head.lm_head(x.flatten(1, 3))
+    video_logits = _linear(head.lm_head, x.flatten(1, 3))
     s = reference_encode(model.bevt, image_pixel_values, image_bool_masked_pos)
     x4 = head.image_upsample(s[3].permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1)
-    x = norm(head.image_fuse(torch.cat([s[2], x4], -1)))
-    image_logits = head.lm_head(x.flatten(1, 2))
+    x = norm(_linear(head.image_fuse, torch.cat([s[2], x4], -1)))
+    image_logits = _linear(head.lm_head, x.flatten(1, 2))
     video_mask = bool_masked_pos.repeat_interleave(2, 1).flatten(1)
     image_mask = image_bool_masked_pos.flatten(1)
     loss = F.cross_entropy(video_logits[video_mask], labels.flatten(1)[video_mask]) + F.cross_entropy(

@@ -537,3 +537,71 @@ def test_classification_loss_does_not_rewrite_problem_type():
     torch.testing.assert_close(
         out.loss, torch.nn.functional.mse_loss(out.logits.squeeze(-1), torch.tensor([0.5, -1.0]))
     )
+
+
+@pytest.mark.parametrize(
+    "shape, out_features, bias, transposed",
+    [
+        ((3, 7, 24), 40, True, False),  # shallow: weight gradient through torch.mm
+        ((300, 256), 256, True, False),  # deep (N*K/(N+K) = 128): weight gradient through oneDNN
+        ((5, 256, 9), 512, False, True),  # non-contiguous input, no bias, deep
+        ((5, 24, 9), 16, True, True),  # non-contiguous input, shallow
+    ],
+)
+def test_onednn_linear_matches_f_linear(monkeypatch, shape, out_features, bias, transposed):
+    from bevt import modeling_bevt
+    from bevt.modeling_bevt import BEVTLinear
+
+    if modeling_bevt._onednn_linear_op() is None:
+        pytest.skip("oneDNN is not available in this torch build")
+    calls = []
+    real = torch.mkldnn_linear_backward_weights
+    monkeypatch.setattr(torch, "mkldnn_linear_backward_weights", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(0)
+    layer = BEVTLinear(shape[-1] if not transposed else shape[-2], out_features, bias=bias)
+    assert isinstance(layer, torch.nn.Linear) and set(layer.state_dict()) == (
+        {"weight", "bias"} if bias else {"weight"}
+    )
+    hidden = torch.randn(*shape, generator=g)
+    if transposed:
+        hidden = hidden.transpose(-1, -2)
+    hidden.requires_grad_(True)
+    out = layer(hidden)
+    assert type(out.grad_fn).__name__ == "OneDNNLinearFunctionBackward"
+    params = [hidden, *layer.parameters()]
+    grads = torch.autograd.grad(out.square().sum(), params)
+    expected = torch.nn.functional.linear(
+        hidden.double(), layer.weight.double(), None if not bias else layer.bias.double()
+    )
+    want = torch.autograd.grad(expected.square().sum(), params)
+    torch.testing.assert_close(out, expected.float(), atol=1e-4, rtol=1e-5)
+    for got, ref in zip(grads, want):
+        torch.testing.assert_close(got, ref.float(), atol=1e-3, rtol=1e-5)
+    deep = out_features * layer.in_features >= 128 * (out_features + layer.in_features)
+    assert bool(calls) == deep
+    with torch.no_grad():  # inference path: no autograd function
+        torch.testing.assert_close(layer(hidden), expected.float(), atol=1e-4, rtol=1e-5)
+
+
+def test_onednn_linear_falls_back_and_can_be_disabled(monkeypatch):
+    from bevt import modeling_bevt
+    from bevt.modeling_bevt import BEVTLinear
+
+    layer = BEVTLinear(16, 8)
+    hidden = torch.randn(4, 16, requires_grad=True)
+    # bf16, autocast: plain F.linear (autograd of aten ops)
+    assert "OneDNN" not in type(layer.to(torch.bfloat16)(hidden.bfloat16()).grad_fn).__name__
+    layer.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(hidden)
+    assert out.dtype == torch.bfloat16 and "OneDNN" not in type(out.grad_fn).__name__
+    monkeypatch.setenv("BEVT_ONEDNN_LINEAR", "0")
+    modeling_bevt._onednn_linear_op.cache_clear()
+    try:
+        assert modeling_bevt._onednn_linear_op() is None
+        out = layer(hidden)
+        assert "OneDNN" not in type(out.grad_fn).__name__
+        torch.testing.assert_close(out, torch.nn.functional.linear(hidden, layer.weight, layer.bias))
+    finally:
+        monkeypatch.delenv("BEVT_ONEDNN_LINEAR")
+        modeling_bevt._onednn_linear_op.cache_clear()
