@@ -177,6 +177,20 @@ def test_checkpoint_manager_is_atomic_rotates_and_restores(tmp_path, monkeypatch
     assert counter.value == 3 and torch.all(accelerator.unwrap_model(model).weight == 3)
     assert torch.equal(torch.rand(3), expected_random)  # the RNG state was restored too
 
+    # Resuming from an older checkpoint abandons the newer ones: they are renamed (kept), so `latest` after a later
+    # crash is a checkpoint of the resumed run, never one of the abandoned run.
+    with pytest.warns(UserWarning, match="abandoned-checkpoint-5"):
+        resumed = manager.load(accelerator, tmp_path / "checkpoint-3")
+    assert resumed.step == 3 and manager.latest() == tmp_path / "checkpoint-3"
+    assert (tmp_path / "abandoned-checkpoint-5" / "trainer_state.json").is_file()
+    manager.save(accelerator, 4, data_state={})
+    manager.save(accelerator, 5, data_state={})
+    assert [p.name for p in manager.checkpoints()] == ["checkpoint-4", "checkpoint-5"]
+    with pytest.warns(UserWarning, match="abandoned-checkpoint-5-2"):
+        manager.load(accelerator, tmp_path / "checkpoint-4")
+    assert manager.latest() == tmp_path / "checkpoint-4"
+    assert (tmp_path / "abandoned-checkpoint-5").is_dir() and (tmp_path / "abandoned-checkpoint-5-2").is_dir()
+
 
 # ------------------------------------------------------------------------------------------------- data
 

@@ -10,11 +10,12 @@ import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -412,8 +413,12 @@ class BEVTAttention(nn.Module):
 
     def forward(self, windows: torch.Tensor, shift_mask: torch.Tensor | None = None) -> torch.Tensor:
         """windows (B, nW, N, C); shift_mask (nW, N, N) additive or None -> (B, nW, N, C)."""
-        batch, num_windows, num_tokens, channels = windows.shape
-        qkv = self.qkv(windows).view(batch, num_windows, num_tokens, 3, self.num_heads, self.head_dim)
+        return self.attend(self.qkv(windows), shift_mask)
+
+    def attend(self, qkv: torch.Tensor, shift_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention from the fused projection: qkv (B, nW, N, 3C) -> (B, nW, N, C)."""
+        batch, num_windows, num_tokens, channels = *qkv.shape[:3], qkv.shape[3] // 3
+        qkv = qkv.view(batch, num_windows, num_tokens, 3, self.num_heads, self.head_dim)
         bias = self.relative_position_bias(num_tokens)
         if shift_mask is None:
             # Windows go to the batch axis; one (heads, N, N) bias broadcasts over them.
@@ -471,7 +476,8 @@ def _onednn_linear_op() -> Callable | None:
 
 
 def _onednn_eligible(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `hidden @ weight.T` can go through oneDNN: plain float32 CPU tensors, eager mode, no autocast."""
+    """Whether `hidden @ weight.T` can go through oneDNN: plain float32 CPU tensors, eager mode, no autocast, no
+    dispatch mode."""
     return (
         hidden.device.type == "cpu"
         and hidden.dtype == torch.float32
@@ -482,6 +488,8 @@ def _onednn_eligible(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
         and hidden.ndim >= 2
         and not torch.compiler.is_compiling()
         and not torch.is_autocast_enabled("cpu")
+        # under a dispatch mode (FlopCounterMode, FakeTensorMode, ...) tools expect the standard aten ops
+        and _get_current_dispatch_mode() is None
         and _onednn_linear_op() is not None
     )
 
@@ -556,6 +564,76 @@ class BEVTLinear(nn.Linear):
         return fast_linear(hidden, self.weight, self.bias)
 
 
+def _linear_no_autograd(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """rows (M, K) @ weight.T (+ bias) with autograd off: oneDNN where eligible, else `F.linear` (which follows
+    autocast)."""
+    if _onednn_eligible(rows, weight):
+        return _onednn_matmul(rows, weight, bias)
+    return F.linear(rows, weight, bias)
+
+
+class PreparedLinearFunction(torch.autograd.Function):
+    """`linear(prepare(x, *prepare_params), weight, bias)` that keeps `x` (not prepare's output) for the backward
+    pass and recomputes `prepare` there. `prepare` is cheap (a LayerNorm, padding, rolling, window partition): the
+    block input is kept anyway, so the normalized copy that a plain `nn.Linear` would store (C values per token) is
+    never stored. The linear's own products are not recomputed.
+
+    x (..., C_in) -> prepare -> (..., K) -> (..., N). Autocast is recorded in forward and restored for the
+    recomputation."""
+
+    @staticmethod
+    def forward(ctx, prepare, x, weight, bias, *prepare_params):
+        device = x.device.type
+        ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        rows = prepare(x, *prepare_params)
+        shape = rows.shape[:-1]
+        out = _linear_no_autograd(rows.reshape(-1, rows.shape[-1]), weight, bias)
+        ctx.prepare, ctx.has_bias = prepare, bias is not None
+        ctx.save_for_backward(x, weight, *prepare_params)
+        return out.view(*shape, weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, *params = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+            inputs = [x.detach().requires_grad_(needs[1])]
+            inputs += [p.detach().requires_grad_(need) for p, need in zip(params, needs[4:])]
+            rows = ctx.prepare(*inputs)
+        grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
+        flat = rows.detach().reshape(-1, rows.shape[-1]).to(grad_rows.dtype)
+        grad_weight = grad_bias = None
+        if needs[2]:
+            grad_weight = _linear_weight_grad(grad_rows, flat).to(weight.dtype)
+        if ctx.has_bias and needs[3]:
+            grad_bias = grad_rows.sum(0)
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(())
+        if wanted:
+            weight_c = weight.to(grad_rows.dtype)
+            if _onednn_eligible(grad_rows, weight_c):
+                grad_flat = _onednn_matmul(grad_rows, weight_c.t().contiguous(), None)
+            else:
+                grad_flat = grad_rows @ weight_c
+            grads = iter(torch.autograd.grad(rows, wanted, grad_flat.view(rows.shape).to(rows.dtype)))
+        grad_inputs = [next(grads) if t.requires_grad else None for t in inputs]
+        return None, grad_inputs[0], grad_weight, grad_bias, *grad_inputs[1:]
+
+
+def _is_plain(module: nn.Module, cls: type) -> bool:
+    """True when `module` is exactly `cls` with no hooks, so a fused path may use its parameters directly (a
+    module replaced or wrapped by an adapter library, or hooked, keeps its own forward)."""
+    return (
+        type(module) is cls
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and not nn.modules.module._global_forward_hooks
+        and not nn.modules.module._global_forward_pre_hooks
+    )
+
+
 class GeluLinearFunction(torch.autograd.Function):
     """`linear(gelu(h), weight, bias)` that keeps only `h` for the backward pass and recomputes the (cheap,
     elementwise) GELU there: the MLP then stores 4C instead of 8C values per token."""
@@ -604,16 +682,36 @@ class BEVTMLP(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.memory_lean = config.hidden_act == "gelu"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.fc1(x)
-        if (
-            self.memory_lean
-            and torch.is_grad_enabled()
-            and not (self.training and self.dropout.p > 0)
-            and not torch.compiler.is_compiling()  # inductor makes its own recompute choices
-        ):
+    def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
+        """x (..., C) -> (..., C); with `norm`, the MLP of `norm(x)`, which is then recomputed in backward rather
+        than stored."""
+        if self.training and self.dropout.p > 0 or not _memory_lean_autograd(x, self):
+            return self.dropout(
+                self.fc2(self.dropout(self.act(self.fc1(norm(x) if norm is not None else x))))
+            )
+        if norm is not None and _is_plain(norm, nn.LayerNorm) and _is_plain(self.fc1, BEVTLinear):
+            hidden = PreparedLinearFunction.apply(
+                partial(_layer_norm, eps=norm.eps), x, self.fc1.weight, self.fc1.bias, norm.weight, norm.bias
+            )
+        else:
+            hidden = self.fc1(norm(x) if norm is not None else x)
+        if self.memory_lean and _is_plain(self.fc2, BEVTLinear):
             return GeluLinearFunction.apply(hidden, self.fc2.weight, self.fc2.bias)
-        return self.dropout(self.fc2(self.dropout(self.act(hidden))))
+        return self.fc2(self.act(hidden))
+
+
+def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def _memory_lean_autograd(x: torch.Tensor, module: nn.Module) -> bool:
+    """Whether the memory-lean autograd functions apply: gradients are being recorded, in eager mode (under
+    torch.compile inductor makes its own recompute choices)."""
+    return (
+        torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+    )
 
 
 class BEVTLayer(GradientCheckpointingLayer):
@@ -635,26 +733,55 @@ class BEVTLayer(GradientCheckpointingLayer):
         shift_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """hidden_states (B, *grid, C) channels-last; `shift_mask` (nW, N, N) or None (built on the padded grid)."""
-        grid = hidden_states.shape[1:-1]
-        x = self.layernorm_before(hidden_states)
-        pad = []
-        for g, w in zip(reversed(grid), reversed(window)):
-            pad += [0, (w - g % w) % w]
-        pad = [0, 0, *pad]
-        if any(pad):
-            x = F.pad(x, pad)
-        padded = x.shape[1:-1]
-        dims = tuple(range(1, len(grid) + 1))
+        grid = tuple(hidden_states.shape[1:-1])
+        padded = tuple(-(-g // w) * w for g, w in zip(grid, window))
+        norm, qkv = self.layernorm_before, self.attention.qkv
+        if (
+            _memory_lean_autograd(hidden_states, self)
+            and _is_plain(norm, nn.LayerNorm)
+            and _is_plain(qkv, BEVTLinear)
+        ):
+            # LayerNorm -> pad -> roll -> windows is recomputed in backward instead of stored (see
+            # PreparedLinearFunction); the qkv projection reads the block input directly.
+            prepare = partial(self._normed_windows, eps=norm.eps, window=window, shift=shift)
+            projected = PreparedLinearFunction.apply(
+                prepare, hidden_states, qkv.weight, qkv.bias, norm.weight, norm.bias
+            )
+            x = self.attention.attend(projected, shift_mask)
+        else:
+            x = self.attention(self._windows(norm(hidden_states), window, shift), shift_mask)
+        x = window_reverse(x, window, padded)
         if any(shift):
-            x = torch.roll(x, shifts=tuple(-s for s in shift), dims=dims)
-        x = window_reverse(self.attention(window_partition(x, window), shift_mask), window, padded)
-        if any(shift):
-            x = torch.roll(x, shifts=shift, dims=dims)
+            x = torch.roll(x, shifts=shift, dims=tuple(range(1, len(grid) + 1)))
         if padded != grid:
             x = x[(slice(None), *[slice(0, g) for g in grid])]
         hidden_states = hidden_states + drop_path(x, self.drop_path_rate, self.training)
-        mlp_out = self.mlp(self.layernorm_after(hidden_states))
+        mlp_out = self.mlp(hidden_states, norm=self.layernorm_after)
         return hidden_states + drop_path(mlp_out, self.drop_path_rate, self.training)
+
+    @staticmethod
+    def _windows(x: torch.Tensor, window: tuple[int, ...], shift: tuple[int, ...]) -> torch.Tensor:
+        """(B, *grid, C) -> zero-pad to whole windows -> cyclic shift by -shift -> (B, nW, N, C) windows."""
+        grid = x.shape[1:-1]
+        pad = []
+        for g, w in zip(reversed(grid), reversed(window)):
+            pad += [0, (w - g % w) % w]
+        if any(pad):
+            x = F.pad(x, [0, 0, *pad])
+        if any(shift):
+            x = torch.roll(x, shifts=tuple(-s for s in shift), dims=tuple(range(1, len(grid) + 1)))
+        return window_partition(x, window)
+
+    @staticmethod
+    def _normed_windows(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        eps: float,
+        window: tuple[int, ...],
+        shift: tuple[int, ...],
+    ) -> torch.Tensor:
+        return BEVTLayer._windows(_layer_norm(x, weight, bias, eps), window, shift)
 
 
 class BEVTPatchMerging(nn.Module):

@@ -368,7 +368,9 @@ class CheckpointManager:
                 continue
             if child.name.startswith(".old-"):
                 original = child.with_name(child.name.removeprefix(".old-"))
-                if not original.exists():  # killed between the two renames of a re-save: the old one is the good one
+                if (
+                    not original.exists()
+                ):  # killed between the two renames of a re-save: the old one is the good one
                     os.replace(child, original)
                     continue
             if child.name.startswith((f".tmp-{self.prefix}", f".deleting-{self.prefix}", ".old-")):
@@ -394,6 +396,36 @@ class CheckpointManager:
             os.replace(path, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
 
+    def _set_aside_newer_than(self, step: int) -> list[Path]:
+        """Rename complete checkpoints of a later step (left by the run that was abandoned by resuming from an older
+        checkpoint) to `abandoned-checkpoint-{step}[-k]`, so that `latest` and rotation follow the resumed run. They
+        are kept, not deleted."""
+        moved = []
+        for path in self.checkpoints():
+            if self.step_of_name(path) <= step:
+                continue
+            target = path.with_name(f"abandoned-{path.name}")
+            k = 1
+            while target.exists():
+                k += 1
+                target = path.with_name(f"abandoned-{path.name}-{k}")
+            os.replace(path, target)
+            moved.append(target)
+        if moved:
+            warnings.warn(
+                f"resumed at step {step} while {len(moved)} newer checkpoint(s) existed in {self.output_dir}: renamed "
+                f"to {', '.join(p.name for p in moved)} so that `latest` follows this run (delete them when unneeded)",
+                stacklevel=3,
+            )
+        return moved
+
+    @classmethod
+    def step_of_name(cls, path: Path) -> int:
+        match = cls._name_re.match(path.name)
+        if match is None:
+            raise ValueError(f"{path} is not named {cls.prefix}<step>")
+        return int(match.group(1))
+
     # -- loading -----------------------------------------------------------------------------------------------
 
     def load(self, accelerator: Any, path: str | os.PathLike, strict_data_state: bool = True) -> ResumedState:
@@ -402,6 +434,8 @@ class CheckpointManager:
 
         With a different number of processes than at save time the data position cannot be restored exactly:
         `strict_data_state=True` raises; False warns and returns `data_state=None` (start the data stream over).
+        Complete checkpoints in `output_dir` with a later step than the resumed one belong to the abandoned run: they
+        are renamed `abandoned-checkpoint-*` (kept, with a warning) so a later `latest` never jumps back to them.
         """
         path = self.resolve(path)
         with open(path / TRAINER_STATE_NAME) as f:
@@ -427,9 +461,13 @@ class CheckpointManager:
         for custom_state in sorted(path.glob("custom_checkpoint_*.pkl")):
             load_checkpoint(custom_state)
         accelerator.load_state(str(path))
+        step = int(trainer_state["step"])
+        if accelerator.is_main_process:
+            self._set_aside_newer_than(step)
+        accelerator.wait_for_everyone()
         return ResumedState(
             path=path,
-            step=int(trainer_state["step"]),
+            step=step,
             extra_state=trainer_state.get("extra_state", {}),
             data_state=data_state,
         )
