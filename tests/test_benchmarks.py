@@ -54,3 +54,5 @@ def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path):
     train = report["train"][0]
     assert train["step_s"] > 0 and 0 < train["tokenizer_share"] < 1 and train["step_tflop"] > 0
     assert report["inference"]["clips_per_s"] > 0
+    versus = report["train_vs_reference"]  # same math: the bf16 losses agree to bf16 precision
+    assert versus["speedup_vs_reference"] > 0 and versus["loss_abs_diff"] < 0.05
