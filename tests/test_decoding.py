@@ -348,3 +348,24 @@ def test_sampling_rejects_bad_arguments() -> None:
         sample_frame_indices(10, clip_len=2, frame_interval=-1)
     with pytest.raises(ValueError, match="unknown sampling mode 'segment'"):
         sample_frame_indices(10, clip_len=2, mode="segment")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frames_larger_than_the_limit_are_refused_before_decoding(
+    shared_data: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bevt import video_decoding
+
+    path = _video(shared_data, "short_32f.mp4")  # 340x256 = 87,040 pixels
+    decoded = []
+    monkeypatch.setattr(VideoReader, "get_batch", lambda self, idx: decoded.append(idx))
+    with pytest.raises(VideoDecodingError, match=r"340x256 \(0\.1 megapixels\), more than the 0\.1 accepted"):
+        VideoReader(path, backend=backend, max_frame_pixels=80_000)
+    monkeypatch.setattr(video_decoding, "MAX_FRAME_PIXELS", 50_000)  # the module-wide default
+    with pytest.raises(VideoDecodingError, match="MAX_FRAME_PIXELS"):
+        VideoReader(path.read_bytes(), backend=backend)
+    assert decoded == []  # refused from the header, nothing decoded
+    monkeypatch.undo()
+    assert VideoReader(path, backend=backend, max_frame_pixels=340 * 256).num_frames == 32  # at the limit: fine
+    monkeypatch.setattr(video_decoding, "MAX_FRAME_PIXELS", 50_000)
+    assert decode_video(path, [0], backend=backend, max_frame_pixels=0).shape == (1, 256, 340, 3)  # 0: no check

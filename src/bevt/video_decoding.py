@@ -39,6 +39,7 @@ import torch
 
 __all__ = [
     "BACKEND_PRIORITY",
+    "MAX_FRAME_PIXELS",
     "VideoDecodingError",
     "VideoReader",
     "VideoSource",
@@ -54,6 +55,12 @@ BACKEND_PRIORITY: tuple[str, ...] = ("decord", "torchcodec", "pyav")
 
 VideoSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO
 """A video file path, its encoded bytes, or a binary file object (read fully into memory)."""
+
+MAX_FRAME_PIXELS: int | None = 7680 * 4320
+"""Largest frame (width x height, from the container header) a :class:`VideoReader` accepts: 8K UHD. A corrupt or
+hostile file whose header claims a huge resolution is rejected with :class:`VideoDecodingError` before anything is
+decoded, instead of exhausting memory (a 16-frame clip at 16384x16384 would need 12 GiB as RGB). Set it to ``None``
+to disable the check, or pass ``max_frame_pixels=`` per reader (like ``PIL.Image.MAX_IMAGE_PIXELS``)."""
 
 # Demuxers that read still images; PyAV would happily decode a JPEG as a 1-frame "video".
 _IMAGE_DEMUXERS = ("image2", "_pipe")
@@ -176,6 +183,20 @@ def _spill_dir() -> str:
     return tempfile.gettempdir()
 
 
+def _probe_frame_size(source: str | bytes) -> tuple[int, int] | None:
+    """(width, height) of the first video stream from the container header (PyAV, nothing decoded); None when
+    PyAV cannot tell (the backend then reports its own errors)."""
+    try:
+        av = _optional_import("av")
+        with av.open(io.BytesIO(source) if isinstance(source, bytes) else source, mode="r") as container:
+            if not container.streams.video:
+                return None
+            context = container.streams.video[0].codec_context
+            return int(context.width), int(context.height)
+    except Exception:  # noqa: BLE001 - a probe only
+        return None
+
+
 class _DecordReader:
     """decord ``VideoReader``. Bytes are decoded from a temporary file, never through decord's BytesIO
     reader: on corrupt or truncated input (e.g. a cut AVI) the BytesIO path crashes the process with a
@@ -240,6 +261,8 @@ class _TorchcodecReader:
         )
         metadata = self._decoder.metadata
         self.num_frames = int(metadata.num_frames or 0)  # exact seek mode scans the file: a true count
+        if metadata.width and metadata.height:
+            self.frame_size = (int(metadata.width), int(metadata.height))
         fps = getattr(metadata, "average_fps", None)
         self.fps = float(fps) if fps else None
 
@@ -260,6 +283,7 @@ class _PyAVReader:
             if num_frames <= 0:  # no count in the header: count packets (demux only, no decoding)
                 num_frames = sum(1 for packet in container.demux(stream) if packet.size > 0)
             self.num_frames = int(num_frames)
+            self.frame_size = (int(stream.codec_context.width), int(stream.codec_context.height))
             rate = stream.average_rate or stream.guessed_rate
             self.fps = float(rate) if rate else None
 
@@ -315,6 +339,8 @@ class VideoReader:
         backend: ``"decord"``, ``"torchcodec"`` or ``"pyav"`` (``"av"`` also accepted); ``None`` picks
             automatically (see :func:`resolve_backend`).
         num_threads: decoder threads (1 suits data-loader workers; 0 lets the library decide).
+        max_frame_pixels: largest accepted width x height (read from the header before decoding); ``None`` uses
+            :data:`MAX_FRAME_PIXELS`, ``0`` disables the check.
 
     Attributes:
         num_frames: number of frames (from the container index/header).
@@ -325,12 +351,21 @@ class VideoReader:
         VideoDecodingError: the source is missing, empty, corrupt, or not a video.
     """
 
-    def __init__(self, source: VideoSource, backend: str | None = None, num_threads: int = 1) -> None:
+    def __init__(
+        self,
+        source: VideoSource,
+        backend: str | None = None,
+        num_threads: int = 1,
+        max_frame_pixels: int | None = None,
+    ) -> None:
         self.backend = resolve_backend(backend)
         src = _normalize_source(source)
         self._what = _describe(src)
         if isinstance(src, bytes) and not src:
             raise VideoDecodingError("cannot decode video: the input is empty (0 bytes)")
+        limit = MAX_FRAME_PIXELS if max_frame_pixels is None else max_frame_pixels
+        if limit and self.backend == "decord":  # decord cannot tell the size without decoding: read the header
+            self._check_frame_size(_probe_frame_size(src), limit)
         try:
             self._impl = _READERS[self.backend](src, num_threads)
         except VideoDecodingError as err:
@@ -339,10 +374,21 @@ class VideoReader:
             raise VideoDecodingError(
                 f"cannot open video {self._what} with {self.backend}: {type(err).__name__}: {_short(err)}"
             ) from err
+        if limit:
+            self._check_frame_size(getattr(self._impl, "frame_size", None), limit)
         self.num_frames: int = self._impl.num_frames
         self.fps: float | None = self._impl.fps
         if self.num_frames <= 0:
             raise VideoDecodingError(f"video {self._what} has no frames ({self.backend})")
+
+    def _check_frame_size(self, size: tuple[int, int] | None, limit: int) -> None:
+        if size is not None and size[0] * size[1] > limit:
+            width, height = size
+            raise VideoDecodingError(
+                f"video {self._what}: its header gives frames of {width}x{height} ({width * height / 1e6:.1f} "
+                f"megapixels), more than the {limit / 1e6:.1f} accepted (bevt.video_decoding.MAX_FRAME_PIXELS or "
+                "max_frame_pixels=); refusing to decode it (corrupt file, or re-encode it smaller)"
+            )
 
     def __len__(self) -> int:
         return self.num_frames
@@ -404,6 +450,7 @@ def decode_video(
     indices: Sequence[int] | None = None,
     backend: str | None = None,
     num_threads: int = 1,
+    max_frame_pixels: int | None = None,
 ) -> torch.Tensor:
     """Decode frames of a video.
 
@@ -412,6 +459,7 @@ def decode_video(
         indices: frames to decode (any order, repeats allowed); ``None`` decodes every frame.
         backend: see :func:`resolve_backend`.
         num_threads: decoder threads.
+        max_frame_pixels: see :class:`VideoReader`.
 
     Returns:
         ``torch.uint8`` tensor ``(T, H, W, 3)``, RGB, ``T = len(indices)`` (or the frame count).
@@ -420,7 +468,7 @@ def decode_video(
         VideoDecodingError: corrupt, empty, truncated or non-video input, or a missing file.
         ValueError: an index out of range.
     """
-    with VideoReader(source, backend=backend, num_threads=num_threads) as reader:
+    with VideoReader(source, backend, num_threads, max_frame_pixels) as reader:
         return reader.get_batch(range(reader.num_frames) if indices is None else indices)
 
 
