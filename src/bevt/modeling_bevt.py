@@ -519,6 +519,21 @@ def _linear_weight_grad(grad_rows: torch.Tensor, rows: torch.Tensor) -> torch.Te
     return grad_rows.t() @ rows
 
 
+def _linear_input_grad(grad_rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """grad_rows (M, N) @ weight (N, K) -> (M, K): the input gradient of a linear layer (oneDNN where eligible)."""
+    if _onednn_eligible(grad_rows, weight):
+        return _onednn_matmul(grad_rows, weight.t().contiguous(), None)
+    return grad_rows @ weight
+
+
+def _linear_no_autograd(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """rows (M, K) @ weight.T (+ bias) -> (M, N) with autograd off: oneDNN where eligible, else `F.linear` (which
+    follows autocast)."""
+    if _onednn_eligible(rows, weight):
+        return _onednn_matmul(rows, weight, bias)
+    return F.linear(rows, weight, bias)
+
+
 class OneDNNLinearFunction(torch.autograd.Function):
     """`F.linear(hidden, weight, bias)` whose forward and input gradient run through oneDNN (float32, CPU)."""
 
@@ -537,7 +552,7 @@ class OneDNNLinearFunction(torch.autograd.Function):
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
         grad_hidden = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_hidden = _onednn_matmul(grad_rows, weight.t().contiguous(), None).view(hidden.shape)
+            grad_hidden = _linear_input_grad(grad_rows, weight).view(hidden.shape)
         if ctx.needs_input_grad[1]:
             grad_weight = _linear_weight_grad(grad_rows, hidden.reshape(-1, hidden.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -562,14 +577,6 @@ class BEVTLinear(nn.Linear):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return fast_linear(hidden, self.weight, self.bias)
-
-
-def _linear_no_autograd(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """rows (M, K) @ weight.T (+ bias) with autograd off: oneDNN where eligible, else `F.linear` (which follows
-    autocast)."""
-    if _onednn_eligible(rows, weight):
-        return _onednn_matmul(rows, weight, bias)
-    return F.linear(rows, weight, bias)
 
 
 class PreparedLinearFunction(torch.autograd.Function):
@@ -612,11 +619,7 @@ class PreparedLinearFunction(torch.autograd.Function):
         wanted = [t for t in inputs if t.requires_grad]
         grads = iter(())
         if wanted:
-            weight_c = weight.to(grad_rows.dtype)
-            if _onednn_eligible(grad_rows, weight_c):
-                grad_flat = _onednn_matmul(grad_rows, weight_c.t().contiguous(), None)
-            else:
-                grad_flat = grad_rows @ weight_c
+            grad_flat = _linear_input_grad(grad_rows, weight.to(grad_rows.dtype))
             grads = iter(torch.autograd.grad(rows, wanted, grad_flat.view(rows.shape).to(rows.dtype)))
         grad_inputs = [next(grads) if t.requires_grad else None for t in inputs]
         return None, grad_inputs[0], grad_weight, grad_bias, *grad_inputs[1:]
@@ -642,11 +645,11 @@ class GeluLinearFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias):
         dtype = hidden.dtype  # under autocast fc1 already produced the autocast dtype
         activated = F.gelu(hidden)
-        if _onednn_eligible(activated, weight):
-            rows = activated.reshape(-1, activated.shape[-1])
-            out = _onednn_matmul(rows, weight, bias).view(*hidden.shape[:-1], weight.shape[0])
-        else:
-            out = F.linear(activated, weight.to(dtype), bias.to(dtype) if bias is not None else None)
+        out = _linear_no_autograd(
+            activated.reshape(-1, activated.shape[-1]),
+            weight.to(dtype),
+            bias.to(dtype) if bias is not None else None,
+        ).view(*hidden.shape[:-1], weight.shape[0])
         ctx.save_for_backward(hidden, weight, bias)
         return out
 
@@ -660,10 +663,7 @@ class GeluLinearFunction(torch.autograd.Function):
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
         grad_weight = _linear_weight_grad(grad_rows, activated.reshape(-1, activated.shape[-1]))
         grad_bias = grad_rows.sum(0) if bias is not None else None
-        if _onednn_eligible(grad_rows, weight):
-            grad_activated = _onednn_matmul(grad_rows, weight.t().contiguous(), None).view(hidden.shape)
-        else:
-            grad_activated = grad_out @ weight.to(dtype)
+        grad_activated = _linear_input_grad(grad_rows, weight.to(dtype)).view(hidden.shape)
         grad_hidden = torch.ops.aten.gelu_backward(grad_activated, hidden)
         return (
             grad_hidden,
