@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -602,6 +603,10 @@ def test_onednn_linear_falls_back_and_can_be_disabled(monkeypatch):
     with counter:
         layer(hidden)
     assert counter.get_total_flops() == 2 * 4 * 16 * 8
+    with warnings.catch_warnings():  # a TorchScript trace records the standard op (exportable)
+        warnings.simplefilter("ignore")
+        graph = str(torch.jit.trace(layer, hidden.detach()).graph)
+    assert "aten::linear" in graph and "mkldnn" not in graph
     monkeypatch.setenv("BEVT_ONEDNN_LINEAR", "0")
     modeling_bevt._onednn_linear_op.cache_clear()
     try:

@@ -476,21 +476,22 @@ def _onednn_linear_op() -> Callable | None:
 
 
 def _onednn_eligible(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `hidden @ weight.T` can go through oneDNN: plain float32 CPU tensors, eager mode, no autocast, no
-    dispatch mode."""
+    """Whether `hidden @ weight.T` can go through oneDNN: plain float32 CPU tensors, eager mode (not compiling or
+    tracing), no autocast, no dispatch mode."""
     return (
-        hidden.device.type == "cpu"
+        _onednn_linear_op() is not None
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and not torch.is_autocast_enabled("cpu")
+        # under a dispatch mode (FlopCounterMode, FakeTensorMode, ...) tools expect the standard aten ops
+        and _get_current_dispatch_mode() is None
+        and hidden.device.type == "cpu"
         and hidden.dtype == torch.float32
         and weight.dtype == torch.float32
         and hidden.layout == torch.strided
         and type(weight) in (torch.Tensor, nn.Parameter)
-        and hidden.numel() > 0
         and hidden.ndim >= 2
-        and not torch.compiler.is_compiling()
-        and not torch.is_autocast_enabled("cpu")
-        # under a dispatch mode (FlopCounterMode, FakeTensorMode, ...) tools expect the standard aten ops
-        and _get_current_dispatch_mode() is None
-        and _onednn_linear_op() is not None
+        and hidden.numel() > 0
     )
 
 
