@@ -470,8 +470,21 @@ def _onednn_linear_op() -> Callable | None:
     try:
         if not torch.backends.mkldnn.is_available():
             return None
-        return torch.ops.mkldnn._linear_pointwise.default
-    except (AttributeError, RuntimeError):
+        op = torch.ops.mkldnn._linear_pointwise.default
+        # one tiny self-check per process: the op runs here and gives F.linear's numbers
+        g = torch.Generator().manual_seed(0)
+        rows, weight, bias = (
+            torch.randn(5, 7, generator=g),
+            torch.randn(3, 7, generator=g),
+            torch.randn(3, generator=g),
+        )
+        with torch.no_grad():
+            if not torch.allclose(
+                op(rows, weight, bias, "none", [], ""), F.linear(rows, weight, bias), atol=1e-5
+            ):
+                return None
+        return op
+    except (AttributeError, RuntimeError, NotImplementedError):
         return None
 
 
@@ -479,8 +492,7 @@ def _onednn_eligible(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `hidden @ weight.T` can go through oneDNN: plain float32 CPU tensors, eager mode (not compiling or
     tracing), no autocast, no dispatch mode."""
     return (
-        _onednn_linear_op() is not None
-        and not torch.compiler.is_compiling()
+        not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
         and not torch.is_autocast_enabled("cpu")
         # under a dispatch mode (FlopCounterMode, FakeTensorMode, ...) tools expect the standard aten ops
@@ -492,6 +504,7 @@ def _onednn_eligible(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
         and type(weight) in (torch.Tensor, nn.Parameter)
         and hidden.ndim >= 2
         and hidden.numel() > 0
+        and _onednn_linear_op() is not None  # last: its one-time self-check must run in plain eager mode
     )
 
 
