@@ -81,6 +81,7 @@ from bevt.script_utils import (
     add_run_control_args,
     add_tracking_args,
     clip_and_step,
+    compile_encoder,
     fail,
     init_tracking,
     progress_bar,
@@ -1315,6 +1316,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ema = ModelEMA(model, args.ema_decay) if args.ema_decay else None
     model, optimizer = accelerator.prepare(model, optimizer)
+    if args.torch_compile:
+        compile_encoder(accelerator.unwrap_model(model))
     accelerator.register_for_checkpointing(lr_scheduler)
     if ema is not None:
         ema.to(accelerator.device)

@@ -52,6 +52,7 @@ from bevt.script_utils import (
     add_run_control_args,
     add_tracking_args,
     clip_and_step,
+    compile_encoder,
     fail,
     init_tracking,
     progress_bar,
@@ -1019,6 +1020,8 @@ def main(argv: list[str] | None = None) -> int:
         num_training_steps=args.max_train_steps,
     )
     model, optimizer = accelerator.prepare(model, optimizer)
+    if args.torch_compile:
+        compile_encoder(accelerator.unwrap_model(model))
     accelerator.register_for_checkpointing(lr_scheduler)  # stepped by us once per optimizer step
 
     manager = CheckpointManager(args.output_dir, save_total_limit=args.save_total_limit)

@@ -458,3 +458,20 @@ def test_two_cpu_ranks_with_gloo_ddp_read_disjoint_samples(tmp_path, demo_data):
     for rank in (0, 1):
         assert (checkpoint / f"data_state_rank{rank}.json").is_file()
         assert (checkpoint / f"random_states_{rank}.pkl").is_file()
+
+
+@pytest.mark.slow
+def test_torch_compile_flag_trains_like_eager(tmp_path, demo_data):
+    """`--torch_compile` compiles the encoder (static shapes): the first loss equals eager's, training proceeds and
+    the saved weights keep their names (no `_orig_mod.` prefix)."""
+    args = ["--max_train_steps", "3", "--logging_steps", "1"]
+    eager = _run(args, tmp_path / "eager", demo_data, timeout=300)
+    assert eager.returncode == 0, eager.stdout[-3000:] + eager.stderr[-3000:]
+    compiled = _run([*args, "--torch_compile"], tmp_path / "compiled", demo_data, timeout=900)
+    assert compiled.returncode == 0, compiled.stdout[-3000:] + compiled.stderr[-3000:]
+    first = [json.loads((tmp_path / run / "training_results.json").read_text()) for run in ("eager", "compiled")]
+    assert first[1]["steps"] == 3
+    assert abs(first[0]["first"]["loss"] - first[1]["first"]["loss"]) < 1e-4, first
+    assert first[1]["final_window"]["loss"] < first[1]["first"]["loss"]
+    saved = load_file(tmp_path / "compiled" / "model.safetensors")
+    assert saved.keys() == load_file(tmp_path / "eager" / "model.safetensors").keys()

@@ -29,7 +29,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, DynamoBackend, TorchDynamoPlugin
+from accelerate.utils import DataLoaderConfiguration
 from tqdm.auto import tqdm
 
 from .training import (
@@ -115,7 +115,10 @@ def add_compute_args(group: argparse._ArgumentGroup) -> None:
         "--gradient_checkpointing", action="store_true", help="Recompute activations in backward."
     )
     group.add_argument(
-        "--torch_compile", action="store_true", help="Compile the model with torch.compile (inductor)."
+        "--torch_compile",
+        action="store_true",
+        help="Compile the encoder (the bulk of the compute) with torch.compile (inductor, static shapes); the heads "
+        "and losses, which select masked positions or labels, stay eager. The first steps pay the compilation.",
     )
 
 
@@ -237,11 +240,21 @@ def build_accelerator(args: argparse.Namespace) -> Accelerator:
         log_with=args.report_to if args.with_tracking else None,
         project_dir=args.output_dir,
         dataloader_config=DataLoaderConfiguration(dispatch_batches=False),
-        dynamo_plugin=TorchDynamoPlugin(backend=DynamoBackend.INDUCTOR) if args.torch_compile else None,
     )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         logger.warning("--mixed_precision fp16 has no effect on CPU (Accelerate ignores it); use bf16 or no.")
     return accelerator
+
+
+def compile_encoder(model: torch.nn.Module) -> None:
+    """`--torch_compile`: compile the BEVT encoder in place (`nn.Module.compile`, inductor, `dynamic=False`).
+
+    The encoder (Swin stages) holds nearly all the compute and sees fixed shapes per stream (one graph for videos,
+    one for images, one more per other batch size). Compiling the whole model instead traces the heads' selection of
+    masked positions (data-dependent sizes), which forces dynamic shapes and failed in inductor on CPU. State-dict keys
+    do not change (no `_orig_mod.` prefix). Call it after the EMA copy is made and after `accelerator.prepare`."""
+    model = getattr(model, "module", model)  # DDP
+    model.bevt.encoder.compile(dynamic=False)
 
 
 def setup_logging(accelerator: Accelerator, *, quiet_accelerate: bool) -> None:
