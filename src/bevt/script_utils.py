@@ -254,6 +254,11 @@ def compile_encoder(model: torch.nn.Module) -> None:
     masked positions (data-dependent sizes), which forces dynamic shapes and failed in inductor on CPU. State-dict keys
     do not change (no `_orig_mod.` prefix). Call it after the EMA copy is made and after `accelerator.prepare`."""
     model = getattr(model, "module", model)  # DDP
+    if next(model.parameters()).device.type == "cpu":
+        logger.warning(
+            "--torch_compile on CPU: the compiled encoder is slower than the eager one here (measured 1.3x slower "
+            "for a Swin-T step, see BENCHMARKS.md): compiled graphs use MKL matmuls instead of the oneDNN linears."
+        )
     model.bevt.encoder.compile(dynamic=False)
 
 
