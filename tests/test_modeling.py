@@ -705,3 +705,23 @@ def test_fused_norm_linear_under_autocast_and_with_replaced_modules():
     block.mlp.fc1, block.mlp.fc2 = Counting(block.mlp.fc1), Counting(block.mlp.fc2)
     block(hidden, *args).sum().backward()
     assert block.attention.qkv.calls == block.mlp.fc1.calls == block.mlp.fc2.calls == 1
+
+
+def test_torch_func_grad_matches_autograd():
+    """torch.func transforms (used e.g. for per-sample gradients) step around the custom autograd functions."""
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(0)
+    model = BEVTForVideoClassification(tiny_config(num_labels=3)).eval()  # eval: no random drop path
+    pixel_values, _, _ = video_batch(batch=1)
+    labels = torch.tensor([2])
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss(p):
+        return functional_call(model, p, (pixel_values,), {"labels": labels}).loss
+
+    got = grad(loss)(params)
+    model(pixel_values, labels=labels).loss.backward()
+    for name, p in model.named_parameters():
+        expected = p.grad if p.grad is not None else torch.zeros_like(p)  # unused (mask token, image embedding)
+        torch.testing.assert_close(got[name], expected, atol=1e-5, rtol=1e-4, msg=name)

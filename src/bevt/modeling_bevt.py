@@ -167,6 +167,17 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+def _custom_autograd_allowed() -> bool:
+    """Whether this model's custom autograd functions may run: plain eager autograd, not while torch.compile or a
+    TorchScript trace records the graph (they make their own choices) and not under torch.func transforms (grad,
+    vmap, ...), which need functions written for them."""
+    return not (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch._C._are_functorch_transforms_active()
+    )
+
+
 class WindowAttentionFunction(torch.autograd.Function):
     """Softmax window attention that stores no attention matrix: the backward pass recomputes the probabilities
     chunk by chunk (and returns the gradient of the relative position bias). Same math as the eager path.
@@ -254,7 +265,7 @@ def sdpa_window_attention_forward(
     without storing it."""
     if attention_mask is None and window_bias is not None:
         needs_grad = torch.is_grad_enabled() and (query.requires_grad or window_bias.requires_grad)
-        eligible = query.device.type == "cpu" and dropout == 0.0 and not torch.compiler.is_compiling()
+        eligible = query.device.type == "cpu" and dropout == 0.0 and _custom_autograd_allowed()
         if needs_grad and eligible:
             out = WindowAttentionFunction.apply(query, key, value, window_bias, window_shift_mask, scaling)
             return out.transpose(1, 2).contiguous(), None
@@ -492,8 +503,7 @@ def _onednn_eligible(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `hidden @ weight.T` can go through oneDNN: plain float32 CPU tensors, eager mode (not compiling or
     tracing), no autocast, no dispatch mode."""
     return (
-        not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
+        _custom_autograd_allowed()
         and not torch.is_autocast_enabled("cpu")
         # under a dispatch mode (FlopCounterMode, FakeTensorMode, ...) tools expect the standard aten ops
         and _get_current_dispatch_mode() is None
@@ -719,11 +729,11 @@ def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
 
 
 def _memory_lean_autograd(x: torch.Tensor, module: nn.Module) -> bool:
-    """Whether the memory-lean autograd functions apply: gradients are being recorded, in eager mode (under
-    torch.compile inductor makes its own recompute choices)."""
+    """Whether the memory-lean autograd functions apply: gradients are being recorded, in plain eager mode (see
+    `_custom_autograd_allowed`; under torch.compile inductor makes its own recompute choices)."""
     return (
         torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
+        and _custom_autograd_allowed()
         and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
     )
 
