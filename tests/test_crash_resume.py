@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -241,3 +242,64 @@ def test_kill_during_checkpoint_saves_never_damages_the_latest_checkpoint(
         f"checkpoint-{STEPS}",
     ]
     _assert_same(_final_weights(out), uninterrupted)
+
+
+DDP_STEPS = 8
+
+
+def _start_ddp(out: Path, demo_data: Path, resume: bool) -> subprocess.Popen:
+    """The same run on 2 CPU ranks (gloo DDP) through `accelerate launch`, in its own process group."""
+    if not (out / "demo_data").exists():
+        shutil.copytree(demo_data, out / "demo_data")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2"]
+    launcher += ["--num_machines", "1", "--main_process_port", str(port)]
+    args = [a if a != str(STEPS) else str(DDP_STEPS) for a in ARGS]
+    command = [*launcher, str(SCRIPT), "--output_dir", str(out), *args]
+    if resume:
+        command += ["--resume_from_checkpoint", "latest"]
+    log = open(out / "log.txt", "a")  # noqa: SIM115 - closed through _finish/_kill_group
+    log.write(f"\n===== {' '.join(command)}\n")
+    log.flush()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "1"}
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    process.log = log  # type: ignore[attr-defined]
+    return process
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL the launcher and both ranks at once (a node failure)."""
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    process.log.close()  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_kill_then_resume_gives_identical_weights(tmp_path: Path, demo_data: Path):
+    """2-rank DDP: kill -9 of every process mid-run, then `latest` resumes each rank's model, optimizer, RNG and
+    data position: the final weights equal an uninterrupted 2-rank run's."""
+    reference = tmp_path / "uninterrupted"
+    reference.mkdir()
+    _finish(_start_ddp(reference, demo_data, resume=False), reference)
+    assert (reference / f"checkpoint-{DDP_STEPS}" / "data_state_rank1.json").is_file()
+
+    out = tmp_path / "run"
+    out.mkdir()
+    rng = random.Random(99)
+    step = rng.randint(3, 5)
+    process = _start_ddp(out, demo_data, resume=False)
+    line = f"step {step}/{DDP_STEPS} |"
+    assert _wait_for(process, lambda: line in (out / "log.txt").read_text(), out, poll=0.01), (
+        out / "log.txt"
+    ).read_text()[-3000:]
+    time.sleep(rng.uniform(0.0, 0.08))
+    assert process.poll() is None, "the run finished before it could be killed"
+    _kill_group(process)
+    assert _newest_step(out) >= step - 2
+    _finish(_start_ddp(out, demo_data, resume=True), out)
+    assert "resumed from" in (out / "log.txt").read_text()
+    _assert_same(_final_weights(out), _final_weights(reference))
