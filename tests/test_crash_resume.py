@@ -13,7 +13,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port
 from safetensors.torch import load_file
 
 from bevt.data.demo_pretraining import write_demo_pretraining_shards
@@ -47,6 +47,7 @@ ARGS = [
     "7",
 ]
 RUN_TIMEOUT = 150
+DDP_STEPS = 8  # the 2-rank runs
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +57,34 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _start(out: Path, demo_data: Path, resume: bool) -> subprocess.Popen:
+def _start(out: Path, demo_data: Path, resume: bool, ranks: int = 1) -> subprocess.Popen:
+    """The run in its own process group: `python run_pretraining.py`, or with `ranks` > 1 (and DDP_STEPS steps)
+    that many CPU ranks (gloo DDP) through `accelerate launch`."""
     if not (out / "demo_data").exists():
         shutil.copytree(demo_data, out / "demo_data")
-    command = [sys.executable, str(SCRIPT), "--output_dir", str(out), *ARGS]
+    args, launcher = ARGS, [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if ranks > 1:
+        args = [a if a != str(STEPS) else str(DDP_STEPS) for a in ARGS]
+        launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu"]
+        launcher += [
+            "--num_processes",
+            str(ranks),
+            "--num_machines",
+            "1",
+            "--main_process_port",
+            str(free_port()),
+        ]
+        env["ACCELERATE_USE_CPU"] = "1"
+    command = [*launcher, str(SCRIPT), "--output_dir", str(out), *args]
     if resume:
         command += ["--resume_from_checkpoint", "latest"]
     log = open(out / "log.txt", "a")  # noqa: SIM115 - closed by the caller through _finish/_kill
-    log.write(f"\n===== {' '.join(command[2:])}\n")
+    log.write(f"\n===== {' '.join(command[len(launcher) + 1 :])}\n")
     log.flush()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     process.log = log  # type: ignore[attr-defined]
     return process
 
@@ -84,7 +102,8 @@ def _wait_for(process: subprocess.Popen, condition: Callable[[], bool], out: Pat
 
 
 def _kill(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGKILL)
+    """SIGKILL the run's whole process group (the launcher and every rank at once: a node failure)."""
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
     process.log.close()  # type: ignore[attr-defined]
 
@@ -244,62 +263,28 @@ def test_kill_during_checkpoint_saves_never_damages_the_latest_checkpoint(
     _assert_same(_final_weights(out), uninterrupted)
 
 
-DDP_STEPS = 8
-
-
-def _start_ddp(out: Path, demo_data: Path, resume: bool) -> subprocess.Popen:
-    """The same run on 2 CPU ranks (gloo DDP) through `accelerate launch`, in its own process group."""
-    if not (out / "demo_data").exists():
-        shutil.copytree(demo_data, out / "demo_data")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2"]
-    launcher += ["--num_machines", "1", "--main_process_port", str(port)]
-    args = [a if a != str(STEPS) else str(DDP_STEPS) for a in ARGS]
-    command = [*launcher, str(SCRIPT), "--output_dir", str(out), *args]
-    if resume:
-        command += ["--resume_from_checkpoint", "latest"]
-    log = open(out / "log.txt", "a")  # noqa: SIM115 - closed through _finish/_kill_group
-    log.write(f"\n===== {' '.join(command)}\n")
-    log.flush()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "1"}
-    process = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    process.log = log  # type: ignore[attr-defined]
-    return process
-
-
-def _kill_group(process: subprocess.Popen) -> None:
-    """SIGKILL the launcher and both ranks at once (a node failure)."""
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=30)
-    process.log.close()  # type: ignore[attr-defined]
-
-
 @pytest.mark.slow
 def test_two_rank_ddp_kill_then_resume_gives_identical_weights(tmp_path: Path, demo_data: Path):
     """2-rank DDP: kill -9 of every process mid-run, then `latest` resumes each rank's model, optimizer, RNG and
     data position: the final weights equal an uninterrupted 2-rank run's."""
     reference = tmp_path / "uninterrupted"
     reference.mkdir()
-    _finish(_start_ddp(reference, demo_data, resume=False), reference)
+    _finish(_start(reference, demo_data, resume=False, ranks=2), reference)
     assert (reference / f"checkpoint-{DDP_STEPS}" / "data_state_rank1.json").is_file()
 
     out = tmp_path / "run"
     out.mkdir()
     rng = random.Random(99)
     step = rng.randint(3, 5)
-    process = _start_ddp(out, demo_data, resume=False)
+    process = _start(out, demo_data, resume=False, ranks=2)
     line = f"step {step}/{DDP_STEPS} |"
     assert _wait_for(process, lambda: line in (out / "log.txt").read_text(), out, poll=0.01), (
         out / "log.txt"
     ).read_text()[-3000:]
     time.sleep(rng.uniform(0.0, 0.08))
     assert process.poll() is None, "the run finished before it could be killed"
-    _kill_group(process)
+    _kill(process)
     assert _newest_step(out) >= step - 2
-    _finish(_start_ddp(out, demo_data, resume=True), out)
+    _finish(_start(out, demo_data, resume=True, ranks=2), out)
     assert "resumed from" in (out / "log.txt").read_text()
     _assert_same(_final_weights(out), _final_weights(reference))

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import load_script  # noqa: E402
+from helpers import free_port, load_script  # noqa: E402
 from safetensors.torch import load_file
 from torch import nn
 
@@ -485,17 +484,11 @@ def test_resume_from_a_checkpoint_gives_identical_weights_and_ema(tmp_path, demo
     assert report_a["metrics"] == report_b["metrics"] and report_a["step"] == 6
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_cpu_ranks_evaluate_every_video_once(tmp_path, demo_data):
     launcher = [
         str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--main_process_port", str(_free_port()),
+        "--main_process_port", str(free_port()),
     ]  # fmt: skip
     args = [
         *_data_args(demo_data),

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_script  # noqa: E402
+from helpers import free_port, load_script  # noqa: E402
 from safetensors.torch import load_file
 
 from bevt import BEVTConfig, BEVTForMaskedVideoModeling
@@ -418,12 +417,6 @@ def test_nonfinite_losses_stop_the_run_with_a_clear_message(tmp_path, demo_data)
     assert "NaN/inf for 2 optimizer steps in a row" in result.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_cpu_ranks_with_gloo_ddp_read_disjoint_samples(tmp_path, demo_data):
     out = tmp_path / "run"
@@ -436,7 +429,7 @@ def test_two_cpu_ranks_with_gloo_ddp_read_disjoint_samples(tmp_path, demo_data):
         "--num_machines",
         "1",
         "--main_process_port",
-        str(_free_port()),
+        str(free_port()),
     ]
     args = [
         "--max_train_steps",

@@ -172,9 +172,7 @@ def _custom_autograd_allowed() -> bool:
     TorchScript trace records the graph (they make their own choices) and not under torch.func transforms (grad,
     vmap, ...), which need functions written for them."""
     return not (
-        torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
-        or torch._C._are_functorch_transforms_active()
+        torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
     )
 
 
@@ -709,16 +707,15 @@ class BEVTMLP(nn.Module):
     def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
         """x (..., C) -> (..., C); with `norm`, the MLP of `norm(x)`, which is then recomputed in backward rather
         than stored."""
-        if self.training and self.dropout.p > 0 or not _memory_lean_autograd(x, self):
-            return self.dropout(
-                self.fc2(self.dropout(self.act(self.fc1(norm(x) if norm is not None else x))))
-            )
-        if norm is not None and _is_plain(norm, nn.LayerNorm) and _is_plain(self.fc1, BEVTLinear):
+        lean = not (self.training and self.dropout.p > 0) and _memory_lean_autograd(x, self)
+        if lean and norm is not None and _is_plain(norm, nn.LayerNorm) and _is_plain(self.fc1, BEVTLinear):
             hidden = PreparedLinearFunction.apply(
                 partial(_layer_norm, eps=norm.eps), x, self.fc1.weight, self.fc1.bias, norm.weight, norm.bias
             )
         else:
             hidden = self.fc1(norm(x) if norm is not None else x)
+        if not lean:
+            return self.dropout(self.fc2(self.dropout(self.act(hidden))))
         if self.memory_lean and _is_plain(self.fc2, BEVTLinear):
             return GeluLinearFunction.apply(hidden, self.fc2.weight, self.fc2.bias)
         return self.fc2(self.act(hidden))

@@ -252,8 +252,8 @@ def compile_encoder(model: torch.nn.Module) -> None:
     The encoder (Swin stages) holds nearly all the compute and sees fixed shapes per stream (one graph for videos,
     one for images, one more per other batch size). Compiling the whole model instead traces the heads' selection of
     masked positions (data-dependent sizes), which forces dynamic shapes and failed in inductor on CPU. State-dict keys
-    do not change (no `_orig_mod.` prefix). Call it after the EMA copy is made and after `accelerator.prepare`."""
-    model = getattr(model, "module", model)  # DDP
+    do not change (no `_orig_mod.` prefix). Call it on the unwrapped model, after the EMA copy is made and after
+    `accelerator.prepare`."""
     if next(model.parameters()).device.type == "cpu":
         logger.warning(
             "--torch_compile on CPU: the compiled encoder is slower than the eager one here (measured 1.3x slower "

@@ -269,8 +269,8 @@ class CheckpointManager:
 
     # -- discovery ---------------------------------------------------------------------------------------------
 
-    def checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first (by step)."""
+    def _complete(self) -> list[tuple[int, Path]]:
+        """(step, folder) of the complete checkpoints, oldest first."""
         if not self.output_dir.is_dir():
             return []
         found = []
@@ -278,7 +278,11 @@ class CheckpointManager:
             match = self._name_re.match(child.name)
             if match and child.is_dir() and (child / COMPLETE_MARKER).is_file():
                 found.append((int(match.group(1)), child))
-        return [p for _, p in sorted(found)]
+        return sorted(found)
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (by step)."""
+        return [p for _, p in self._complete()]
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or None."""
@@ -401,8 +405,8 @@ class CheckpointManager:
         checkpoint) to `abandoned-checkpoint-{step}[-k]`, so that `latest` and rotation follow the resumed run. They
         are kept, not deleted."""
         moved = []
-        for path in self.checkpoints():
-            if self.step_of_name(path) <= step:
+        for saved_step, path in self._complete():
+            if saved_step <= step:
                 continue
             target = path.with_name(f"abandoned-{path.name}")
             k = 1
@@ -418,13 +422,6 @@ class CheckpointManager:
                 stacklevel=3,
             )
         return moved
-
-    @classmethod
-    def step_of_name(cls, path: Path) -> int:
-        match = cls._name_re.match(path.name)
-        if match is None:
-            raise ValueError(f"{path} is not named {cls.prefix}<step>")
-        return int(match.group(1))
 
     # -- loading -----------------------------------------------------------------------------------------------
 
