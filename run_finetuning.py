@@ -10,8 +10,10 @@
         --validation_shards k400/val --output_dir k400-eval
 
 Start from a BEVT folder (`run_pretraining.py` output, a checkpoint converted with `python -m bevt.convert`, an
-earlier fine-tuning run) or from scratch (`--model_preset`). `--recipe` sets the official defaults of a dataset
-(every flag still overrides):
+earlier fine-tuning run) or from scratch (`--model_preset`). A folder's model keeps its window, frames per clip,
+image size and drop path unless a flag changes them (the recipes change only what the official recipe changes in
+the official pretraining: 16 -> 32 frames; ssv2 also 8x7x7 -> 16x7x7 and drop path 0.3 -> 0.4). `--recipe` sets
+the official defaults of a dataset (every flag still overrides); the window column applies from scratch:
 
 | recipe | clips | window | schedule | augmentation | test views |
 |---|---|---|---|---|---|
@@ -53,9 +55,11 @@ from bevt.data.transforms import (
     seeded_generator,
 )
 from bevt.finetuning import (
+    ARCHITECTURE_FIELDS,
     ModelEMA,
     MultiViewEvalTransform,
     Predictions,
+    RecipeChange,
     compute_metrics,
     evaluation_report,
     freeze_unused_video_parameters,
@@ -64,7 +68,9 @@ from bevt.finetuning import (
     layer_decay_lr_scale,
     load_model_for_finetuning,
     predict_multiview,
+    resolve_architecture,
     save_confusion_matrix_png,
+    skipped_recipe_changes,
     write_json,
 )
 from bevt.metrics import load_video_accuracy
@@ -222,6 +228,20 @@ RECIPES: dict[str, dict[str, Any]] = {
         "torch_threads": 1,  # a tiny model gains nothing from intra-op threads; 2 threads on 2 busy cores thrash
     },
 }
+# What the official recipes change in the pretrained model they start from (BEVT-B pretraining: 16 frames, window
+# 8x7x7, drop path 0.3; configs/recognition/swin/*bevt_finetune*.py). Every other architecture value of a
+# pretrained folder is kept unless a flag changes it (see `bevt.finetuning.resolve_architecture`).
+RECIPE_PRETRAINED_CHANGES: dict[str, dict[str, RecipeChange]] = {
+    "k400": {
+        "num_frames": RecipeChange(16, 32, "the official K400 fine-tuning uses 32-frame clips"),
+    },
+    "ssv2": {
+        "num_frames": RecipeChange(16, 32, "the official SSv2 fine-tuning uses 32-frame clips"),
+        "window_size": RecipeChange((8, 7, 7), (16, 7, 7), "the official SSv2 fine-tuning uses a 16x7x7 window"),
+        "drop_path_rate": RecipeChange(0.3, 0.4, "the official SSv2 fine-tuning uses drop path 0.4"),
+    },
+    "demo": {},
+}
 DATASET_DISPLAY_NAMES = {
     "kinetics400": "Kinetics-400",
     "something-something-v2": "Something-Something v2",
@@ -294,7 +314,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Official defaults to start from (see the table in the script docstring).",
     )
     g.add_argument(
-        "--num_frames", type=int, default=None, help=f"Frames per clip. {_recipe_default('num_frames')}"
+        "--num_frames", type=int, default=None, help=f"Frames per clip. With --model_name_or_path: the model's own unless given (the recipes turn the "
+        f"official 16-frame pretraining into 32). From scratch: {_recipe_default('num_frames')}"
     )
     g.add_argument(
         "--frame_interval",
@@ -308,7 +329,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help=f"dense: clip_len x interval; uniform: one frame per segment. {_recipe_default('sampling')}",
     )
-    g.add_argument("--image_size", type=int, default=None, help=f"Crop size. {_recipe_default('image_size')}")
+    g.add_argument(
+        "--image_size",
+        type=int,
+        default=None,
+        help=f"Crop size. With --model_name_or_path: the model's own unless given. From scratch: "
+        f"{_recipe_default('image_size')}",
+    )
     g.add_argument(
         "--short_side",
         type=int,
@@ -441,13 +468,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs=3,
         default=None,
         metavar=("D", "H", "W"),
-        help=f"Attention window; a pretrained model's bias tables are resized to it. {_recipe_default('window_size')}",
+        help="Attention window. With --model_name_or_path: the model's own unless given (ssv2 turns the official "
+        "8x7x7 into 16x7x7); a different window resizes its bias tables. From scratch: "
+        f"{_recipe_default('window_size')}",
     )
     g.add_argument(
         "--drop_path_rate",
         type=float,
         default=None,
-        help=f"Stochastic depth. {_recipe_default('drop_path_rate')}",
+        help="Stochastic depth. With --model_name_or_path: the model's own unless given (ssv2 turns the official "
+        f"0.3 into 0.4). From scratch: {_recipe_default('drop_path_rate')}",
     )
     g.add_argument(
         "--classifier_dropout",
@@ -562,9 +592,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def apply_recipe_defaults(args: argparse.Namespace) -> None:
-    """Fill unset flags from the recipe (or the demo); sets `args.demo`."""
+    """Fill unset flags from the recipe (or the demo); the architecture (window, frames, image size, drop path) of
+    a pretrained `--model_name_or_path` is kept unless given as flags. Sets `args.demo` and `args.architecture`."""
     args.demo = args.train_shards is None and not args.do_eval_only
-    defaults = RECIPES["demo" if args.demo else args.recipe]
+    recipe = "demo" if args.demo else args.recipe
+    defaults = RECIPES[recipe]
+    flags = {name: getattr(args, name) for name in ARCHITECTURE_FIELDS if getattr(args, name) is not None}
+    short_side_given = args.short_side is not None
     for name, value in defaults.items():
         current = getattr(args, name)
         if (current == "unset") if name == "randaug" else (current is None):
@@ -572,11 +606,40 @@ def apply_recipe_defaults(args: argparse.Namespace) -> None:
     if args.do_eval_only and args.output_dir == defaults["output_dir"]:
         args.output_dir = "bevt-eval"
     args.crop_scale = tuple(args.crop_scale)
-    args.window_size = tuple(args.window_size)
+
+    pretrained = pretrained_config(args.model_name_or_path) if args.model_name_or_path else None
+    if args.do_eval_only:
+        pretrained = None  # evaluation takes the folder's model as it is (clip settings: its video processor)
+    args.architecture = resolve_architecture(
+        pretrained, flags, defaults, RECIPE_PRETRAINED_CHANGES[recipe], recipe_name=recipe
+    )
+    args.skipped_recipe_changes = (
+        skipped_recipe_changes(pretrained, flags, RECIPE_PRETRAINED_CHANGES[recipe], recipe_name=recipe)
+        if pretrained is not None
+        else []
+    )
+    for name, choice in args.architecture.items():
+        setattr(args, name, choice.value)
+    if not short_side_given and args.image_size != defaults["image_size"]:
+        # the recipe's short side is for its crop size: keep the same ratio for the model's own size
+        args.short_side = round(defaults["short_side"] * args.image_size / defaults["image_size"])
     if args.eval_short_side is None:
         args.eval_short_side = (
             args.image_size if args.eval_num_crops == 3 else round(args.image_size * 256 / 224)
         )
+
+
+def pretrained_config(name_or_path: str) -> BEVTConfig:
+    """The config of the `--model_name_or_path` folder (its architecture is kept), or a clear error."""
+    try:
+        config = BEVTConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError, TypeError) as err:
+        raise SystemExit(f"error: --model_name_or_path {name_or_path}: {err}") from None
+    if getattr(config, "model_type", None) != BEVTConfig.model_type:
+        raise SystemExit(
+            f"error: --model_name_or_path {name_or_path}: not a BEVT model (model_type {config.model_type!r})"
+        )
+    return config
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -697,6 +760,12 @@ def build_model(args: argparse.Namespace, label_names: list[str]) -> BEVTForVide
         except (OSError, ValueError, pickle.UnpicklingError) as err:
             raise SystemExit(f"error: --model_name_or_path {args.model_name_or_path}: {err}") from None
         logger.info(f"Model: {report.describe()}")
+        for choice in args.architecture.values():
+            if choice.changed:
+                log = logger.warning if choice.origin == "flag" else logger.info
+                log(f"Architecture change: {choice.describe()}")
+        for line in args.skipped_recipe_changes:
+            logger.info(line)
     else:
         config = BEVTConfig.from_preset(
             args.model_preset,
@@ -1032,8 +1101,10 @@ def card_hyperparameters(args: argparse.Namespace, schedule: Schedule, num_proce
         "schedule": f"{args.lr_scheduler_type}, {schedule.num_warmup_steps} warmup steps, {schedule.max_train_steps} steps",
         "total batch": f"{total_batch} ({num_processes} processes x {args.per_device_train_batch_size} x "
         f"{args.gradient_accumulation_steps} accumulation)",
-        "window": "x".join(map(str, args.window_size)),
-        "drop path": args.drop_path_rate,
+        "window": args.architecture["window_size"].card_text(),
+        "frames per clip": args.architecture["num_frames"].card_text(),
+        "input size": args.architecture["image_size"].card_text(),
+        "drop path": args.architecture["drop_path_rate"].card_text(),
         "augmentation": f"random resized crop {args.crop_scale}, flip {args.flip_prob}, RandAugment "
         f"{args.randaug or 'none'}, random erasing {args.random_erasing}, mixup {args.mixup}, cutmix {args.cutmix}",
         "label smoothing": args.label_smoothing,

@@ -85,6 +85,7 @@ TRACKER_PROJECT = "bevt_pretraining"  # Accelerate tracker project: logs under <
 # built-in demo (no data flags: a tiny model on 64 px synthetic data, a few minutes on a laptop CPU).
 RECIPE_DEFAULTS: dict[str, Any] = {
     "model_preset": "base",
+    "drop_path_rate": 0.3,  # swin_base_patch244_window877_bevt_in1k_k400.py
     "image_size": 224,
     "num_frames": 16,
     "frame_interval": 8,
@@ -105,6 +106,7 @@ RECIPE_DEFAULTS: dict[str, Any] = {
 }
 DEMO_DEFAULTS: dict[str, Any] = {
     "model_preset": "test",
+    "drop_path_rate": 0.0,
     "image_size": 64,
     "num_frames": 8,
     "frame_interval": 2,
@@ -243,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Architecture when training from scratch. {_mode_default('model_preset')}",
     )
     g.add_argument(
+        "--drop_path_rate",
+        type=float,
+        default=None,
+        help="Stochastic depth of a new model (a --model_name_or_path model keeps its own unless given). "
+        f"{_mode_default('drop_path_rate')}",
+    )
+    g.add_argument(
         "--config_overrides",
         default=None,
         help='Config overrides from scratch, e.g. "drop_path_rate=0.2,embed_dim=96".',
@@ -350,6 +359,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def apply_mode_defaults(args: argparse.Namespace) -> None:
     """Fill the flags left unset with the recipe or the demo default; sets `args.demo`."""
     args.demo = args.video_shards is None and args.image_shards is None
+    args.drop_path_rate_given = args.drop_path_rate is not None  # a loaded model keeps its own otherwise
     defaults = DEMO_DEFAULTS if args.demo else RECIPE_DEFAULTS
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -490,7 +500,8 @@ def build_model(args: argparse.Namespace, vocab_size: int | None) -> BEVTForMask
     """From `--model_name_or_path`, or a new model from `--model_preset` (+ overrides, + `--swin2d_checkpoint`)."""
     if args.model_name_or_path:
         try:
-            model = BEVTForMaskedVideoModeling.from_pretrained(args.model_name_or_path)
+            updates = {"drop_path_rate": args.drop_path_rate} if args.drop_path_rate_given else {}
+            model = BEVTForMaskedVideoModeling.from_pretrained(args.model_name_or_path, **updates)
         except (OSError, ValueError, pickle.UnpicklingError) as err:
             raise SystemExit(f"error: --model_name_or_path {args.model_name_or_path}: {err}") from None
         if vocab_size is not None and model.config.vocab_size != vocab_size:
@@ -500,7 +511,11 @@ def build_model(args: argparse.Namespace, vocab_size: int | None) -> BEVTForMask
                 vocab_size,
             )
     else:
-        overrides = {"image_size": args.image_size, "num_frames": args.num_frames}
+        overrides = {
+            "image_size": args.image_size,
+            "num_frames": args.num_frames,
+            "drop_path_rate": args.drop_path_rate,
+        }
         if vocab_size is not None:
             overrides["vocab_size"] = vocab_size
         overrides.update(parse_config_overrides(args.config_overrides))

@@ -6,6 +6,8 @@
   `decay**(L + 1)` with `L = sum(depths) + num_stages - 1` (0.9**28 for Swin-B). Every backbone parameter is also
   multiplied by `backbone_lr_multiplier`; the classifier keeps the base lr.
 - `ModelEMA`: an exponential moving average of the weights (evaluated and saved instead of the raw weights).
+- `resolve_architecture`: which window, clip length, input size and drop path a run uses: a pretrained model's
+  own values unless a flag (or an official recipe's documented change, e.g. SSv2's 16x7x7 window) says otherwise.
 - `load_model_for_finetuning`: a `BEVTForVideoClassification` from any BEVT folder (pretraining output, converted
   official checkpoint, earlier fine-tuning run), with new labels and, when `window_size` differs, the relative
   position bias tables resized as the official code does (trilinear over the offset volume, e.g. 8x7x7 -> 16x7x7).
@@ -35,6 +37,8 @@ from .configuration_bevt import BEVTConfig
 from .modeling_bevt import BEVTForVideoClassification, BEVTModel
 
 __all__ = [
+    "ARCHITECTURE_FIELDS",
+    "ArchitectureChoice",
     "FINETUNING_CONFIG_FIELDS",
     "LoadReport",
     "ModelEMA",
@@ -50,7 +54,10 @@ __all__ = [
     "load_model_for_finetuning",
     "num_layer_units",
     "predict_multiview",
+    "RecipeChange",
+    "resolve_architecture",
     "save_confusion_matrix_png",
+    "skipped_recipe_changes",
 ]
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -304,6 +311,139 @@ def load_model_for_finetuning(
         report.classifier = "loaded"
     report.frozen = freeze_unused_video_parameters(model)
     return model, report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which architecture a fine-tuning run uses
+# ---------------------------------------------------------------------------------------------------------------
+
+# Settings a saved model carries that fine-tuning can change without changing weight shapes; a pretrained model's
+# own values win over recipe defaults (a window or clip length it was not pretrained with costs accuracy).
+ARCHITECTURE_FIELDS: tuple[str, ...] = ("window_size", "num_frames", "image_size", "drop_path_rate")
+
+
+@dataclass(frozen=True)
+class RecipeChange:
+    """An architecture change an official fine-tuning recipe makes to the pretrained model it starts from, e.g.
+    SSv2's window 8x7x7 -> 16x7x7. It applies only to models that have `source` (the official pretraining's value)."""
+
+    source: Any
+    target: Any
+    reason: str
+
+
+@dataclass(frozen=True)
+class ArchitectureChoice:
+    """The value one architecture field gets in a fine-tuning run and why."""
+
+    name: str
+    value: Any
+    pretrained: Any = None  # the model folder's value (None when training from scratch)
+    origin: str = "recipe"  # "pretrained" | "flag" | "recipe"
+    reason: str = ""
+
+    @property
+    def changed(self) -> bool:
+        return self.pretrained is not None and self.value != self.pretrained
+
+    def describe(self) -> str:
+        """One line for the log: what changed, from, to, why and what it may cost ("" when nothing changed)."""
+        if not self.changed:
+            return ""
+        line = f"{self.name} {_show(self.pretrained)} -> {_show(self.value)} ({self.reason})"
+        cost = _CHANGE_COSTS.get(self.name, "")
+        if self.origin == "flag" and cost:
+            line += f": {cost}; omit --{self.name} to keep the pretrained {_show(self.pretrained)}"
+        elif self.name == "window_size":
+            line += ": relative position bias tables resized"
+        return line
+
+    def card_text(self) -> str:
+        """`8x7x7 (pretrained model)`, `16x7x7 (changed from 8x7x7: ssv2 recipe)`: for the model card."""
+        if self.pretrained is None:
+            return f"{_show(self.value)} ({self.reason})"
+        if not self.changed:
+            return f"{_show(self.value)} (pretrained model)"
+        return f"{_show(self.value)} (changed from {_show(self.pretrained)}: {self.reason})"
+
+
+_CHANGE_COSTS = {
+    "window_size": "the relative position bias tables are resized to a window the model was not pretrained "
+    "with, which can cost accuracy",
+    "num_frames": "clips of another length than in pretraining change what the temporal windows see, which can "
+    "cost accuracy",
+    "image_size": "another input size than in pretraining changes the scale of what the windows see, which can "
+    "cost accuracy",
+}
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return "x".join(str(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _normalise(name: str, value: Any) -> Any:
+    return tuple(int(v) for v in value) if name == "window_size" else value
+
+
+def resolve_architecture(
+    pretrained: BEVTConfig | None,
+    flags: Mapping[str, Any],
+    recipe_values: Mapping[str, Any],
+    recipe_changes: Mapping[str, RecipeChange] | None = None,
+    recipe_name: str = "recipe",
+) -> dict[str, ArchitectureChoice]:
+    """Window, clip length, input size and drop path of a fine-tuning run (`ARCHITECTURE_FIELDS`).
+
+    From scratch (`pretrained` None): a flag, else the recipe's value. From a pretrained model: a flag (the change
+    is reported with what it may cost), else the recipe's documented change when the model has the value the
+    official recipe starts from (e.g. ssv2: window 8x7x7 -> 16x7x7), else **the model's own value**.
+
+    Args:
+        pretrained: the config of the model folder fine-tuning starts from, or None.
+        flags: the fields given explicitly on the command line (name -> value); absent fields were not given.
+        recipe_values: the recipe's value of every field (used from scratch).
+        recipe_changes: the recipe's documented changes to pretrained models, by field.
+        recipe_name: shown in the reasons ("ssv2 recipe").
+    """
+    choices: dict[str, ArchitectureChoice] = {}
+    for name in ARCHITECTURE_FIELDS:
+        if pretrained is None:
+            if name in flags:
+                choices[name] = ArchitectureChoice(name, _normalise(name, flags[name]), None, "flag", f"--{name}")
+            else:
+                value = _normalise(name, recipe_values[name])
+                choices[name] = ArchitectureChoice(name, value, None, "recipe", f"{recipe_name} recipe")
+            continue
+        own = _normalise(name, getattr(pretrained, name))
+        change = (recipe_changes or {}).get(name)
+        if name in flags:
+            choices[name] = ArchitectureChoice(name, _normalise(name, flags[name]), own, "flag", f"--{name}")
+        elif change is not None and _normalise(name, change.source) == own:
+            target = _normalise(name, change.target)
+            choices[name] = ArchitectureChoice(name, target, own, "recipe", f"{recipe_name} recipe: {change.reason}")
+        else:
+            choices[name] = ArchitectureChoice(name, own, own, "pretrained", "pretrained model")
+    return choices
+
+
+def skipped_recipe_changes(
+    pretrained: BEVTConfig,
+    flags: Mapping[str, Any],
+    recipe_changes: Mapping[str, RecipeChange],
+    recipe_name: str = "recipe",
+) -> list[str]:
+    """Log lines for the recipe changes that did not apply: the model does not have the official starting value."""
+    lines = []
+    for name, change in recipe_changes.items():
+        own = _normalise(name, getattr(pretrained, name))
+        if name not in flags and own != _normalise(name, change.source):
+            lines.append(
+                f"{recipe_name} recipe: the official fine-tuning changes {name} {_show(change.source)} -> "
+                f"{_show(change.target)}; this model has {_show(own)}, kept (pass --{name} to change it)"
+            )
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------------------
