@@ -7,10 +7,17 @@ A Transformers ``BaseVideoProcessor`` (saved as ``video_preprocessor_config.json
 
 Inputs (one video or a list of them):
 
-* a file path (``str`` / ``os.PathLike``), an ``http(s)://`` URL, the encoded bytes, or a ``datasets``
-  video dict ``{"bytes": ..., "path": ...}``: decoded with :mod:`bevt.data.decoding` (decord, else
-  torchcodec, else PyAV; ``video_backend=`` overrides), and only the sampled frames are decoded;
-* a ``uint8`` (or float) array/tensor ``(T, H, W, C)`` or ``(T, C, H, W)``, or a list of PIL / array frames.
+* a file path (``str`` / ``os.PathLike``), an ``http(s)://`` URL, the encoded bytes, a binary file object
+  (``open(path, "rb")``, ``io.BytesIO``), or a ``datasets`` video dict ``{"bytes": ..., "path": ...}``: decoded
+  with :mod:`bevt.data.decoding` (decord, else torchcodec, else PyAV; ``video_backend=`` overrides), and only the
+  sampled frames are decoded;
+* a ``uint8`` (or float) array/tensor ``(T, H, W, C)`` or ``(T, C, H, W)`` (``C`` = 1, 3 or 4; a grayscale video
+  ``(T, H, W)`` needs its channel axis: ``frames[..., None]``), or a list of PIL / array frames;
+* a single PIL image or ``(H, W, C)`` / ``(C, H, W)`` array: a 1-frame video (a 3-D array is always one frame).
+
+Pixel values: ``uint8`` frames (0-255) are rescaled by ``rescale_factor`` (1/255). So are float frames, as in every
+Transformers processor: float frames already in [0, 1] need ``do_rescale=False`` (a warning says so when float
+frames look rescaled, and when ``uint8`` frames are given with ``do_rescale=False``).
 
 Frame sampling (:func:`bevt.data.sampling.sample_frame_indices`): ``sampling_mode="dense"`` takes
 ``num_frames`` frames ``frame_interval`` apart (Kinetics style, e.g. 32x2 or 16x8), ``"uniform"`` one frame
@@ -24,7 +31,10 @@ along the long side: top/centre/bottom for portrait videos) give ``V = num_clips
 video. ``pixel_values`` is then ``(B * V, T, C, H, W)``, ordered video by video, and within a video clip by
 clip, crop by crop, so ``logits.view(B, V, -1)`` groups the views of each video;
 :meth:`BEVTVideoProcessor.aggregate_views` averages them. With the defaults (``V = 1``) the output is
-``(B, T, C, H, W)``, what the pipeline expects. ``return_num_views=True`` adds ``num_views`` ``(B,)``.
+``(B, T, C, H, W)``. With ``V > 1`` the output also holds ``num_views`` ``(B,)`` (``return_num_views=True`` adds
+it for ``V = 1`` too), which ``BEVTForVideoClassification`` takes to average the views of each video: so
+``model(**processor(video))`` and ``pipeline("video-classification")`` score a video on all its views (the mean of
+the per-view softmax scores, as the multi-view evaluation), whatever views the processor was saved with.
 
 Geometry: resize the short side to ``size["shortest_edge"]`` (224 here; use 256 for the
 "resize 256, centre crop 224" evaluation), crop ``crop_size`` (224x224), rescale to [0, 1] and normalize
@@ -33,6 +43,7 @@ with the ImageNet mean/std, as the official BEVT pipelines do.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -57,6 +68,8 @@ from .video_decoding import VideoDecodingError, VideoReader
 
 __all__ = ["BEVTVideoProcessor", "BEVTVideoProcessorKwargs"]
 
+logger = logging.getLogger(__name__)
+
 _SOURCE_TYPES = (str, os.PathLike, bytes, bytearray, memoryview)
 
 
@@ -71,7 +84,8 @@ class BEVTVideoProcessorKwargs(VideosKwargs, total=False):
         test_mode: deterministic sampling (True) or random offsets (False).
         video_backend: ``"decord"``, ``"torchcodec"``, ``"pyav"`` or None (automatic).
         seed: seed of the sampling generator when ``test_mode`` is False.
-        return_num_views: add ``num_views`` ``(B,)`` to the output.
+        return_num_views: add ``num_views`` ``(B,)`` to the output also for single-view processing (it is always
+            there when a video has several views).
     """
 
     frame_interval: int | None
@@ -101,14 +115,16 @@ class BEVTVideoProcessor(BaseVideoProcessor):
 
     Returns (``__call__``):
         `BatchFeature` with ``pixel_values``: ``(B * num_clips * num_crops, T, C, crop_h, crop_w)`` float
-        (a list of tensors when ``return_tensors`` is None), plus ``num_views`` when
-        ``return_num_views=True`` and ``video_metadata`` when ``return_metadata=True``.
+        (a list of tensors when ``return_tensors`` is None), plus ``num_views`` ``(B,)`` when a video has several
+        views (or ``return_num_views=True``) and ``video_metadata`` when ``return_metadata=True``.
 
     Example::
 
         processor = BEVTVideoProcessor(num_frames=32, frame_interval=2, num_clips=4, num_crops=3)
-        inputs = processor("video.mp4", return_tensors="pt")       # pixel_values (12, 32, 3, 224, 224)
-        scores = processor.aggregate_views(model(**inputs).logits, 12)  # (1, num_labels)
+        inputs = processor("video.mp4", return_tensors="pt")  # pixel_values (12, 32, 3, 224, 224), num_views [12]
+        scores = model(**inputs).logits.softmax(-1)          # (1, num_labels): the 12 views averaged
+        per_view = model(pixel_values=inputs["pixel_values"]).logits                 # (12, num_labels)
+        scores = processor.aggregate_views(per_view, 12)                             # the same (1, num_labels)
     """
 
     resample = PILImageResampling.BILINEAR
@@ -179,6 +195,10 @@ class BEVTVideoProcessor(BaseVideoProcessor):
             average: ``"prob"`` averages softmax probabilities (mmaction2's default for multi-view testing),
                 ``"logits"`` averages the raw logits.
         """
+        if isinstance(num_views, bool) or not isinstance(num_views, int) or num_views < 1:
+            raise ValueError(f"num_views must be a positive integer, got {num_views!r}")
+        if not isinstance(logits, torch.Tensor):
+            raise ValueError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
         if logits.ndim != 2 or logits.shape[0] % num_views != 0:
             raise ValueError(
                 f"logits of shape {tuple(logits.shape)} cannot be split into groups of {num_views} views"
@@ -234,8 +254,9 @@ class BEVTVideoProcessor(BaseVideoProcessor):
 
         kwargs = self._standardize_kwargs(**kwargs)
         self._validate_preprocess_kwargs(**kwargs)
+        self._warn_about_rescaling(clips, kwargs.get("do_rescale"))
         batch = self._preprocess(clips, num_crops=num_crops, **kwargs)
-        if return_num_views:
+        if return_num_views or num_clips * num_crops > 1:
             batch["num_views"] = torch.full((len(metadata),), num_clips * num_crops, dtype=torch.long)
         if return_metadata:
             batch["video_metadata"] = metadata
@@ -254,6 +275,7 @@ class BEVTVideoProcessor(BaseVideoProcessor):
         def is_video(x: Any) -> bool:
             return (
                 isinstance(x, _SOURCE_TYPES)
+                or (hasattr(x, "read") and not isinstance(x, Image.Image))  # a binary file object
                 or (isinstance(x, dict) and ("bytes" in x or "path" in x))
                 or (isinstance(x, np.ndarray | torch.Tensor) and x.ndim == 4)
             )
@@ -263,27 +285,45 @@ class BEVTVideoProcessor(BaseVideoProcessor):
         if isinstance(videos, np.ndarray | torch.Tensor) and videos.ndim == 5:
             return list(videos)
         if is_frame(videos):  # a single image: a 1-frame video
-            return [videos]
+            BEVTVideoProcessor._check_frame(videos, 0)
+            return [[videos]]
         if not isinstance(videos, list | tuple) or len(videos) == 0:
             raise ValueError(
-                "videos must be a path, URL, bytes, a (T, H, W, C) array/tensor, a list of frames, or a list of "
-                f"those; got {type(videos).__name__}"
+                "videos must be a path, URL, bytes, a binary file object, a (T, H, W, C) array/tensor, a list of "
+                f"frames, or a list of those; got {type(videos).__name__}"
                 + (" (empty)" if isinstance(videos, list | tuple) else "")
             )
         if all(is_frame(f) for f in videos):
+            for f in videos:
+                BEVTVideoProcessor._check_frame(f, 0)
             return [list(videos)]
         out = []
         for i, item in enumerate(videos):
             if is_video(item):
                 out.append(item)
             elif isinstance(item, list | tuple) and item and all(is_frame(f) for f in item):
+                for f in item:
+                    BEVTVideoProcessor._check_frame(f, i)
                 out.append(list(item))
             else:
                 raise ValueError(
                     f"video {i} of the batch has an unsupported type {type(item).__name__}: expected a path, URL, "
-                    "bytes, a (T, H, W, C) array/tensor or a list of frames"
+                    "bytes, a binary file object, a (T, H, W, C) array/tensor or a list of frames"
                 )
         return out
+
+    @staticmethod
+    def _check_frame(frame: Any, index: int) -> None:
+        """A 3-D array is one frame ``(H, W, C)`` / ``(C, H, W)``: refuse one without a channel axis (likely a
+        grayscale video ``(T, H, W)``, which would otherwise be misread)."""
+        if isinstance(frame, np.ndarray | torch.Tensor) and not (
+            frame.shape[-1] in (1, 3, 4) or frame.shape[0] in (1, 3, 4)
+        ):
+            raise ValueError(
+                f"video {index}: a 3-D array of shape {tuple(frame.shape)} is one frame (H, W, C) or (C, H, W), "
+                "but none of its axes holds 1, 3 or 4 channels; a grayscale video (T, H, W) needs a channel axis: "
+                "frames[..., None]"
+            )
 
     @staticmethod
     def _frames_to_array(frames: list[Any], index: int) -> torch.Tensor:
@@ -302,6 +342,11 @@ class BEVTVideoProcessor(BaseVideoProcessor):
 
     @staticmethod
     def _resolve_source(item: Any) -> Any:
+        """A path, bytes or file object for :class:`VideoReader` (URLs are downloaded).
+
+        Raises:
+            VideoDecodingError: a URL that cannot be downloaded (offline, refused, HTTP error), naming it.
+        """
         if isinstance(item, dict):  # datasets Video(decode=False): {"bytes": ..., "path": ...}
             item = item.get("bytes") or item.get("path")
             if item is None:
@@ -309,8 +354,11 @@ class BEVTVideoProcessor(BaseVideoProcessor):
         if isinstance(item, str) and item.startswith(("http://", "https://")):
             from huggingface_hub.utils import get_session
 
-            response = get_session().get(item, follow_redirects=True)
-            response.raise_for_status()
+            try:
+                response = get_session().get(item, follow_redirects=True)
+                response.raise_for_status()
+            except Exception as err:  # noqa: BLE001 - httpx / OSError / offline-mode errors alike
+                raise VideoDecodingError(f"cannot download {item}: {type(err).__name__}: {err}") from err
             item = response.content
         return item
 
@@ -364,8 +412,8 @@ class BEVTVideoProcessor(BaseVideoProcessor):
                     )
                 )
                 continue
-            source = self._resolve_source(item)
             try:
+                source = self._resolve_source(item)
                 with VideoReader(source, backend=video_backend) as reader:
                     indices = sample(reader.num_frames)
                     flat = [i for clip in indices for i in clip]
@@ -419,6 +467,24 @@ class BEVTVideoProcessor(BaseVideoProcessor):
             raise ValueError(f"video {index}: expected 3 colour channels, got {clip.shape[1]}")
         clip = clip.contiguous()
         return clip.to(device) if device is not None else clip
+
+    @staticmethod
+    def _warn_about_rescaling(clips: list[torch.Tensor], do_rescale: bool | None) -> None:
+        """Transformers' rule: ``do_rescale`` always multiplies by ``rescale_factor``; warn (once) when that looks
+        wrong: float frames already in [0, 1] with ``do_rescale=True``, or ``uint8`` frames with ``do_rescale=False``."""
+        if do_rescale:
+            for clip in clips:
+                if clip.is_floating_point() and bool(clip.min() >= 0) and bool(clip.max() <= 1):
+                    logger.warning_once(
+                        "It looks like you are trying to rescale already rescaled video frames: float pixel values in "
+                        "[0, 1] are divided by 255 again. If the frames are in [0, 1], pass `do_rescale=False`."
+                    )
+                    return
+        elif any(clip.dtype == torch.uint8 for clip in clips):
+            logger.warning_once(
+                "The video frames are uint8 (0-255) and `do_rescale=False`: they are normalized without rescaling to "
+                "[0, 1]. Use `do_rescale=True` for uint8 frames."
+            )
 
     # ------------------------------------------------------------------------------------------ transforms
 
