@@ -7,6 +7,7 @@ channels-last: video (B, D, H, W, C), image (B, H, W, C).
 """
 
 import itertools
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -999,6 +1000,8 @@ class BEVTModel(BEVTPreTrainedModel):
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Validate, embed and run the stages. Returns (patch embeddings, stage outputs before merging), channels-last."""
         _check_pixel_values(pixel_values, self.config, name)
+        # As Transformers' vision models do (ViT, CLIP): the input follows the weights' dtype (fp16 pixels, fp32 model)
+        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
         if bool_masked_pos is not None:
             expected = (pixel_values.shape[0], *mask_grid_shape(tuple(pixel_values.shape), self.config))
             if tuple(bool_masked_pos.shape) != expected:
@@ -1232,6 +1235,33 @@ class BEVTForVideoClassification(BEVTPreTrainedModel):
             return torch.sum(-labels * F.log_softmax(logits, dim=-1), dim=-1).mean()
         return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
 
+    def _average_views(self, logits: torch.Tensor, num_views: int | torch.Tensor) -> torch.Tensor:
+        """Per-view logits `(B * V, num_labels)` -> per-video `(B, num_labels)`: the log of the mean softmax over the V
+        views of each video (so `softmax` of the result is the multi-view score), or the mean logits for regression /
+        multi-label models. `num_views` is V, or the processor's `num_views` `(B,)`."""
+        batch = None
+        views: object = num_views
+        if isinstance(num_views, torch.Tensor):
+            values = num_views.flatten().tolist()
+            if len(set(values)) != 1:
+                raise ValueError(
+                    f"`num_views` must give every video the same number of views (one `num_views` per video), got {values}"
+                )
+            batch, views = len(values), values[0]
+        if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+            raise ValueError(f"`num_views` must be a positive integer (views per video), got {num_views!r}")
+        if logits.shape[0] % views or (batch is not None and batch * views != logits.shape[0]):
+            raise ValueError(
+                f"`pixel_values` holds {logits.shape[0]} views: {logits.shape[0]} views cannot be split into videos of "
+                f"{views} views" + (f" for {batch} videos" if batch is not None else "")
+            )
+        if views == 1:
+            return logits
+        grouped = logits.float().view(-1, views, logits.shape[-1])
+        if self.config.problem_type in ("regression", "multi_label_classification"):
+            return grouped.mean(1).to(logits.dtype)
+        return (torch.logsumexp(grouped.log_softmax(-1), dim=1) - math.log(views)).to(logits.dtype)
+
     def __init__(self, config: BEVTConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -1246,18 +1276,36 @@ class BEVTForVideoClassification(BEVTPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
+        num_views: int | torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutput | tuple:
         """pixel_values (B, T, C, H, W) (or images (B, C, H, W)); labels (B,) class ids, or float (B, num_labels)
         class distributions (soft targets from mixup/cutmix/label smoothing: cross-entropy against them) unless
-        `config.problem_type` is "multi_label_classification" (then BCE, as Transformers). Returns logits."""
+        `config.problem_type` is "multi_label_classification" (then BCE, as Transformers). Returns logits.
+
+        num_views: the views per video when `pixel_values` holds `B * num_views` views, consecutive per video (what
+        `BEVTVideoProcessor` returns for several clips / crops, as `num_views` `(B,)`): the logits are then per video,
+        `(B, num_labels)`, the log of the views' mean softmax (see `_average_views`), and labels are per video."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.bevt(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.classifier(self.dropout(outputs.pooler_output))
+        if num_views is not None:
+            logits = self._average_views(logits, num_views)
         loss = None
         if labels is not None:
+            if (
+                labels.is_floating_point()
+                and labels.ndim == 1
+                and self.num_labels > 1
+                and self.config.problem_type != "regression"
+            ):
+                raise ValueError(
+                    f"float `labels` of shape {tuple(labels.shape)}: class ids must be an integer tensor "
+                    f"(`labels.long()`), float labels must be class distributions {tuple(logits.shape)} "
+                    "(batch, num_labels)"
+                )
             if not labels.is_floating_point() and labels.ndim == 1 and self.num_labels > 1:
                 if labels.shape[0] != logits.shape[0]:
                     raise ValueError(
