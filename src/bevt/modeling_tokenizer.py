@@ -350,8 +350,23 @@ class BEVTVisualTokenizer(PreTrainedModel):
 
     @torch.no_grad()
     def get_codebook_indices(self, pixel_values: torch.Tensor) -> torch.LongTensor:
-        """Token ids (int64): images `(B, C, H, W) -> (B, h, w)`, videos `(B, T, C, H, W) -> (B, T, h, w)`."""
+        """Token ids (int64): images `(B, C, H, W) -> (B, h, w)`, videos `(B, T, C, H, W) -> (B, T, h, w)`.
+
+        `pixel_values` are RGB in [0, 1] (the model maps them itself): anything outside, such as ImageNet-normalised
+        or 0-255 pixels, is refused (one min / max per call) instead of giving wrong targets.
+        """
         frames, leading = self._frames(pixel_values)
+        if frames.numel():
+            low, high = (float(v) for v in torch.aminmax(frames.detach()))
+            if not (0.0 <= low and high <= 1.0):  # also catches NaN
+                hint = ""
+                if low < 0.0:
+                    hint = " (normalised pixels? pass the un-normalised [0, 1] frames)"
+                elif high > 1.0:
+                    hint = " (0-255 pixels? divide by 255)"
+                raise ValueError(
+                    f"get_codebook_indices expects pixels in [0, 1], got values in [{low:.4g}, {high:.4g}]{hint}"
+                )
         return self._logits(frames).argmax(dim=1).unflatten(0, leading)
 
     def _frames(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
