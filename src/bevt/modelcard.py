@@ -192,9 +192,9 @@ from transformers import AutoModelForVideoClassification, AutoVideoProcessor
 
 model = AutoModelForVideoClassification.from_pretrained("{repo_hint}", trust_remote_code=True).eval()
 processor = AutoVideoProcessor.from_pretrained("{repo_hint}", trust_remote_code=True)
-inputs = processor("video.mp4", num_clips=4, num_crops=3, return_tensors="pt")
+inputs = processor("video.mp4", num_clips=4, num_crops=3, return_tensors="pt")  # 12 views + num_views
 with torch.no_grad():
-    scores = processor.aggregate_views(model(**inputs).logits, num_views=12)  # (1, num_labels)
+    scores = model(**inputs).logits.softmax(-1)  # (1, num_labels): the mean of the 12 views' softmax scores
 ```"""
     return f"""```python
 from transformers import AutoModel
