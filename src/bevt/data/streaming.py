@@ -15,7 +15,8 @@ Pipeline per rank and DataLoader worker::
   whole shard and lost every good sample after it. Damage in a tar becomes a sample-level error instead
   (``shard_error``), and reading goes on after a corrupt region. We parse and decode ourselves, per sample,
   inside a ``try``: a bad sample is skipped, counted by reason in :class:`StreamStats` and logged with its
-  key and shard; it never ends the stream and never costs another sample. If more than
+  key and shard (once per sample: a sample that fails again in a later epoch or pass is counted, not logged
+  again); it never ends the stream and never costs another sample. If more than
   ``max_failure_fraction`` of the samples fail (after ``min_samples_for_check`` attempts), or a whole epoch
   yields nothing, the stream stops with :class:`DataQualityError`.
 * **Ranks**: pass ``rank`` / ``world_size``; the stream applies ``split_dataset_by_node`` itself, so each
@@ -239,6 +240,7 @@ class ShardStream(IterableDataset):
         self.media_columns = VIDEO_EXTENSIONS if kind == "video" else IMAGE_EXTENSIONS
         self.stats = StreamStats()
         self._resume: dict[str, Any] | None = None
+        self._logged: set[tuple[str, str]] = set()  # (key, shard) of failures already logged
         self._live: dict[str, Any] | None = None
         self._shard_counts = self._read_shard_counts()
 
@@ -383,11 +385,17 @@ class ShardStream(IterableDataset):
 
     # ------------------------------------------------------------------------------ samples
 
-    def _fail(self, stats: StreamStats, key: str, url: str, reason: str, message: str) -> None:
+    def _fail(self, stats: StreamStats, key: str, url: str, reason: str, message: str) -> bool:
+        """Count a failed sample; log it if it was not logged before (up to ``log_limit`` samples, then every 100th
+        failure; damaged shards always). Returns whether it was logged now."""
         stats.failed[reason] += 1
         stats.recent.append((key, url, reason, message))
         n = stats.num_failed
-        if n <= self.log_limit or n % 100 == 0 or reason == "shard_error":
+        logged = (key, url) not in self._logged and (
+            len(self._logged) < self.log_limit or n % 100 == 0 or reason == "shard_error"
+        )
+        if logged:
+            self._logged.add((key, url))
             logger.log(
                 logging.ERROR if reason == "shard_error" else logging.WARNING,
                 "skipping sample %r of shard %s: %s: %s (%s)",
@@ -402,6 +410,7 @@ class ShardStream(IterableDataset):
                 f"{n} of {stats.attempts} samples failed to load (> {self.max_failure_fraction:.0%}): "
                 f"{stats.summary()}; last failures (key, shard, reason, message): {list(stats.recent)}"
             )
+        return logged
 
     def _decode(self, data: bytes, generator: torch.Generator) -> torch.Tensor:
         from bevt.data.decoding import VideoDecodingError, available_backends, decode_image, resolve_backend
@@ -531,6 +540,7 @@ class ShardStream(IterableDataset):
         if in_process:
             self.stats = stats
         last: dict[str, Any] | None = None
+        newly_logged: list[tuple[str, str]] = []  # sent to the loader, which keeps them for the next pass's workers
         while True:
             fresh_epoch = start is None and block == 0
             ds = self.source(epoch)
@@ -557,9 +567,9 @@ class ShardStream(IterableDataset):
                     try:
                         sample = self._process(raw, epoch)
                     except _SampleError as err:
-                        self._fail(
-                            stats, raw.get("__key__") or "?", raw.get("__url__") or "?", err.reason, str(err)
-                        )
+                        key, url = raw.get("__key__") or "?", raw.get("__url__") or "?"
+                        if self._fail(stats, key, url, err.reason, str(err)) and not in_process:
+                            newly_logged.append((key, url))
                         continue
                     stats.ok += 1
                     epoch_ok += 1
@@ -571,6 +581,8 @@ class ShardStream(IterableDataset):
                         "stats": stats.as_dict(),
                     }
                     sample["__state__"] = {"worker": worker, "num_workers": num_workers, "state": position}
+                    if newly_logged:
+                        sample["__state__"]["logged"], newly_logged = newly_logged, []
                     if in_process:
                         self._live = position
                     last = position
@@ -588,10 +600,8 @@ class ShardStream(IterableDataset):
                     # Failures after this worker's last sample would never reach the loader: send the final
                     # counts in a data-less marker (the loader's collate drops it).
                     final = {**last, "stats": stats.as_dict()}
-                    yield {
-                        _STATS_ONLY: True,
-                        "__state__": {"worker": worker, "num_workers": num_workers, "state": final},
-                    }
+                    state = {"worker": worker, "num_workers": num_workers, "state": final, "logged": newly_logged}
+                    yield {_STATS_ONLY: True, "__state__": state}
                 return
             if fresh_epoch and epoch_raw == 0:
                 return  # this worker has no shards: repeating would spin forever
@@ -656,7 +666,8 @@ def build_stream(
             fraction of the samples seen (once there are at least ``min_samples_for_check``) failed.
         backend: video decoding backend (``None``: automatic, see :mod:`bevt.data.decoding`; a video the
             automatic choice cannot decode is retried with PyAV before it counts as a ``decode_error``).
-        log_limit: log every failure up to this many per worker, then every 100th.
+        log_limit: log each failing sample (once: not again when it fails in a later epoch or pass) up to this
+            many samples per worker, then every 100th failure.
     """
     files = list_shards(data_files)
     if kind is None:
@@ -721,13 +732,15 @@ def build_stream(
 
 
 class _StateCollate:
-    """Runs in the DataLoader workers: collate the samples, hand the last one's ``__state__`` alongside."""
+    """Runs in the DataLoader workers: collate the samples, hand the last one's ``__state__`` alongside (with the
+    failures every sample of the batch says were logged)."""
 
     def __init__(self, collate_fn: Callable[[list[dict[str, Any]]], Any]) -> None:
         self.collate_fn = collate_fn
 
     def __call__(self, samples: list[dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
-        state = samples[-1]["__state__"]
+        state = dict(samples[-1]["__state__"])
+        state["logged"] = [item for s in samples for item in s["__state__"].get("logged", ())]
         clean = [{k: v for k, v in s.items() if k != "__state__"} for s in samples if _STATS_ONLY not in s]
         return (self.collate_fn(clean) if clean else None), state
 
@@ -842,6 +855,8 @@ class StreamDataLoader:
 
         def deliver(worker: int) -> Any:
             batch, state = pending[worker].popleft()
+            # failures a worker logged: the workers of later passes (copies of this stream) do not log them again
+            self.stream._logged.update((str(key), str(url)) for key, url in state.get("logged", ()))
             self._workers[str(worker)] = state["state"]  # batch None: a worker's final counts, no data
             self._next_worker = (worker + 1) % slots
             return batch
