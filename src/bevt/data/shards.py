@@ -16,7 +16,14 @@ the training scripts and :mod:`bevt.data.streaming`:
 
 Reading: training reads shards with :func:`iter_tar_samples` (through :mod:`bevt.data.streaming`), which survives
 damage (a truncated shard, a corrupt member header, duplicate members) and tolerates keys with dots;
-:func:`iter_shard` is a simple reader for inspection.
+:func:`iter_shard` is a simple reader for inspection, :func:`iter_sample_metadata` reads only the ``KEY.json``
+members.
+
+Label ids: a class must have the same id in every split and in the model. :func:`check_label_consistency` checks
+shard sets (their ``dataset_info.json`` / ``labels.txt`` and each sample's ``label`` / ``label_name``) and a list of
+label names against each other and raises :class:`LabelMismatchError` naming the class and both ids::
+
+    id2label = check_label_consistency("shards/train", "shards/val", label_names="labels.txt")
 
 Writing from Python (bytes already in memory)::
 
@@ -31,6 +38,7 @@ from __future__ import annotations
 import glob
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -48,10 +56,13 @@ __all__ = [
     "MEDIA_EXTENSIONS",
     "SAMPLE_FORMAT",
     "VIDEO_EXTENSIONS",
+    "LabelMismatchError",
     "ShardInfo",
     "ShardWriter",
     "TarSample",
     "check_key",
+    "check_label_consistency",
+    "iter_sample_metadata",
     "iter_shard",
     "iter_tar_samples",
     "list_shards",
@@ -62,6 +73,8 @@ __all__ = [
     "write_dataset_info",
     "write_shards",
 ]
+
+logger = logging.getLogger(__name__)
 
 SAMPLE_FORMAT = "bevt/1"
 """Version tag of the sample format written into ``dataset_info.json``."""
@@ -665,3 +678,128 @@ def iter_tar_samples(path: str | os.PathLike) -> Iterator[TarSample]:
             position = resume
     finally:
         f.close()
+
+
+# ------------------------------------------------------------------------------------------ label consistency
+
+
+class LabelMismatchError(ValueError):
+    """Two sources (shard sets, their samples, a list of label names) give a class different label ids."""
+
+
+def iter_sample_metadata(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """``(key, metadata)`` of each sample of a shard, in file order, reading only the ``KEY.json`` members.
+
+    Media members are skipped by seeking past them (the cost is one tar header per member), so this is cheap even
+    on large shards. ``metadata`` is the parsed JSON (``None`` if it is not valid JSON). A damaged tar stops the
+    iteration at the damage, with a warning (the training stream reports the damage itself).
+    """
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                split = _split_member_name(member.name) if member.isfile() else None
+                if split is None or split[1] != "json":
+                    continue
+                raw = tar.extractfile(member).read()
+                try:
+                    meta = json.loads(raw)
+                except ValueError:
+                    meta = None
+                yield os.path.basename(split[0]), meta
+    except (tarfile.TarError, OSError, EOFError) as err:
+        logger.warning("stopped reading the sample metadata of %s: %s: %s", path, type(err).__name__, err)
+
+
+class _LabelMap:
+    """Label ids seen so far: name <-> id, each with where it was seen first; a contradiction raises."""
+
+    def __init__(self, hint: str) -> None:
+        self.hint = hint
+        self.names: dict[int, tuple[str, str]] = {}  # id -> (name, where)
+        self.ids: dict[str, tuple[int, str]] = {}  # name -> (id, where)
+
+    def add(self, label: int, name: str, where: str) -> None:
+        if name in self.ids and self.ids[name][0] != label:
+            other, seen = self.ids[name]
+            raise LabelMismatchError(
+                f"class {name!r} is label {label} in {where} but label {other} in {seen}; {self.hint}"
+            )
+        if label in self.names and self.names[label][0] != name:
+            other, seen = self.names[label]
+            raise LabelMismatchError(
+                f"label {label} is {name!r} in {where} but {other!r} in {seen}; {self.hint}"
+            )
+        self.names.setdefault(label, (name, where))
+        self.ids.setdefault(name, (label, where))
+
+
+def check_label_consistency(
+    *shard_sets: str | os.PathLike | Sequence[str | os.PathLike],
+    label_names: Sequence[str] | str | os.PathLike | None = None,
+    scan_samples: bool = True,
+) -> dict[int, str]:
+    """Check that shard sets (e.g. train and validation) and a list of label names agree on every label id.
+
+    Each shard set (a folder, glob, ``.tar`` or a list of them, as :func:`list_shards` takes) contributes the class
+    names of its folders' ``dataset_info.json`` (or ``labels.txt``) and, with ``scan_samples``, the
+    ``label`` / ``label_name`` of each of its samples (read with :func:`iter_sample_metadata`: one pass over the tar
+    headers, no media). ``label_names`` (the model's classes in id order, or a file with one per line) is the
+    reference: every class named by the shards must be one of them, with the same id. Samples without a
+    ``label_name`` (or without a label) are not compared.
+
+    Returns:
+        ``{label id: class name}``: ``label_names`` when given, else everything the shard sets name (empty for
+        shards with integer labels only).
+
+    Raises:
+        LabelMismatchError: a class with two ids or an id with two names (between the sources, or inside one shard
+            set, e.g. stale shards of another build left in its folder), or a class that ``label_names`` lacks; the
+            message names the class, both ids and where each was seen.
+        FileNotFoundError / ValueError: a shard set that does not resolve (see :func:`list_shards`).
+    """
+    hint = "write every split with the same class list (make_shards --labels FILE)"
+    seen = _LabelMap(hint)
+    num_names: int | None = None
+    if label_names is not None:
+        if isinstance(label_names, str | os.PathLike):
+            names_where, names = f"the label names {os.fspath(label_names)}", read_labels(label_names)
+        else:
+            names_where, names = "the label names", list(label_names)
+        for i, name in enumerate(names):
+            seen.add(i, name, f"{names_where} (line {i + 1})")
+        num_names = len(names)
+
+    def add(label: int, name: str, where: str) -> None:
+        if num_names is not None:
+            if name not in seen.ids:
+                raise LabelMismatchError(
+                    f"class {name!r} of {where} is not among the {num_names} label names ({names_where}); {hint}"
+                )
+            if not 0 <= label < num_names:
+                raise LabelMismatchError(
+                    f"label {label} of {where} is outside the {num_names} label names ({names_where}); {hint}"
+                )
+        seen.add(label, name, where)
+
+    for shard_set in shard_sets:
+        files = list_shards(shard_set)
+        for folder in sorted({os.path.dirname(f) for f in files}):
+            info = load_dataset_info(folder) or {}
+            names, source = info.get("labels"), os.path.join(folder, DATASET_INFO_FILE)
+            if names is None and os.path.isfile(os.path.join(folder, LABELS_FILE)):
+                names, source = read_labels(folder), os.path.join(folder, LABELS_FILE)
+            for i, name in enumerate(names or ()):
+                add(i, name, source)
+        if scan_samples:
+            for path in files:
+                pairs: set[tuple[int, str]] = set()
+                for key, meta in iter_sample_metadata(path):
+                    if not isinstance(meta, dict):
+                        continue
+                    label, name = meta.get("label"), meta.get("label_name")
+                    if isinstance(label, bool) or not isinstance(label, int) or not isinstance(name, str):
+                        continue
+                    if (label, name) not in pairs:
+                        pairs.add((label, name))
+                        add(label, name, f"sample {key!r} of {path}")
+    return {i: name for i, (name, _) in sorted(seen.names.items())}
