@@ -4,15 +4,29 @@ Inputs (``--input``; paths are relative to ``--root``):
 
 * mmaction-style text list: one ``relative/path label`` per line (``label`` an int index or a class name),
   or just ``relative/path`` for unlabeled data; blank lines and ``#`` comments are ignored.
-* CSV with a header: a path column (``path``, ``video``, ``filename``, ``file`` or ``image``) and optionally a
-  label column (``label``, ``label_id``, ``class`` or ``label_name``; ints are indices, other values class
-  names). Other columns are copied into each sample's metadata.
+* CSV with a header: a path column (``path``, ``video``, ``filename``, ``file`` or ``image``, or
+  ``--path-column``) and optionally a label column (``label``, ``label_id``, ``class`` or ``label_name``, or
+  ``--label-column``; ints are indices, other values class names). Other columns are copied into each sample's
+  metadata. A CSV without a label column gives unlabeled samples, with a warning naming its columns (and is an
+  error with ``--labels``).
 * no ``--input`` (or a folder): the ImageNet layout ``ROOT/<class>/<file>``; classes are the sorted folder
   names (files directly under ``ROOT`` are unlabeled).
 
 Class names come from ``--labels FILE`` (one per line, index order) or, when the list names classes, their
-sorted set. Unreadable inputs (missing, empty, wrong kind, undecodable with ``--verify``, failed re-encode)
-are skipped, counted by reason in ``dataset_info.json`` and listed (the first 100).
+sorted set; that numbering depends on which classes the list holds (a validation list without ``beta`` numbers
+``gamma`` 1, not 2), so it is logged as a warning and recorded (``labels_origin`` in ``dataset_info.json``, the
+names in ``labels.txt``): pass the same ``--labels`` for every split, and check splits with
+:func:`bevt.data.shards.check_label_consistency`. A file listed twice is written once (the repeats are skipped
+as ``duplicate``); listed twice with different labels, it is an error. Unreadable inputs (missing, empty, wrong
+kind, undecodable with ``--verify``, failed re-encode) are skipped, counted by reason in ``dataset_info.json``
+and listed (the first 100).
+
+The kind (``--kind auto``) comes from the extensions; a list or tree that mixes images and videos is refused
+with the counts of each (pass ``--kind image`` or ``--kind video`` to keep one kind and skip the others as
+``wrong_kind``). The output folder must be empty or new: ``--overwrite`` replaces the shards of the same
+``--prefix``, ``dataset_info.json`` and ``labels.txt`` (it says what it removes, keeps other files, and refuses a
+folder holding other ``.tar`` files, which training would read together with the new shards). ``--num-shards N``
+writes N shards whose sample counts differ by at most one, also when inputs are skipped.
 
 ``--reencode`` rescales each video to ``--short-side`` (only ever down) and re-encodes it as H.264 with a
 keyframe every ``--gop`` frames, no B-frames and ``tune=fastdecode``. Decoding the sampled window is the
@@ -34,7 +48,10 @@ import logging
 import multiprocessing
 import os
 import random
+import re
+import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -44,9 +61,12 @@ from pathlib import Path
 from typing import Any
 
 from bevt.data.shards import (
-    IMAGE_EXTENSIONS,
+    DATASET_INFO_FILE,
+    LABELS_FILE,
     MEDIA_EXTENSIONS,
+    ShardInfo,
     ShardWriter,
+    iter_shard,
     make_key,
     media_kind,
     read_labels,
@@ -54,6 +74,8 @@ from bevt.data.shards import (
 )
 
 __all__ = ["Entry", "main", "make_shards", "parse_annotations", "reencode_video", "scan_folder"]
+
+_SHARD_NAME = re.compile(r"^(?P<prefix>.+)-\d{5}\.tar(\.tmp)?$")
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +86,14 @@ _MAX_SKIPPED_EXAMPLES = 100
 
 @dataclass
 class Entry:
-    """One input file: its path relative to the root, label index / name, and extra metadata."""
+    """One input file: its path relative to the root, label index / name, extra metadata, and where it was listed
+    (``"list.txt:12"``, for messages)."""
 
     path: str
     label: int | None = None
     label_name: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    where: str | None = None
 
 
 def _int_or_none(token: str) -> int | None:
@@ -107,15 +131,25 @@ def _resolve_labels(entries: list[Entry], labels: Sequence[str] | None, where: s
 
 
 def parse_annotations(
-    path: str | os.PathLike, labels: Sequence[str] | None = None
+    path: str | os.PathLike,
+    labels: Sequence[str] | None = None,
+    *,
+    path_column: str | None = None,
+    label_column: str | None = None,
 ) -> tuple[list[Entry], list[str] | None]:
     """Read an annotation list (text or ``.csv``, see the module docstring).
+
+    Args:
+        path: the list.
+        labels: class names in index order (``--labels``), or ``None``.
+        path_column, label_column: CSV column names (default: the first of the usual names found).
 
     Returns:
         The entries (labels resolved to indices and names where known) and the class names (or ``None``).
 
     Raises:
-        ValueError: a malformed line / missing column / unknown class, naming the file and line.
+        ValueError: a malformed line / missing column / unknown class, naming the file and line; a CSV without a
+            label column when ``labels`` is given.
     """
     p = Path(path)
     entries: list[Entry] = []
@@ -123,16 +157,31 @@ def parse_annotations(
         with p.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             columns = [c.strip() for c in reader.fieldnames or []]
-            path_col = next((c for c in _PATH_COLUMNS if c in columns), None)
+            for flag, given in (("--path-column", path_column), ("--label-column", label_column)):
+                if given is not None and given not in columns:
+                    raise ValueError(f"{p}: {flag} {given!r} is not one of its columns {columns}")
+            path_col = path_column or next((c for c in _PATH_COLUMNS if c in columns), None)
             if path_col is None:
-                raise ValueError(f"{p}: CSV needs a path column, one of {list(_PATH_COLUMNS)}; has {columns}")
-            label_col = next((c for c in _LABEL_COLUMNS if c in columns), None)
+                raise ValueError(
+                    f"{p}: CSV needs a path column, one of {list(_PATH_COLUMNS)} (or --path-column); has {columns}"
+                )
+            label_col = label_column or next((c for c in _LABEL_COLUMNS if c in columns), None)
+            if label_col is None:
+                message = (
+                    f"{p}: no label column (one of {', '.join(_LABEL_COLUMNS)}) among its columns {columns}"
+                )
+                if labels is not None:
+                    raise ValueError(f"{message}, but --labels was given; name the column with --label-column")
+                logger.warning(
+                    "%s: every sample is unlabeled (fine for pretraining); name the label column with --label-column",
+                    message,
+                )
             for lineno, row in enumerate(reader, start=2):
                 row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
                 rel = row.pop(path_col)
                 if not rel:
                     raise ValueError(f"{p}:{lineno}: empty path")
-                entry = Entry(rel)
+                entry = Entry(rel, where=f"{p}:{lineno}")
                 if label_col is not None:
                     value = row.pop(label_col)
                     if value:
@@ -150,11 +199,12 @@ def parse_annotations(
                 if not line or line.startswith("#"):
                     continue
                 parts = line.split()
+                where = f"{p}:{lineno}"
                 if len(parts) == 1:
-                    entries.append(Entry(parts[0]))
+                    entries.append(Entry(parts[0], where=where))
                 elif len(parts) == 2:
                     idx = _int_or_none(parts[1])
-                    entries.append(Entry(parts[0], idx, None if idx is not None else parts[1]))
+                    entries.append(Entry(parts[0], idx, None if idx is not None else parts[1], where=where))
                 else:
                     raise ValueError(
                         f"{p}:{lineno}: expected 'relative/path label' (2 fields), got {len(parts)} fields "
@@ -290,19 +340,34 @@ class _Options:
     reencode: dict[str, Any] | None
 
 
+def _extension(rel: str) -> str:
+    return rel.rsplit(".", 1)[-1].lower() if "." in os.path.basename(rel) else ""
+
+
+def _quick_check(rel: str, opt: _Options) -> tuple[str, str] | None:
+    """The skip reasons found without reading the file (extension, kind, missing, empty), or ``None``."""
+    ext = _extension(rel)
+    if ext not in MEDIA_EXTENSIONS:
+        return "unsupported_extension", f"extension {ext!r} not in {list(MEDIA_EXTENSIONS)}"
+    if media_kind(ext) != opt.kind:
+        return "wrong_kind", f"a {media_kind(ext)} file in a {opt.kind} dataset"
+    path = os.path.join(opt.root, rel)
+    if not os.path.isfile(path):
+        return "missing", f"file not found: {path}"
+    if os.path.getsize(path) == 0:
+        return "empty", "the file is empty (0 bytes)"
+    return None
+
+
 def _prepare(task: tuple[int, str, _Options]) -> tuple[int, str | None, str, bytes, dict[str, Any]]:
     """Load (and verify / re-encode) one file: ``(index, None, ext, data, extra)`` or a skip reason."""
     index, rel, opt = task
-    path = os.path.join(opt.root, rel)
-    ext = rel.rsplit(".", 1)[-1].lower() if "." in os.path.basename(rel) else ""
-    if ext not in MEDIA_EXTENSIONS:
-        return index, "unsupported_extension", f"extension {ext!r} not in {list(MEDIA_EXTENSIONS)}", b"", {}
-    if media_kind(ext) != opt.kind:
-        return index, "wrong_kind", f"a {media_kind(ext)} file in a {opt.kind} dataset", b"", {}
-    if not os.path.isfile(path):
-        return index, "missing", f"file not found: {path}", b"", {}
+    problem = _quick_check(rel, opt)
+    if problem is not None:
+        return index, problem[0], problem[1], b"", {}
+    ext = _extension(rel)
     try:
-        with open(path, "rb") as f:
+        with open(os.path.join(opt.root, rel), "rb") as f:
             data = f.read()
     except OSError as err:
         return index, "unreadable", f"{type(err).__name__}: {err}", b"", {}
@@ -331,11 +396,165 @@ def _prepare(task: tuple[int, str, _Options]) -> tuple[int, str | None, str, byt
     return index, None, ext, data, extra
 
 
-def _infer_kind(entries: Sequence[Entry]) -> str:
-    exts = {e.path.rsplit(".", 1)[-1].lower() for e in entries if "." in os.path.basename(e.path)}
-    if exts and exts <= set(IMAGE_EXTENSIONS):
-        return "image"
-    return "video"
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def _kind_counts(entries: Sequence[Entry]) -> dict[str, Counter[str]]:
+    """Extensions of the media inputs per kind: ``{"image": Counter({"jpg": 10}), "video": ...}``."""
+    counts: dict[str, Counter[str]] = {"image": Counter(), "video": Counter()}
+    for e in entries:
+        ext = _extension(e.path)
+        if ext in MEDIA_EXTENSIONS:
+            counts[media_kind(ext)][ext] += 1
+    return counts
+
+
+def _describe(counts: Counter[str], kind: str) -> str:
+    return f"{_plural(sum(counts.values()), kind)} ({', '.join(sorted(counts))})"
+
+
+def _choose_kind(entries: Sequence[Entry], kind: str | None) -> str:
+    """The dataset kind: ``kind`` if given (refused when no input has it), else the one kind of the inputs' media
+    extensions; a mix of images and videos is refused with the counts."""
+    counts = _kind_counts(entries)
+    if kind is not None:
+        if kind in counts and not counts[kind]:
+            found = [_describe(c, k) for k, c in counts.items() if c]
+            raise ValueError(
+                f"--kind {kind}: none of the {len(entries)} inputs is {'an' if kind == 'image' else 'a'} {kind}"
+                + (f": {' and '.join(found)}" if found else "")
+            )
+        return kind
+    if counts["image"] and counts["video"]:
+        raise ValueError(
+            f"--kind auto: the inputs mix {_describe(counts['image'], 'image')} and "
+            f"{_describe(counts['video'], 'video')}; pass --kind image or --kind video to write one kind (the "
+            "others are skipped as wrong_kind), or split the inputs"
+        )
+    return "image" if counts["image"] else "video"
+
+
+def _drop_duplicates(entries: Sequence[Entry]) -> tuple[list[int], list[tuple[int, str]]]:
+    """Indices of the entries to write (the first of each file) and ``(index, message)`` of the repeats.
+
+    Raises:
+        ValueError: a file listed twice with different labels.
+    """
+    first: dict[str, int] = {}
+    keep: list[int] = []
+    repeats: list[tuple[int, str]] = []
+    for i, e in enumerate(entries):
+        path = os.path.normpath(e.path)
+        if path not in first:
+            first[path] = i
+            keep.append(i)
+            continue
+        other = entries[first[path]]
+        where = _where_pair(other.where, e.where)
+        if (other.label, other.label_name) != (e.label, e.label_name):
+            raise ValueError(
+                f"{e.path} is listed twice with different labels ({where}: "
+                f"{_label_text(other)} vs {_label_text(e)})"
+            )
+        repeats.append((i, f"same file as {other.where or 'an earlier entry'}"))
+    return keep, repeats
+
+
+def _where_pair(a: str | None, b: str | None) -> str:
+    """``"lines 1 and 3 of list.txt"`` for ``list.txt:1`` and ``list.txt:3``."""
+    if a and b and a.rpartition(":")[0] == b.rpartition(":")[0]:
+        return f"lines {a.rpartition(':')[2]} and {b.rpartition(':')[2]} of {a.rpartition(':')[0]}"
+    return f"{a or '?'} and {b or '?'}"
+
+
+def _label_text(e: Entry) -> str:
+    if e.label_name is not None:
+        return f"label {e.label_name!r}" + (f" ({e.label})" if e.label is not None else "")
+    return f"label {e.label}"
+
+
+def _prepare_output_dir(output_dir: str | os.PathLike, prefix: str, overwrite: bool) -> None:
+    """Refuse an output folder that cannot be written or already holds files (unless ``overwrite``: then remove
+    the shards of ``prefix``, ``dataset_info.json`` and ``labels.txt``, saying so; other ``.tar`` files are refused,
+    anything else is kept)."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output-dir {out} exists and is not a folder")
+    if not out.exists():
+        try:
+            out.mkdir(parents=True)
+        except OSError as err:
+            raise ValueError(f"--output-dir {out}: cannot create the folder ({type(err).__name__}: {err})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--output-dir {out} is not writable")
+    present = sorted(p.name for p in out.iterdir())
+    if not present:
+        return
+    ours = [
+        name
+        for name in present
+        if name in (DATASET_INFO_FILE, LABELS_FILE)
+        or ((m := _SHARD_NAME.match(name)) is not None and m["prefix"] == prefix)
+    ]
+    shards = [name for name in ours if name.endswith(".tar")]
+    foreign_tars = [name for name in present if name not in ours and name.endswith((".tar", ".tar.tmp"))]
+    others = [name for name in present if name not in ours and name not in foreign_tars]
+    summary = ", ".join(
+        [_plural(len(shards), "shard")] * bool(shards)
+        + [name for name in ours if not name.endswith((".tar", ".tar.tmp"))]
+        + [_plural(len(foreign_tars), "other .tar file")] * bool(foreign_tars)
+        + [_plural(len(others), "other file")] * bool(others)
+    )
+    if not overwrite:
+        raise ValueError(
+            f"--output-dir {out} is not empty ({summary}): old shards would be mixed with the new ones in training; "
+            "pass --overwrite to replace them, or choose another folder"
+        )
+    if foreign_tars:
+        raise ValueError(
+            f"--output-dir {out} holds .tar files that --overwrite does not replace ({', '.join(foreign_tars[:5])}"
+            f"{', ...' if len(foreign_tars) > 5 else ''}; they are not {prefix}-NNNNN.tar): they would be mixed with "
+            "the new shards in training; move them or choose another folder"
+        )
+    removed = []
+    if shards:
+        removed.append(f"{_plural(len(shards), 'shard')} ({shards[0]}{' .. ' + shards[-1] if len(shards) > 1 else ''})")
+    removed += [name for name in ours if not name.endswith(".tar")]
+    logger.warning(
+        "--overwrite: removing %s from %s%s",
+        ", ".join(removed),
+        out,
+        f" (keeping {_plural(len(others), 'other file')}: {', '.join(others[:5])})" if others else "",
+    )
+    for name in ours:
+        (out / name).unlink()
+
+
+def _rebalance(output_dir: Path, prefix: str, shards: list[ShardInfo], sizes: list[int]) -> list[ShardInfo]:
+    """Rewrite ``shards`` so that they hold ``sizes`` samples (same order, same names); returns their new infos."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{prefix}-rebalance-", dir=output_dir))
+    try:
+        boundaries, total = set(), 0
+        for size in sizes[:-1]:
+            total += size
+            boundaries.add(total)
+        writer = ShardWriter(tmp, prefix=prefix, shard_size_mb=float("inf"))
+        with writer:
+            position = 0
+            for info in shards:
+                for key, ext, data, meta in iter_shard(output_dir / info.file):
+                    if position in boundaries:
+                        writer.start_new_shard()
+                    writer.write(key, ext, data, meta)
+                    position += 1
+        for info in shards:
+            (output_dir / info.file).unlink()
+        for info in writer.shards:
+            os.replace(tmp / info.file, output_dir / info.file)
+        return writer.shards
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def make_shards(
@@ -344,6 +563,7 @@ def make_shards(
     output_dir: str | os.PathLike,
     *,
     labels: Sequence[str] | None = None,
+    labels_origin: str | None = None,
     kind: str | None = None,
     shard_size_mb: float = 256.0,
     max_samples_per_shard: int | None = None,
@@ -355,6 +575,7 @@ def make_shards(
     reencode: dict[str, Any] | None = None,
     num_workers: int = 1,
     log_every: int = 1000,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write the entries' files into shards under ``output_dir``; returns the ``dataset_info.json`` content.
 
@@ -362,40 +583,72 @@ def make_shards(
         entries: from :func:`parse_annotations` / :func:`scan_folder`.
         root: folder the entry paths are relative to.
         labels: class names (index order), written to ``labels.txt``.
-        kind: ``"video"`` or ``"image"`` (default: from the extensions).
+        labels_origin: where ``labels`` come from (``"--labels FILE"``, ``"inferred: ..."``), recorded in
+            ``dataset_info.json``.
+        kind: ``"video"`` or ``"image"`` (default: from the extensions; a mix of both is refused).
         shard_size_mb, max_samples_per_shard, prefix: see :class:`bevt.data.shards.ShardWriter`.
-        num_shards: exactly this many shards with (nearly) equal entry counts instead of a size cap.
+        num_shards: exactly this many shards whose sample counts differ by at most one (skipped inputs
+            included: files that fail late, when verified or re-encoded, make the shards be rewritten once at the
+            end) instead of a size cap.
         shuffle, seed: write the samples in a seeded random order (keys keep the list position, so they
             do not depend on the order). Shuffled shards matter: streaming only shuffles within a buffer.
         verify: decode each file (first and last frame of videos) and skip those that fail.
         reencode: keyword arguments of :func:`reencode_video` to re-encode every video, or ``None``.
         num_workers: processes that read / verify / re-encode in parallel.
         log_every: progress log interval in samples.
+        overwrite: replace the shards of ``prefix`` (and ``dataset_info.json`` / ``labels.txt``) already in
+            ``output_dir``; without it, a non-empty ``output_dir`` is refused.
+
+    Raises:
+        ValueError: bad arguments, a mixed or wrong kind, a file listed twice with different labels, an output
+            folder that is not empty (without ``overwrite``) or cannot be written.
+        RuntimeError: every input was skipped.
     """
     if not entries:
         raise ValueError("no entries to write")
-    kind = kind or _infer_kind(entries)
-    if kind not in ("video", "image"):
+    if kind not in (None, "video", "image"):
         raise ValueError(f"kind must be 'video' or 'image', got {kind!r}")
+    kind = _choose_kind(entries, kind)
     if reencode is not None and kind != "video":
         raise ValueError("--reencode applies to videos only")
-    order = list(range(len(entries)))
-    if shuffle:
-        random.Random(seed).shuffle(order)
-    boundaries: set[int] = set()
-    if num_shards is not None:
-        n = len(order)
-        if not 1 <= num_shards <= n:
-            raise ValueError(f"num_shards={num_shards} must be in [1, {n}]")
-        acc = 0
-        for i in range(num_shards - 1):
-            acc += n // num_shards + (1 if i < n % num_shards else 0)
-            boundaries.add(acc)
-        shard_size_mb = float("inf")
+    keep, repeats = _drop_duplicates(entries)
     opt = _Options(os.fspath(root), kind, verify, reencode)
-    tasks = [(i, entries[i].path, opt) for i in order]
     skipped: Counter[str] = Counter()
     skipped_examples: list[dict[str, Any]] = []
+
+    def skip(entry: Entry, reason: str, message: str) -> None:
+        skipped[reason] += 1
+        logger.warning("skipping %s: %s (%s)", entry.path, reason, message)
+        if len(skipped_examples) < _MAX_SKIPPED_EXAMPLES:
+            skipped_examples.append({"path": entry.path, "reason": reason, "message": message})
+
+    for index, message in repeats:
+        skip(entries[index], "duplicate", message)
+    if num_shards is not None:  # plan equal shards on the inputs that can be written (checked without reading)
+        candidates = []
+        for i in keep:
+            problem = _quick_check(entries[i].path, opt)
+            if problem is None:
+                candidates.append(i)
+            else:
+                skip(entries[i], *problem)
+        keep = candidates
+        n = len(keep)
+        if not 1 <= num_shards <= max(n, 1):
+            raise ValueError(
+                f"num_shards={num_shards} must be in [1, {n}]: {n} of the {len(entries)} inputs can be written"
+            )
+        shard_size_mb = float("inf")
+    _prepare_output_dir(output_dir, prefix, overwrite)
+    order = list(keep)
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    sizes: list[int] = []
+    boundaries: set[int] = set()
+    if num_shards is not None:
+        sizes = [len(order) // num_shards + (1 if i < len(order) % num_shards else 0) for i in range(num_shards)]
+        boundaries = {sum(sizes[: i + 1]) for i in range(num_shards - 1)}
+    tasks = [(i, entries[i].path, opt) for i in order]
     writer = ShardWriter(
         output_dir, prefix=prefix, shard_size_mb=shard_size_mb, max_samples_per_shard=max_samples_per_shard
     )
@@ -405,14 +658,11 @@ def make_shards(
         results = pool.imap(_prepare, tasks, chunksize=1) if pool is not None else map(_prepare, tasks)
         with writer:
             for position, (index, reason, ext_or_msg, data, extra) in enumerate(results):
-                if position in boundaries:
+                if writer.num_samples in boundaries:
                     writer.start_new_shard()
                 entry = entries[index]
                 if reason is not None:
-                    skipped[reason] += 1
-                    logger.warning("skipping %s: %s (%s)", entry.path, reason, ext_or_msg)
-                    if len(skipped_examples) < _MAX_SKIPPED_EXAMPLES:
-                        skipped_examples.append({"path": entry.path, "reason": reason, "message": ext_or_msg})
+                    skip(entry, reason, ext_or_msg)
                     continue
                 meta = {**entry.extra, **extra, "label": entry.label, "label_name": entry.label_name}
                 meta["path"] = entry.path
@@ -426,18 +676,31 @@ def make_shards(
             pool.join()
     if writer.num_samples == 0:
         raise RuntimeError(
-            f"no sample could be written: all {len(tasks)} inputs were skipped ({dict(skipped)}); "
+            f"no sample could be written: all {len(entries)} inputs were skipped ({dict(skipped)}); "
             f"first problems: {skipped_examples[:3]}"
         )
+    shards = writer.shards
+    if num_shards is not None:
+        n = writer.num_samples
+        wanted = [n // num_shards + (1 if i < n % num_shards else 0) for i in range(min(num_shards, n))]
+        if [s.num_samples for s in shards] != wanted:
+            logger.warning(
+                "%d inputs failed after the shards were planned: rewriting the %d shards to equal counts %s",
+                len(order) - n,
+                len(shards),
+                wanted if len(wanted) <= 8 else f"{wanted[:4]} ...",
+            )
+            shards = _rebalance(Path(output_dir), prefix, shards, wanted)
     extra_info = {
+        "labels_origin": labels_origin,
         "reencode": reencode,
         "shuffle_seed": seed if shuffle else None,
-        "num_inputs": len(tasks),
+        "num_inputs": len(entries),
         "num_skipped": sum(skipped.values()),
     }
     path = write_dataset_info(
         output_dir,
-        writer.shards,
+        shards,
         kind=kind,
         labels=labels,
         label_counts=writer.label_counts,
@@ -463,8 +726,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--root", required=True, help="folder the listed paths are relative to")
     p.add_argument("--output-dir", required=True, help="where to write the shards and dataset_info.json")
-    p.add_argument("--labels", help="class names, one per line in index order (e.g. kinetics400_labels.txt)")
-    p.add_argument("--kind", choices=("auto", "video", "image"), default="auto")
+    p.add_argument(
+        "--labels",
+        help="class names, one per line in index order (e.g. kinetics400_labels.txt); give the same file for every "
+        "split (without it, the classes found are numbered in sorted order, which differs between lists)",
+    )
+    p.add_argument("--path-column", help="CSV --input: the column holding the paths (default: path, video, ...)")
+    p.add_argument("--label-column", help="CSV --input: the column holding the labels (default: label, class, ...)")
+    p.add_argument(
+        "--kind",
+        choices=("auto", "video", "image"),
+        default="auto",
+        help="auto: from the extensions (a mix of images and videos is refused); video / image: keep that kind, "
+        "skip the others",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the shards of --prefix, dataset_info.json and labels.txt already in --output-dir (without it, "
+        "a non-empty --output-dir is refused)",
+    )
     p.add_argument("--shard-size-mb", type=float, default=256.0, help="size cap per shard (MiB)")
     p.add_argument("--max-samples-per-shard", type=int, default=None)
     p.add_argument(
@@ -537,6 +818,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"{flag}: file not found: {path}")
     if not os.path.isdir(args.root):
         parser.error(f"--root must be an existing folder, got {args.root}")
+    is_csv = args.input is not None and args.input.lower().endswith(".csv")
+    for flag, value in (("--path-column", args.path_column), ("--label-column", args.label_column)):
+        if value is not None and not is_csv:
+            parser.error(f"{flag} applies to a CSV --input (list.csv), got --input {args.input}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -547,12 +832,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         names = read_labels(args.labels) if args.labels else None
         if args.input and not os.path.isdir(args.input):
-            entries, names = parse_annotations(args.input, names)
+            entries, names = parse_annotations(
+                args.input, names, path_column=args.path_column, label_column=args.label_column
+            )
         else:
             entries, names = scan_folder(args.input or args.root, names)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    source = args.input or args.root
+    labels_origin = f"--labels {args.labels}" if args.labels else None
+    if names is not None and not args.labels:
+        labels_origin = f"inferred: the sorted class names of {source}"
+        shown = ", ".join(f"{name}={i}" for i, name in enumerate(names[:5])) + (", ..." if len(names) > 5 else "")
+        logger.warning(
+            "no --labels: numbered the %d classes found in %s in sorted name order (%s); a list with other classes "
+            "(e.g. a validation split) would get other ids. Pass the same --labels FILE for every split (the names "
+            "used here are written to %s)",
+            len(names),
+            source,
+            shown,
+            os.path.join(args.output_dir, "labels.txt"),
+        )
     kind = None if args.kind == "auto" else args.kind
     reencode = None
     if args.reencode:
@@ -571,6 +872,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.root,
             args.output_dir,
             labels=names,
+            labels_origin=labels_origin,
             kind=kind,
             shard_size_mb=args.shard_size_mb,
             max_samples_per_shard=args.max_samples_per_shard,
@@ -581,10 +883,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             verify=args.verify,
             reencode=reencode,
             num_workers=workers,
+            overwrite=args.overwrite,
         )
-    except ValueError as err:  # e.g. --num-shards larger than the number of samples
+    except (ValueError, RuntimeError) as err:  # e.g. a non-empty --output-dir, every input skipped
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # writing failed midway (disk full, ...)
+        print(f"error: writing the shards to {args.output_dir} failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
     print(
         f"wrote {info['num_samples']} {info['kind']} samples in {info['num_shards']} shards "
         f"({info['num_bytes'] / 2**20:.1f} MiB) to {args.output_dir}; skipped {info['num_skipped']}"
