@@ -727,6 +727,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         )
     if args.vqgan_norm_groups < 1:
         parser.error(f"--vqgan-norm-groups must be a positive integer, got {args.vqgan_norm_groups}")
+    if args.id2label is not None and not args.id2label.is_file():
+        parser.error(f"--id2label: file not found: {args.id2label}")
     for pattern in args.drop_keys:
         try:
             re.compile(pattern)
