@@ -269,6 +269,7 @@ def recognizer_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (["--drop-keys", "("], "--drop-keys '\\(' is not a valid regular expression"),
         (["--vqgan-norm-groups", "0"], "--vqgan-norm-groups must be a positive integer, got 0"),
         (["--sampling-mode", "random"], "argument --sampling-mode: invalid choice: 'random'"),
+        (["--id2label", "missing_labels.txt"], "--id2label: file not found: missing_labels.txt"),
     ],
 )
 def test_convert_cli_rejects_bad_flags_before_any_work(
@@ -299,7 +300,6 @@ def test_convert_cli_user_errors_are_one_line(recognizer_file: Path, tmp_path: P
             ["--format", "video-swin", "--id2label", str(labels)],
             "the label file has 2 class names, the checkpoint's classifier has 5 outputs",
         ),
-        (["--format", "video-swin", "--id2label", str(tmp_path / "none.txt")], "No such file or directory"),
         (
             ["--format", "video-swin", "--task", "pretraining"],
             "--format video-swin converts to task classification or base",
@@ -329,6 +329,7 @@ def test_convert_cli_user_errors_are_one_line(recognizer_file: Path, tmp_path: P
         (["--log-level", "loud"], "--log-level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
         (["--labels", "missing_labels.txt"], "--labels: file not found: missing_labels.txt"),
         (["--kind", "audio"], "argument --kind: invalid choice: 'audio'"),
+        (["--label-column", "category"], "--label-column applies to a CSV --input"),
     ],
 )
 def test_make_shards_cli_rejects_bad_flags(tmp_path: Path, capsys, flags, message):

@@ -59,6 +59,42 @@ def test_pipeline_on_a_real_video_returns_top5_kinetics_labels(kinetics_model, s
     torch.testing.assert_close(torch.tensor(scores), top.values, atol=1e-5, rtol=1e-4)
 
 
+
+def test_pipeline_averages_the_views_of_a_multi_view_processor(kinetics_model, shared_data, tmp_path):
+    """A folder whose saved processor has 4 clips x 3 crops: the pipeline scores the average of the 12 views (the
+    multi-view evaluation's softmax average), not view 0."""
+    pytest.importorskip("av")
+    from transformers import pipeline
+
+    folder = tmp_path / "multi"
+    shutil.copytree(kinetics_model, folder)
+    processor = BEVTVideoProcessor(
+        num_frames=8,
+        frame_interval=4,
+        num_clips=4,
+        num_crops=3,
+        size={"shortest_edge": 32},
+        crop_size={"height": 32, "width": 32},
+    )
+    processor.save_pretrained(folder)
+    video = str(shared_data / "videos" / "kinetics400_arm_wrestling.mp4")
+    classifier = pipeline("video-classification", model=str(folder))
+    predictions = classifier(video, top_k=5)
+
+    model = classifier.model  # the same weights, by hand: every view, then the mean of their softmax scores
+    assert classifier.video_processor.num_views == 12
+    pixel_values = processor(video, return_tensors="pt")["pixel_values"]
+    assert pixel_values.shape == (12, 8, 3, 32, 32)
+    with torch.no_grad():
+        view_probs = model(pixel_values=pixel_values).logits.softmax(-1)  # (12, 400)
+    averaged = view_probs.mean(0)
+    top = averaged.topk(5)
+    assert [p["label"] for p in predictions] == [model.config.id2label[i] for i in top.indices.tolist()]
+    scores = torch.tensor([p["score"] for p in predictions])
+    torch.testing.assert_close(scores, top.values, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(view_probs[0], averaged, atol=1e-4)  # view 0 alone scores differently
+
+
 _ISOLATED = textwrap.dedent(
     """
     import importlib.abc, json, sys

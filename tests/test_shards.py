@@ -298,11 +298,13 @@ def test_parse_annotations_errors(tmp_path: Path):
         parse_annotations(nocol)
 
 
-def test_make_shards_all_inputs_bad(tmp_path: Path):
+def test_make_shards_all_inputs_bad(tmp_path: Path, capsys):
+    """Every input skipped: one `error:` line naming the reasons, exit status 2 (it was a RuntimeError traceback)."""
     listing = tmp_path / "l.txt"
     listing.write_text("nope.mp4 0\n")
-    with pytest.raises(RuntimeError, match="no sample could be written"):
-        main(["--input", str(listing), "--root", str(tmp_path), "--output-dir", str(tmp_path / "o")])
+    assert main(["--input", str(listing), "--root", str(tmp_path), "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no sample could be written") and "'missing': 1" in err and "Traceback" not in err
 
 
 def test_reencode_video_gop_and_size():
