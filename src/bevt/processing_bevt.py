@@ -289,7 +289,7 @@ class BEVTVideoProcessor(BaseVideoProcessor):
             return [[videos]]
         if not isinstance(videos, list | tuple) or len(videos) == 0:
             raise ValueError(
-                "videos must be a path, URL, bytes, a binary file object, a (T, H, W, C) array/tensor, a list of "
+                "videos must be a path, URL, bytes, a (T, H, W, C) array/tensor, a binary file object, a list of "
                 f"frames, or a list of those; got {type(videos).__name__}"
                 + (" (empty)" if isinstance(videos, list | tuple) else "")
             )
@@ -308,7 +308,7 @@ class BEVTVideoProcessor(BaseVideoProcessor):
             else:
                 raise ValueError(
                     f"video {i} of the batch has an unsupported type {type(item).__name__}: expected a path, URL, "
-                    "bytes, a binary file object, a (T, H, W, C) array/tensor or a list of frames"
+                    "bytes, a (T, H, W, C) array/tensor, a binary file object or a list of frames"
                 )
         return out
 
