@@ -1235,10 +1235,9 @@ class BEVTForVideoClassification(BEVTPreTrainedModel):
             return torch.sum(-labels * F.log_softmax(logits, dim=-1), dim=-1).mean()
         return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
 
-    def _average_views(self, logits: torch.Tensor, num_views: int | torch.Tensor) -> torch.Tensor:
-        """Per-view logits `(B * V, num_labels)` -> per-video `(B, num_labels)`: the log of the mean softmax over the V
-        views of each video (so `softmax` of the result is the multi-view score), or the mean logits for regression /
-        multi-label models. `num_views` is V, or the processor's `num_views` `(B,)`."""
+    @staticmethod
+    def _views_per_video(num_views: int | torch.Tensor, num_inputs: int) -> int:
+        """Check `num_views` (an int, or the processor's `num_views` `(B,)`) against `num_inputs` views; returns V."""
         batch = None
         views: object = num_views
         if isinstance(num_views, torch.Tensor):
@@ -1250,11 +1249,17 @@ class BEVTForVideoClassification(BEVTPreTrainedModel):
             batch, views = len(values), values[0]
         if isinstance(views, bool) or not isinstance(views, int) or views < 1:
             raise ValueError(f"`num_views` must be a positive integer (views per video), got {num_views!r}")
-        if logits.shape[0] % views or (batch is not None and batch * views != logits.shape[0]):
+        if num_inputs % views or (batch is not None and batch * views != num_inputs):
             raise ValueError(
-                f"`pixel_values` holds {logits.shape[0]} views: {logits.shape[0]} views cannot be split into videos of "
-                f"{views} views" + (f" for {batch} videos" if batch is not None else "")
+                f"`pixel_values` holds {num_inputs} views: {num_inputs} views cannot be split into videos of {views} "
+                "views" + (f" for {batch} videos" if batch is not None else "")
             )
+        return views
+
+    def _average_views(self, logits: torch.Tensor, views: int) -> torch.Tensor:
+        """Per-view logits `(B * V, num_labels)` -> per-video `(B, num_labels)`: the log of the mean softmax over the V
+        views of each video (so `softmax` of the result is the multi-view score), or the mean logits for regression /
+        multi-label models."""
         if views == 1:
             return logits
         grouped = logits.float().view(-1, views, logits.shape[-1])
@@ -1289,23 +1294,27 @@ class BEVTForVideoClassification(BEVTPreTrainedModel):
         `BEVTVideoProcessor` returns for several clips / crops, as `num_views` `(B,)`): the logits are then per video,
         `(B, num_labels)`, the log of the views' mean softmax (see `_average_views`), and labels are per video."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        views = None
+        if num_views is not None and isinstance(pixel_values, torch.Tensor) and pixel_values.ndim:
+            views = self._views_per_video(num_views, pixel_values.shape[0])
+        if (
+            isinstance(labels, torch.Tensor)
+            and labels.is_floating_point()
+            and labels.ndim == 1
+            and self.num_labels > 1
+            and self.config.problem_type != "regression"
+        ):
+            raise ValueError(
+                f"float `labels` of shape {tuple(labels.shape)}: class ids must be an integer tensor "
+                f"(`labels.long()`), float labels must be class distributions ({labels.shape[0]}, {self.num_labels}) "
+                "(batch, num_labels)"
+            )
         outputs = self.bevt(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.classifier(self.dropout(outputs.pooler_output))
-        if num_views is not None:
-            logits = self._average_views(logits, num_views)
+        if views is not None:
+            logits = self._average_views(logits, views)
         loss = None
         if labels is not None:
-            if (
-                labels.is_floating_point()
-                and labels.ndim == 1
-                and self.num_labels > 1
-                and self.config.problem_type != "regression"
-            ):
-                raise ValueError(
-                    f"float `labels` of shape {tuple(labels.shape)}: class ids must be an integer tensor "
-                    f"(`labels.long()`), float labels must be class distributions {tuple(logits.shape)} "
-                    "(batch, num_labels)"
-                )
             if not labels.is_floating_point() and labels.ndim == 1 and self.num_labels > 1:
                 if labels.shape[0] != logits.shape[0]:
                     raise ValueError(
