@@ -108,20 +108,28 @@ def test_model_averages_the_views_it_is_told_about():
     pixel_values = torch.randn(6, 4, 3, 32, 32)  # 2 videos x 3 views
     with torch.no_grad():
         per_view = model(pixel_values).logits
-        averaged = model(pixel_values, num_views=torch.tensor([3, 3])).logits
-        assert torch.equal(model(pixel_values, num_views=1).logits, per_view)  # one view: raw logits
+        out = model(pixel_values, labels=torch.tensor([1, 4]), num_views=torch.tensor([3, 3]))
+        one_view = model(pixel_values[:2], num_views=1).logits  # one view per video: the raw logits
+    torch.testing.assert_close(one_view, per_view[:2], atol=1e-5, rtol=1e-5)
     expected = per_view.softmax(-1).view(2, 3, -1).mean(1)
-    assert averaged.shape == (2, 5)
-    torch.testing.assert_close(averaged.softmax(-1), expected)  # softmax of the output = the averaged scores
-    torch.testing.assert_close(averaged.softmax(-1), BEVTVideoProcessor.aggregate_views(per_view, 3))
-    loss = model(pixel_values, labels=torch.tensor([1, 4]), num_views=3).loss
-    torch.testing.assert_close(loss, -expected[[0, 1], [1, 4]].log().mean())
+    assert out.logits.shape == (2, 5)
+    torch.testing.assert_close(
+        out.logits.softmax(-1), expected
+    )  # softmax of the output = the averaged scores
+    torch.testing.assert_close(out.logits.softmax(-1), BEVTVideoProcessor.aggregate_views(per_view, 3))
+    torch.testing.assert_close(out.loss, -expected[[0, 1], [1, 4]].log().mean())
+    # checked before the forward pass
     raised_by_bevt(
         ValueError, "6 views cannot be split into videos of 4 views", lambda: model(pixel_values, num_views=4)
     )
     raised_by_bevt(ValueError, "`num_views` must be .*positive", lambda: model(pixel_values, num_views=0))
     raised_by_bevt(
         ValueError, "one `num_views` per video", lambda: model(pixel_values, num_views=torch.tensor([2, 4]))
+    )
+    raised_by_bevt(
+        ValueError,
+        "6 views cannot be split .* for 3 videos",
+        lambda: model(pixel_values, num_views=torch.tensor([3] * 3)),
     )
 
 

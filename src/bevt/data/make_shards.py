@@ -75,7 +75,7 @@ from bevt.data.shards import (
 
 __all__ = ["Entry", "main", "make_shards", "parse_annotations", "reencode_video", "scan_folder"]
 
-_SHARD_NAME = re.compile(r"^(?P<prefix>.+)-\d{5}\.tar(\.tmp)?$")
+_SHARD_NAME = re.compile(r"^(?P<prefix>.+)-\d{5,}\.tar(\.tmp)?$")  # ShardWriter names: {prefix}-{index:05d}.tar
 
 logger = logging.getLogger(__name__)
 
