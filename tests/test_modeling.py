@@ -404,6 +404,10 @@ def test_trust_remote_code_without_bevt(tmp_path):
     model = BEVTForVideoClassification(tiny_config(num_labels=3)).eval()
     folder = tmp_path / "remote"
     model.save_pretrained(folder)
+    # the relatively imported siblings travel with the model file (Transformers' custom_object_save)
+    assert {"modeling_bevt.py", "configuration_bevt.py", "kernels_bevt.py", "inputs_bevt.py"} <= {
+        p.name for p in folder.iterdir()
+    }
     pixel_values, _, _ = video_batch(batch=1)
     torch.save(pixel_values, tmp_path / "x.pt")
     with torch.no_grad():
@@ -424,6 +428,12 @@ def test_trust_remote_code_without_bevt(tmp_path):
         with torch.no_grad():
             logits = model(x).logits
         torch.testing.assert_close(logits, torch.load({str(tmp_path / "expected.pt")!r}))
+        # the fast paths came along: training runs the folder's kernels_bevt functions
+        kernels = sys.modules[type(model).__module__.replace("modeling_bevt", "kernels_bevt")]
+        out = model.train()(x, labels=torch.tensor([1]))
+        assert type(out.logits.grad_fn).__name__ == "OneDNNLinearFunctionBackward" or kernels.onednn_linear_op() is None
+        out.loss.backward()
+        assert len(model.eval()(x, output_attentions=True).attentions) == sum(model.config.depths)
         base = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)
         print("OK", type(base).__name__)
         """
@@ -469,7 +479,7 @@ def test_sdpa_training_gradients_equal_eager():
 
 
 def test_window_attention_function_chunks_match_reference():
-    from bevt.modeling_bevt import WindowAttentionFunction
+    from bevt.kernels_bevt import WindowAttentionFunction
 
     g = torch.Generator().manual_seed(0)
     heads, windows, n, d = 2, 3, 20, 8
@@ -493,7 +503,7 @@ def test_window_attention_function_chunks_match_reference():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_memory_lean_mlp_matches_plain(dtype):
-    from bevt.modeling_bevt import GeluLinearFunction
+    from bevt.kernels_bevt import GeluLinearFunction
 
     g = torch.Generator().manual_seed(0)
     fc2 = torch.nn.Linear(32, 8)
@@ -550,10 +560,10 @@ def test_classification_loss_does_not_rewrite_problem_type():
     ],
 )
 def test_onednn_linear_matches_f_linear(monkeypatch, shape, out_features, bias, transposed):
-    from bevt import modeling_bevt
-    from bevt.modeling_bevt import BEVTLinear
+    from bevt import kernels_bevt
+    from bevt.kernels_bevt import BEVTLinear
 
-    if modeling_bevt._onednn_linear_op() is None:
+    if kernels_bevt.onednn_linear_op() is None:
         pytest.skip("oneDNN is not available in this torch build")
     calls = []
     real = torch.mkldnn_linear_backward_weights
@@ -585,8 +595,8 @@ def test_onednn_linear_matches_f_linear(monkeypatch, shape, out_features, bias, 
 
 
 def test_onednn_linear_falls_back_and_can_be_disabled(monkeypatch):
-    from bevt import modeling_bevt
-    from bevt.modeling_bevt import BEVTLinear
+    from bevt import kernels_bevt
+    from bevt.kernels_bevt import BEVTLinear
 
     layer = BEVTLinear(16, 8)
     hidden = torch.randn(4, 16, requires_grad=True)
@@ -608,15 +618,15 @@ def test_onednn_linear_falls_back_and_can_be_disabled(monkeypatch):
         graph = str(torch.jit.trace(layer, hidden.detach()).graph)
     assert "aten::linear" in graph and "mkldnn" not in graph
     monkeypatch.setenv("BEVT_ONEDNN_LINEAR", "0")
-    modeling_bevt._onednn_linear_op.cache_clear()
+    kernels_bevt.onednn_linear_op.cache_clear()
     try:
-        assert modeling_bevt._onednn_linear_op() is None
+        assert kernels_bevt.onednn_linear_op() is None
         out = layer(hidden)
         assert "OneDNN" not in type(out.grad_fn).__name__
         torch.testing.assert_close(out, torch.nn.functional.linear(hidden, layer.weight, layer.bias))
     finally:
         monkeypatch.delenv("BEVT_ONEDNN_LINEAR")
-        modeling_bevt._onednn_linear_op.cache_clear()
+        kernels_bevt.onednn_linear_op.cache_clear()
 
 
 def _block_grads(block, hidden, window, shift, mask, plain: bool):
@@ -631,7 +641,7 @@ def _block_grads(block, hidden, window, shift, mask, plain: bool):
         block.zero_grad()
         x = hidden.detach().requires_grad_(True)
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            out = block(x, window, shift, mask)
+            out, _ = block(x, window, shift, mask)
         names = [n for n, _ in block.named_parameters()]
         grads = torch.autograd.grad(out.square().sum(), [x, *block.parameters()])
     finally:
@@ -678,12 +688,12 @@ def test_fused_norm_linear_under_autocast_and_with_replaced_modules():
     hidden = torch.randn(1, 2, 4, 4, config.embed_dim, requires_grad=True)
     args = ((2, 2, 2), (0, 0, 0), None)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        lean = block(hidden, *args)
+        lean, _ = block(hidden, *args)
     lean_grads = torch.autograd.grad(lean.float().sum(), [hidden, *block.parameters()])
     block.layernorm_before.register_forward_hook(lambda *a: None)
     block.layernorm_after.register_forward_hook(lambda *a: None)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        plain = block(hidden, *args)
+        plain, _ = block(hidden, *args)
     plain_grads = torch.autograd.grad(plain.float().sum(), [hidden, *block.parameters()])
     assert lean.dtype == plain.dtype
     torch.testing.assert_close(lean.float(), plain.float(), atol=3e-2, rtol=3e-2)
@@ -703,7 +713,7 @@ def test_fused_norm_linear_under_autocast_and_with_replaced_modules():
     block = BEVTLayer(config, config.embed_dim, config.num_heads[0], drop_path_rate=0.0)
     block.attention.qkv = Counting(block.attention.qkv)
     block.mlp.fc1, block.mlp.fc2 = Counting(block.mlp.fc1), Counting(block.mlp.fc2)
-    block(hidden, *args).sum().backward()
+    block(hidden, *args)[0].sum().backward()
     assert block.attention.qkv.calls == block.mlp.fc1.calls == block.mlp.fc2.calls == 1
 
 
@@ -725,3 +735,96 @@ def test_torch_func_grad_matches_autograd():
     for name, p in model.named_parameters():
         expected = p.grad if p.grad is not None else torch.zeros_like(p)  # unused (mask token, image embedding)
         torch.testing.assert_close(got[name], expected, atol=1e-5, rtol=1e-4, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------- attentions
+
+
+def _expected_attention_shapes(config, grid, batch):
+    """(B*nW, heads, N, N) per block, from the Swin window rules: a stage's window shrinks to axes shorter than it
+    (video: axes no longer than it), windows tile the grid padded to whole windows."""
+    window = config.window_size if len(grid) == 3 else config.window_size[1:]
+    shapes = []
+    for stage, (depth, heads) in enumerate(zip(config.depths, config.num_heads)):
+        g = [grid[0], *(-(-s // 2**stage) for s in grid[1:])] if len(grid) == 3 else [-(-s // 2**stage) for s in grid]
+        w = [min(a, b) for a, b in zip(g, window)]
+        windows = batch * int(torch.tensor([-(-a // b) for a, b in zip(g, w)]).prod())
+        tokens = int(torch.tensor(w).prod())
+        shapes += [(windows, heads, tokens, tokens)] * depth
+    return shapes
+
+
+def test_output_attentions_one_map_per_block():
+    """As Transformers' ModelTesterMixin.test_attention_outputs: one map per block, per-stage head counts, window
+    token counts, rows summing to one; outputs unchanged by the flag; tuple outputs carry them last."""
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = BEVTModel(config).eval()
+    model.set_attn_implementation("eager")
+    pixel_values, mask, _ = video_batch(batch=2)
+    with torch.no_grad():
+        plain = model(pixel_values, mask)
+        out = model(pixel_values, mask, output_attentions=True)
+    assert plain.attentions is None
+    torch.testing.assert_close(out.last_hidden_state, plain.last_hidden_state)
+    expected = _expected_attention_shapes(config, (4, 16, 16), batch=2)
+    assert len(out.attentions) == sum(config.depths) == len(expected)
+    assert [tuple(a.shape) for a in out.attentions] == expected
+    assert [a.shape[1] for a in out.attentions] == [h for d, h in zip(config.depths, config.num_heads) for _ in range(d)]
+    for a in out.attentions:
+        torch.testing.assert_close(a.sum(-1), torch.ones(a.shape[:-1]), atol=1e-5, rtol=1e-5)
+        assert (a >= 0).all()
+    # the shifted block of stage 3 (grid 4x4x4, window 4x2x2, shift 0x1x1): no attention across shifted regions
+    shift_mask = make_shift_mask((4, 4, 4), (4, 2, 2), (0, 1, 1), torch.device("cpu"))  # (nW, N, N)
+    shifted = out.attentions[3].view(2, shift_mask.shape[0], *out.attentions[3].shape[1:])
+    assert (shift_mask != 0).any()
+    assert shifted.masked_select((shift_mask != 0)[None, :, None]).max() < 1e-30
+    assert shifted.masked_select((shift_mask == 0)[None, :, None]).min() > 0
+    # tuple output: attentions come last
+    with torch.no_grad():
+        as_tuple = model(pixel_values, mask, output_attentions=True, return_dict=False)
+    assert len(as_tuple) == 3 and len(as_tuple[-1]) == sum(config.depths)
+
+    images, _, _ = image_batch(batch=3)
+    with torch.no_grad():
+        image_out = model(images, output_attentions=True)
+    assert [tuple(a.shape) for a in image_out.attentions] == _expected_attention_shapes(config, (16, 16), batch=3)
+
+
+def test_output_attentions_with_sdpa_warns_and_uses_eager(caplog):
+    """With SDPA (the default) Transformers 5 models log that SDPA returns no attention maps; BEVT logs it and
+    computes that call with eager attention, so the maps are there and equal eager's."""
+    from transformers.utils import logging as hf_logging
+
+    torch.manual_seed(0)
+    model = BEVTForVideoClassification(tiny_config(num_labels=3)).eval()
+    for name, p in model.named_parameters():
+        if "relative_position_bias_table" in name:
+            p.data.normal_(std=1.0)
+    assert model.config._attn_implementation == "sdpa"
+    pixel_values, _, _ = video_batch(batch=1)
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"), torch.no_grad():
+            sdpa = model(pixel_values, output_attentions=True)
+    finally:
+        hf_logging.disable_propagation()
+    assert "output_attentions=True` needs the eager attention" in caplog.text
+    assert model.config._attn_implementation == "sdpa"  # only that call
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        eager = model(pixel_values, output_attentions=True)
+    assert len(sdpa.attentions) == len(eager.attentions) == sum(model.config.depths)
+    for got, want in zip(sdpa.attentions, eager.attentions):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(sdpa.logits, eager.logits, atol=1e-5, rtol=1e-5)
+
+    # pretraining model: one tuple per stream; attentions do not change the losses and survive backward
+    mim = BEVTForMaskedVideoModeling(tiny_config())
+    videos, mask, labels = video_batch(batch=1)
+    images, image_mask, image_labels = image_batch(batch=2)
+    out = mim(videos, mask, labels, images, image_mask, image_labels, output_attentions=True)
+    assert len(out.attentions) == len(out.image_attentions) == sum(mim.config.depths)
+    assert out.image_attentions[0].shape == (2 * 64, 1, 4, 4)  # 16x16 grid, 2x2 windows, 1 head
+    out.loss.backward()
+    assert mim.bevt.encoder.layers[0].blocks[0].attention.qkv.weight.grad is not None

@@ -4,11 +4,14 @@ the BEVT masked visual-token prediction heads, and a video classification head.
 Shapes used below: B batch, T frames, C channels, H x W pixels; after the 2x4x4 patch embedding a video has a
 (D, Hp, Wp) = (T/2, H/4, W/4) token grid, an image a (Hp, Wp) = (H/4, W/4) grid. Inside the encoder tensors are
 channels-last: video (B, D, H, W, C), image (B, H, W, C).
+
+The fast paths (oneDNN linears, chunked window attention, recomputed LayerNorm/GELU) live in `kernels_bevt.py`;
+each is one call here (`BEVTLinear`, the "sdpa" attention, `norm_linear`, `activation_linear`) that runs the plain
+PyTorch code whenever the fast path does not apply.
 """
 
 import itertools
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -16,16 +19,32 @@ from functools import lru_cache, partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ImageClassifierOutput, ModelOutput
 from transformers.modeling_utils import AttentionInterface
+from transformers.utils import logging
 
 from .configuration_bevt import BEVTConfig
+from .inputs_bevt import (
+    check_class_labels,
+    check_mask,
+    check_masked_modeling_stream,
+    check_pixel_values,
+    check_token_labels,
+    check_token_range,
+)
+from .kernels_bevt import (
+    BEVTLinear,
+    activation_linear,
+    norm_linear,
+    sdpa_window_attention_forward,
+    window_attention_mask,
+)
+
+logger = logging.get_logger(__name__)
 
 # Value of the shifted-window mask between tokens from different image regions (as the original code: not -inf,
 # so it stays finite in half precision).
@@ -81,6 +100,32 @@ def window_reverse(windows: torch.Tensor, window: tuple[int, ...], grid: tuple[i
     return x.permute(*order).reshape(batch, *grid, channels)
 
 
+def shift_and_partition(x: torch.Tensor, window: tuple[int, ...], shift: tuple[int, ...]) -> torch.Tensor:
+    """(B, *grid, C) -> zero-pad to whole windows -> cyclic shift by -shift -> windows (B, nW, N, C)."""
+    grid = x.shape[1:-1]
+    pad = []
+    for g, w in zip(reversed(grid), reversed(window)):
+        pad += [0, (w - g % w) % w]
+    if any(pad):
+        x = F.pad(x, [0, 0, *pad])
+    if any(shift):
+        x = torch.roll(x, shifts=tuple(-s for s in shift), dims=tuple(range(1, len(grid) + 1)))
+    return window_partition(x, window)
+
+
+def merge_and_unshift(
+    windows: torch.Tensor, window: tuple[int, ...], shift: tuple[int, ...], grid: tuple[int, ...]
+) -> torch.Tensor:
+    """Inverse of `shift_and_partition`: windows (B, nW, N, C) -> padded grid -> shift back -> crop to (B, *grid, C)."""
+    padded = tuple(-(-g // w) * w for g, w in zip(grid, window))
+    x = window_reverse(windows, window, padded)
+    if any(shift):
+        x = torch.roll(x, shifts=shift, dims=tuple(range(1, len(grid) + 1)))
+    if padded != grid:
+        x = x[(slice(None), *[slice(0, g) for g in grid])]
+    return x
+
+
 def make_shift_mask(
     grid: tuple[int, ...], window: tuple[int, ...], shift: tuple[int, ...], device: torch.device
 ) -> torch.Tensor:
@@ -132,17 +177,6 @@ def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor
     return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
 
 
-def window_attention_mask(
-    bias: torch.Tensor, shift_mask: torch.Tensor | None, dtype: torch.dtype
-) -> torch.Tensor:
-    """The additive attention mask of a window layout: (1, heads, N, N) from the relative position bias alone, or
-    (1, windows*heads, N, N) = bias + shift mask when windows are folded into the head axis (shifted blocks)."""
-    if shift_mask is None:
-        return bias[None].to(dtype)
-    num_windows, n = shift_mask.shape[0], shift_mask.shape[-1]
-    return (bias[None] + shift_mask[:, None]).reshape(1, num_windows * bias.shape[0], n, n).to(dtype)
-
-
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -168,112 +202,8 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
-def _custom_autograd_allowed() -> bool:
-    """Whether this model's custom autograd functions may run: plain eager autograd, not while torch.compile or a
-    TorchScript trace records the graph (they make their own choices) and not under torch.func transforms (grad,
-    vmap, ...), which need functions written for them."""
-    return not (
-        torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
-    )
-
-
-class WindowAttentionFunction(torch.autograd.Function):
-    """Softmax window attention that stores no attention matrix: the backward pass recomputes the probabilities
-    chunk by chunk (and returns the gradient of the relative position bias). Same math as the eager path.
-
-    query/key/value (B', H', N, D). Head h' of the layout uses `bias[h' % heads]` and, when a shift mask
-    (windows, N, N) is given (windows folded into the head axis, H' = windows * heads), `shift_mask[h' // heads]`.
-    """
-
-    CHUNK_BYTES = 8 * 2**20  # temporaries per chunk: a few cache-sized (rows, N, N) blocks
-
-    @staticmethod
-    def _chunks(batch: int, heads_total: int, n: int, heads: int):
-        per_head = n * n * 4
-        head_chunk = max(
-            heads, min(heads_total, WindowAttentionFunction.CHUNK_BYTES // per_head // heads * heads)
-        )
-        batch_chunk = max(1, WindowAttentionFunction.CHUNK_BYTES // (per_head * head_chunk))
-        for b0 in range(0, batch, batch_chunk):
-            for h0 in range(0, heads_total, head_chunk):
-                yield slice(b0, min(batch, b0 + batch_chunk)), slice(h0, min(heads_total, h0 + head_chunk))
-
-    @staticmethod
-    def _scores(q, k, bias, shift_mask, hs: slice, heads: int, scaling: float) -> torch.Tensor:
-        """Scaled scores + bias (+ shift mask) of one chunk, float32 (b, rows, N, N); chunks hold whole windows."""
-        scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scaling)
-        n = scores.shape[-1]
-        per_window = scores.view(scores.shape[0], -1, heads, n, n)  # (b, windows in chunk, heads, N, N)
-        per_window += bias
-        if shift_mask is not None:
-            per_window += shift_mask[hs.start // heads : hs.stop // heads, None]
-        return scores
-
-    @staticmethod
-    def forward(ctx, query, key, value, bias, shift_mask, scaling):
-        heads = bias.shape[0]
-        out = torch.empty_like(query)
-        for bs, hs in WindowAttentionFunction._chunks(query.shape[0], query.shape[1], query.shape[2], heads):
-            scores = WindowAttentionFunction._scores(
-                query[bs, hs], key[bs, hs], bias, shift_mask, hs, heads, scaling
-            )
-            probs = torch.softmax(scores, dim=-1).to(value.dtype)
-            out[bs, hs] = torch.matmul(probs, value[bs, hs])
-        ctx.save_for_backward(query, key, value, bias, shift_mask)
-        ctx.scaling = scaling
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        query, key, value, bias, shift_mask = ctx.saved_tensors
-        scaling, heads = ctx.scaling, bias.shape[0]
-        grad_q, grad_k, grad_v = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
-        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
-        grad_out = grad_out.contiguous()
-        for bs, hs in WindowAttentionFunction._chunks(query.shape[0], query.shape[1], query.shape[2], heads):
-            q, k, v, go = query[bs, hs], key[bs, hs], value[bs, hs], grad_out[bs, hs]
-            probs = torch.softmax(
-                WindowAttentionFunction._scores(q, k, bias, shift_mask, hs, heads, scaling), -1
-            )
-            grad_v[bs, hs] = torch.matmul(probs.transpose(-1, -2).to(go.dtype), go)
-            grad_probs = torch.matmul(go, v.transpose(-1, -2)).float()
-            grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, torch.float32)
-            grad_bias += grad_scores.view(grad_scores.shape[0], -1, *bias.shape).sum((0, 1))
-            grad_scores = grad_scores.mul_(scaling).to(q.dtype)
-            grad_q[bs, hs] = torch.matmul(grad_scores, k)
-            grad_k[bs, hs] = torch.matmul(grad_scores.transpose(-1, -2), q)
-        return grad_q, grad_k, grad_v, grad_bias.to(bias.dtype), None, None
-
-
-def sdpa_window_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    window_bias: torch.Tensor | None = None,
-    window_shift_mask: torch.Tensor | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """BEVT's "sdpa": `torch.nn.functional.scaled_dot_product_attention` with the window mask (on CUDA its
-    memory-efficient kernel also gives the bias gradient). When gradients are needed on CPU, where SDPA falls back
-    to a math path that keeps the whole attention matrix, `WindowAttentionFunction` computes the same attention
-    without storing it."""
-    if attention_mask is None and window_bias is not None:
-        needs_grad = torch.is_grad_enabled() and (query.requires_grad or window_bias.requires_grad)
-        eligible = query.device.type == "cpu" and dropout == 0.0 and _custom_autograd_allowed()
-        if needs_grad and eligible:
-            out = WindowAttentionFunction.apply(query, key, value, window_bias, window_shift_mask, scaling)
-            return out.transpose(1, 2).contiguous(), None
-        attention_mask = window_attention_mask(window_bias, window_shift_mask, query.dtype)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
-
-
-# Model-local attention interface (the Transformers pattern for overriding a global implementation): "sdpa" is the
-# window-aware version above; other registered implementations stay available.
+# Model-local attention interface (the Transformers pattern for overriding a global implementation): "sdpa" is
+# window-aware (kernels_bevt.sdpa_window_attention_forward); other registered implementations stay available.
 ALL_ATTENTION_FUNCTIONS = AttentionInterface()
 ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa_window_attention_forward
 
@@ -294,12 +224,17 @@ class BEVTModelOutput(ModelOutput):
         hidden_states: on request, the patch embeddings and each stage's output before patch merging, (B, L_i, C_i).
         reshaped_hidden_states: the same, channels-first: (B, C_i, D, H_i, W_i) for videos, (B, C_i, H_i, W_i) for
             images.
+        attentions: on request (`output_attentions=True`), one tensor per block (sum(depths) in all, stage by
+            stage): the softmax attention probabilities (B*nW_i, heads_i, N_i, N_i), nW_i windows of N_i tokens
+            (N = Wd*Wh*Ww = 392 for 8x7x7 video windows, Wh*Ww = 49 for images; smaller where the grid is),
+            windows in (batch, window) order. Eager attention computes them (see `BEVTAttention.attend`).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     pooler_output: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     reshaped_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -314,6 +249,8 @@ class BEVTMaskedVideoModelingOutput(ModelOutput):
             or when `return_logits=True` (with labels only the masked positions are projected to the vocabulary).
         image_logits: (B, h*w, vocab_size), same rule.
         masked_logits / image_masked_logits: (num_masked, vocab_size), the logits the losses were computed on.
+        attentions / image_attentions: on request, every block's attention probabilities for each stream (see
+            `BEVTModelOutput.attentions`).
     """
 
     loss: torch.FloatTensor | None = None
@@ -325,6 +262,8 @@ class BEVTMaskedVideoModelingOutput(ModelOutput):
     image_logits: torch.FloatTensor | None = None
     masked_logits: torch.FloatTensor | None = None
     image_masked_logits: torch.FloatTensor | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class BEVTPatchEmbeddings(nn.Module):
@@ -421,12 +360,17 @@ class BEVTAttention(nn.Module):
         )
         return bias.permute(2, 0, 1)
 
-    def forward(self, windows: torch.Tensor, shift_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """windows (B, nW, N, C); shift_mask (nW, N, N) additive or None -> (B, nW, N, C)."""
-        return self.attend(self.qkv(windows), shift_mask)
+    def forward(
+        self, windows: torch.Tensor, shift_mask: torch.Tensor | None = None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """windows (B, nW, N, C); shift_mask (nW, N, N) additive or None -> (B, nW, N, C) (see `attend`)."""
+        return self.attend(self.qkv(windows), shift_mask, output_attentions)
 
-    def attend(self, qkv: torch.Tensor, shift_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention from the fused projection: qkv (B, nW, N, 3C) -> (B, nW, N, C)."""
+    def attend(
+        self, qkv: torch.Tensor, shift_mask: torch.Tensor | None = None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention from the fused projection: qkv (B, nW, N, 3C) -> output (B, nW, N, C) and, with
+        `output_attentions`, the attention probabilities (B*nW, heads, N, N) (else None)."""
         batch, num_windows, num_tokens, channels = *qkv.shape[:3], qkv.shape[3] // 3
         qkv = qkv.view(batch, num_windows, num_tokens, 3, self.num_heads, self.head_dim)
         bias = self.relative_position_bias(num_tokens)
@@ -441,10 +385,18 @@ class BEVTAttention(nn.Module):
                 3, batch, num_windows * self.num_heads, num_tokens, -1
             )
         query, key, value = qkv.unbind(0)
+        implementation = self.config._attn_implementation
+        if output_attentions and implementation != "eager":
+            logger.warning_once(
+                f"`output_attentions=True` needs the eager attention (attn_implementation={implementation!r} returns "
+                "no attention probabilities): this call uses eager attention. Load the model with "
+                "`attn_implementation=\"eager\"` to avoid this warning."
+            )
+            implementation = "eager"
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
+            implementation, eager_attention_forward
         )
-        out, _ = attention_interface(
+        out, weights = attention_interface(
             self,
             query,
             key,
@@ -460,239 +412,11 @@ class BEVTAttention(nn.Module):
             out = out.reshape(batch, num_windows, num_tokens, channels)
         else:
             out = out.view(batch, num_tokens, num_windows, channels).transpose(1, 2)
-        return self.proj_dropout(self.proj(out))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Linear layers through oneDNN on CPU
-# ----------------------------------------------------------------------------------------------------------------
-#
-# On CPU, `F.linear` in float32 runs MKL's sgemm. `torch.ops.mkldnn._linear_pointwise` runs the same float32 product
-# through oneDNN, which uses the CPU's widest vector units (on the AMD Zen 5 benchmark machine MKL takes its AVX2
-# path and reaches ~200 GFLOP/s on two cores, oneDNN's AVX-512 kernels ~400). Same math in float32; only the
-# summation order differs (relative differences ~1e-7). Set BEVT_ONEDNN_LINEAR=0 to use `F.linear` everywhere.
-
-
-@lru_cache(maxsize=1)
-def _onednn_linear_op() -> Callable | None:
-    if os.environ.get("BEVT_ONEDNN_LINEAR", "1").strip().lower() in ("0", "false", "no", "off"):
-        return None
-    try:
-        if not torch.backends.mkldnn.is_available():
-            return None
-        op = torch.ops.mkldnn._linear_pointwise.default
-        # one tiny self-check per process: the op runs here and gives F.linear's numbers
-        g = torch.Generator().manual_seed(0)
-        rows, weight, bias = (
-            torch.randn(5, 7, generator=g),
-            torch.randn(3, 7, generator=g),
-            torch.randn(3, generator=g),
-        )
-        with torch.no_grad():
-            if not torch.allclose(
-                op(rows, weight, bias, "none", [], ""), F.linear(rows, weight, bias), atol=1e-5
-            ):
-                return None
-        return op
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return None
-
-
-def _onednn_eligible(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `hidden @ weight.T` can go through oneDNN: plain float32 CPU tensors, eager mode (not compiling or
-    tracing), no autocast, no dispatch mode."""
-    return (
-        _custom_autograd_allowed()
-        and not torch.is_autocast_enabled("cpu")
-        # under a dispatch mode (FlopCounterMode, FakeTensorMode, ...) tools expect the standard aten ops
-        and _get_current_dispatch_mode() is None
-        and hidden.device.type == "cpu"
-        and hidden.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and hidden.layout == torch.strided
-        and type(weight) in (torch.Tensor, nn.Parameter)
-        and hidden.ndim >= 2
-        and hidden.numel() > 0
-        and _onednn_linear_op() is not None  # last: its one-time self-check must run in plain eager mode
-    )
-
-
-def _onednn_matmul(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """rows (M, K) @ weight (N, K).T (+ bias (N,)) -> (M, N) through oneDNN."""
-    return _onednn_linear_op()(rows, weight, bias, "none", [], "")
-
-
-# oneDNN's weight-gradient kernel needs both operands converted to its own tensor type (one copy each, ~M*(N+K)
-# values); it pays off once each copied value feeds enough multiply-adds, i.e. when N*K/(N+K) is large.
-ONEDNN_WEIGHT_GRAD_MIN_DEPTH = 128
-
-
-def _linear_weight_grad(grad_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """grad_rows (M, N).T @ rows (M, K) -> (N, K): the weight gradient of a linear layer."""
-    n, k = grad_rows.shape[1], rows.shape[1]
-    if n * k >= ONEDNN_WEIGHT_GRAD_MIN_DEPTH * (n + k) and _onednn_eligible(rows, grad_rows):
-        try:
-            weight = torch.empty(n, k, dtype=rows.dtype)  # only its shape is read
-            grad_weight, _ = torch.mkldnn_linear_backward_weights(
-                grad_rows.contiguous().to_mkldnn(), rows.contiguous().to_mkldnn(), weight, False
-            )
-            return grad_weight
-        except (RuntimeError, NotImplementedError):
-            pass
-    return grad_rows.t() @ rows
-
-
-def _linear_input_grad(grad_rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """grad_rows (M, N) @ weight (N, K) -> (M, K): the input gradient of a linear layer (oneDNN where eligible)."""
-    if _onednn_eligible(grad_rows, weight):
-        return _onednn_matmul(grad_rows, weight.t().contiguous(), None)
-    return grad_rows @ weight
-
-
-def _linear_no_autograd(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """rows (M, K) @ weight.T (+ bias) -> (M, N) with autograd off: oneDNN where eligible, else `F.linear` (which
-    follows autocast)."""
-    if _onednn_eligible(rows, weight):
-        return _onednn_matmul(rows, weight, bias)
-    return F.linear(rows, weight, bias)
-
-
-class OneDNNLinearFunction(torch.autograd.Function):
-    """`F.linear(hidden, weight, bias)` whose forward and input gradient run through oneDNN (float32, CPU)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias):
-        rows = hidden.reshape(-1, hidden.shape[-1])
-        out = _onednn_matmul(rows, weight, bias)
-        ctx.save_for_backward(hidden, weight)
-        ctx.has_bias = bias is not None
-        return out.view(*hidden.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        hidden, weight = ctx.saved_tensors
-        grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_hidden = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_hidden = _linear_input_grad(grad_rows, weight).view(hidden.shape)
-        if ctx.needs_input_grad[1]:
-            grad_weight = _linear_weight_grad(grad_rows, hidden.reshape(-1, hidden.shape[-1]))
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_rows.sum(0)
-        return grad_hidden, grad_weight, grad_bias
-
-
-def fast_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear`, through oneDNN for float32 CPU tensors in eager mode (see above); `F.linear` otherwise."""
-    if not _onednn_eligible(hidden, weight):
-        return F.linear(hidden, weight, bias)
-    if torch.is_grad_enabled() and (
-        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    ):
-        return OneDNNLinearFunction.apply(hidden, weight, bias)
-    out = _onednn_matmul(hidden.reshape(-1, hidden.shape[-1]), weight, bias)
-    return out.view(*hidden.shape[:-1], weight.shape[0])
-
-
-class BEVTLinear(nn.Linear):
-    """`nn.Linear` (same parameters and state dict) whose CPU float32 forward/backward use `fast_linear`."""
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return fast_linear(hidden, self.weight, self.bias)
-
-
-class PreparedLinearFunction(torch.autograd.Function):
-    """`linear(prepare(x, *prepare_params), weight, bias)` that keeps `x` (not prepare's output) for the backward
-    pass and recomputes `prepare` there. `prepare` is cheap (a LayerNorm, padding, rolling, window partition): the
-    block input is kept anyway, so the normalized copy that a plain `nn.Linear` would store (C values per token) is
-    never stored. The linear's own products are not recomputed.
-
-    x (..., C_in) -> prepare -> (..., K) -> (..., N). Autocast is recorded in forward and restored for the
-    recomputation."""
-
-    @staticmethod
-    def forward(ctx, prepare, x, weight, bias, *prepare_params):
-        device = x.device.type
-        ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        rows = prepare(x, *prepare_params)
-        shape = rows.shape[:-1]
-        out = _linear_no_autograd(rows.reshape(-1, rows.shape[-1]), weight, bias)
-        ctx.prepare, ctx.has_bias = prepare, bias is not None
-        ctx.save_for_backward(x, weight, *prepare_params)
-        return out.view(*shape, weight.shape[0])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        x, weight, *params = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
-            inputs = [x.detach().requires_grad_(needs[1])]
-            inputs += [p.detach().requires_grad_(need) for p, need in zip(params, needs[4:])]
-            rows = ctx.prepare(*inputs)
-        grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
-        flat = rows.detach().reshape(-1, rows.shape[-1]).to(grad_rows.dtype)
-        grad_weight = grad_bias = None
-        if needs[2]:
-            grad_weight = _linear_weight_grad(grad_rows, flat).to(weight.dtype)
-        if ctx.has_bias and needs[3]:
-            grad_bias = grad_rows.sum(0)
-        wanted = [t for t in inputs if t.requires_grad]
-        grads = iter(())
-        if wanted:
-            grad_flat = _linear_input_grad(grad_rows, weight.to(grad_rows.dtype))
-            grads = iter(torch.autograd.grad(rows, wanted, grad_flat.view(rows.shape).to(rows.dtype)))
-        grad_inputs = [next(grads) if t.requires_grad else None for t in inputs]
-        return None, grad_inputs[0], grad_weight, grad_bias, *grad_inputs[1:]
-
-
-def _is_plain(module: nn.Module, cls: type) -> bool:
-    """True when `module` is exactly `cls` with no hooks, so a fused path may use its parameters directly (a
-    module replaced or wrapped by an adapter library, or hooked, keeps its own forward)."""
-    return (
-        type(module) is cls
-        and not module._forward_hooks
-        and not module._forward_pre_hooks
-        and not nn.modules.module._global_forward_hooks
-        and not nn.modules.module._global_forward_pre_hooks
-    )
-
-
-class GeluLinearFunction(torch.autograd.Function):
-    """`linear(gelu(h), weight, bias)` that keeps only `h` for the backward pass and recomputes the (cheap,
-    elementwise) GELU there: the MLP then stores 4C instead of 8C values per token."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias):
-        dtype = hidden.dtype  # under autocast fc1 already produced the autocast dtype
-        activated = F.gelu(hidden)
-        out = _linear_no_autograd(
-            activated.reshape(-1, activated.shape[-1]),
-            weight.to(dtype),
-            bias.to(dtype) if bias is not None else None,
-        ).view(*hidden.shape[:-1], weight.shape[0])
-        ctx.save_for_backward(hidden, weight, bias)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        hidden, weight, bias = ctx.saved_tensors
-        dtype = hidden.dtype
-        grad_out = grad_out.to(dtype)
-        activated = F.gelu(hidden)
-        grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_weight = _linear_weight_grad(grad_rows, activated.reshape(-1, activated.shape[-1]))
-        grad_bias = grad_rows.sum(0) if bias is not None else None
-        grad_activated = _linear_input_grad(grad_rows, weight.to(dtype)).view(hidden.shape)
-        grad_hidden = torch.ops.aten.gelu_backward(grad_activated, hidden)
-        return (
-            grad_hidden,
-            grad_weight.to(weight.dtype),
-            grad_bias.to(bias.dtype) if grad_bias is not None else None,
-        )
+        if output_attentions:  # (B', heads', N, N) -> (B*nW, heads, N, N)
+            weights = weights.reshape(batch * num_windows, self.num_heads, num_tokens, num_tokens)
+        else:
+            weights = None
+        return self.proj_dropout(self.proj(out)), weights
 
 
 class BEVTMLP(nn.Module):
@@ -703,37 +427,12 @@ class BEVTMLP(nn.Module):
         self.act = ACT2FN[config.hidden_act]
         self.fc2 = BEVTLinear(hidden, dim)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.memory_lean = config.hidden_act == "gelu"
 
-    def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
-        """x (..., C) -> (..., C); with `norm`, the MLP of `norm(x)`, which is then recomputed in backward rather
-        than stored."""
-        lean = not (self.training and self.dropout.p > 0) and _memory_lean_autograd(x, self)
-        if lean and norm is not None and _is_plain(norm, nn.LayerNorm) and _is_plain(self.fc1, BEVTLinear):
-            hidden = PreparedLinearFunction.apply(
-                partial(_layer_norm, eps=norm.eps), x, self.fc1.weight, self.fc1.bias, norm.weight, norm.bias
-            )
-        else:
-            hidden = self.fc1(norm(x) if norm is not None else x)
-        if not lean:
-            return self.dropout(self.fc2(self.dropout(self.act(hidden))))
-        if self.memory_lean and _is_plain(self.fc2, BEVTLinear):
-            return GeluLinearFunction.apply(hidden, self.fc2.weight, self.fc2.bias)
-        return self.fc2(self.act(hidden))
-
-
-def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
-
-
-def _memory_lean_autograd(x: torch.Tensor, module: nn.Module) -> bool:
-    """Whether the memory-lean autograd functions apply: gradients are being recorded, in plain eager mode (see
-    `_custom_autograd_allowed`; under torch.compile inductor makes its own recompute choices)."""
-    return (
-        torch.is_grad_enabled()
-        and _custom_autograd_allowed()
-        and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
-    )
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """x (..., C) -> fc1 -> act -> dropout -> fc2 -> dropout -> (..., C); with `norm`, the MLP of `norm(x)`. The
+        norm and the activation are recomputed in backward rather than stored (`norm_linear`, `activation_linear`)."""
+        hidden = norm_linear(x, norm, self.fc1) if norm is not None else self.fc1(x)
+        return self.dropout(activation_linear(hidden, self.act, self.fc2, self.dropout))
 
 
 class BEVTLayer(GradientCheckpointingLayer):
@@ -753,57 +452,20 @@ class BEVTLayer(GradientCheckpointingLayer):
         window: tuple[int, ...],
         shift: tuple[int, ...],
         shift_mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """hidden_states (B, *grid, C) channels-last; `shift_mask` (nW, N, N) or None (built on the padded grid)."""
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states (B, *grid, C) channels-last; `shift_mask` (nW, N, N) or None (built on the padded grid).
+        Returns the block output (B, *grid, C) and the attention probabilities (B*nW, heads, N, N) or None."""
         grid = tuple(hidden_states.shape[1:-1])
-        padded = tuple(-(-g // w) * w for g, w in zip(grid, window))
-        norm, qkv = self.layernorm_before, self.attention.qkv
-        if (
-            _memory_lean_autograd(hidden_states, self)
-            and _is_plain(norm, nn.LayerNorm)
-            and _is_plain(qkv, BEVTLinear)
-        ):
-            # LayerNorm -> pad -> roll -> windows is recomputed in backward instead of stored (see
-            # PreparedLinearFunction); the qkv projection reads the block input directly.
-            prepare = partial(self._normed_windows, eps=norm.eps, window=window, shift=shift)
-            projected = PreparedLinearFunction.apply(
-                prepare, hidden_states, qkv.weight, qkv.bias, norm.weight, norm.bias
-            )
-            x = self.attention.attend(projected, shift_mask)
-        else:
-            x = self.attention(self._windows(norm(hidden_states), window, shift), shift_mask)
-        x = window_reverse(x, window, padded)
-        if any(shift):
-            x = torch.roll(x, shifts=shift, dims=tuple(range(1, len(grid) + 1)))
-        if padded != grid:
-            x = x[(slice(None), *[slice(0, g) for g in grid])]
+        # norm -> shift -> partition -> qkv projection: one call, so that in training the normalized copy is
+        # recomputed in backward rather than stored
+        to_windows = partial(shift_and_partition, window=window, shift=shift)
+        qkv = norm_linear(hidden_states, self.layernorm_before, self.attention.qkv, then=to_windows)
+        attended, attentions = self.attention.attend(qkv, shift_mask, output_attentions)
+        x = merge_and_unshift(attended, window, shift, grid)
         hidden_states = hidden_states + drop_path(x, self.drop_path_rate, self.training)
-        mlp_out = self.mlp(hidden_states, norm=self.layernorm_after)
-        return hidden_states + drop_path(mlp_out, self.drop_path_rate, self.training)
-
-    @staticmethod
-    def _windows(x: torch.Tensor, window: tuple[int, ...], shift: tuple[int, ...]) -> torch.Tensor:
-        """(B, *grid, C) -> zero-pad to whole windows -> cyclic shift by -shift -> (B, nW, N, C) windows."""
-        grid = x.shape[1:-1]
-        pad = []
-        for g, w in zip(reversed(grid), reversed(window)):
-            pad += [0, (w - g % w) % w]
-        if any(pad):
-            x = F.pad(x, [0, 0, *pad])
-        if any(shift):
-            x = torch.roll(x, shifts=tuple(-s for s in shift), dims=tuple(range(1, len(grid) + 1)))
-        return window_partition(x, window)
-
-    @staticmethod
-    def _normed_windows(
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor,
-        eps: float,
-        window: tuple[int, ...],
-        shift: tuple[int, ...],
-    ) -> torch.Tensor:
-        return BEVTLayer._windows(_layer_norm(x, weight, bias, eps), window, shift)
+        x = self.mlp(hidden_states, norm=self.layernorm_after)
+        return hidden_states + drop_path(x, self.drop_path_rate, self.training), attentions
 
 
 class BEVTPatchMerging(nn.Module):
@@ -853,8 +515,11 @@ class BEVTStage(nn.Module):
             shift.append(0 if g < w else s)
         return tuple(window), tuple(shift), True
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, *grid, C) -> (output before merging, output after merging)."""
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(B, *grid, C) -> (output before merging, output after merging, per-block attention probabilities
+        (B*nW, heads, N, N) when `output_attentions`, else [])."""
         grid = tuple(hidden_states.shape[1:-1])
         window, shift, mask_every_block = self._windows(grid)
         shift_mask = None
@@ -862,16 +527,20 @@ class BEVTStage(nn.Module):
             padded = tuple(-(-g // w) * w for g, w in zip(grid, window))
             shift_mask = make_shift_mask(padded, window, shift, hidden_states.device)
         no_shift = (0,) * len(grid)
+        attentions = []
         for i, block in enumerate(self.blocks):
             shifted = i % 2 == 1
-            hidden_states = block(
+            hidden_states, weights = block(
                 hidden_states,
                 window,
                 shift if shifted else no_shift,
                 shift_mask if (shifted or mask_every_block) else None,
+                output_attentions=output_attentions,
             )
+            if weights is not None:
+                attentions.append(weights)
         merged = self.downsample(hidden_states) if self.downsample is not None else hidden_states
-        return hidden_states, merged
+        return hidden_states, merged, attentions
 
 
 class BEVTEncoder(nn.Module):
@@ -885,13 +554,17 @@ class BEVTEncoder(nn.Module):
             self.layers.append(BEVTStage(config, i, rates[start : start + depth]))
             start += depth
 
-    def forward(self, hidden_states: torch.Tensor) -> list[torch.Tensor]:
-        """Channels-last token grid -> each stage's output before patch merging."""
-        outputs = []
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Channels-last token grid -> (each stage's output before patch merging, every block's attention
+        probabilities when `output_attentions`, else [])."""
+        outputs, attentions = [], []
         for stage in self.layers:
-            before, hidden_states = stage(hidden_states)
+            before, hidden_states, weights = stage(hidden_states, output_attentions)
             outputs.append(before)
-        return outputs
+            attentions += weights
+        return outputs, attentions
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -946,38 +619,6 @@ class BEVTPreTrainedModel(PreTrainedModel):
             init.copy_(module.relative_position_index, relative_position_index(module.window_size))
 
 
-def _check_pixel_values(pixel_values: torch.Tensor, config: BEVTConfig, name: str = "pixel_values") -> None:
-    if not isinstance(pixel_values, torch.Tensor):
-        raise ValueError(f"`{name}` must be a torch.Tensor, got {type(pixel_values).__name__}")
-    if pixel_values.ndim not in (4, 5):
-        raise ValueError(
-            f"`{name}` must be a video (B, T, C, H, W) or an image batch (B, C, H, W), got shape "
-            f"{tuple(pixel_values.shape)}"
-        )
-    channels = pixel_values.shape[-3]
-    if channels != config.num_channels:
-        raise ValueError(
-            f"`{name}` has {channels} channels (dim -3 of shape {tuple(pixel_values.shape)}), the model expects "
-            f"{config.num_channels}; videos are (B, T, C, H, W)"
-        )
-    if not pixel_values.is_floating_point():
-        raise ValueError(
-            f"`{name}` must be a floating point tensor (normalized pixels), got {pixel_values.dtype}"
-        )
-    if pixel_values.shape[0] == 0 or any(s == 0 for s in pixel_values.shape):
-        raise ValueError(f"`{name}` is empty: shape {tuple(pixel_values.shape)}")
-
-
-def mask_grid_shape(pixel_values_shape: tuple[int, ...], config: BEVTConfig) -> tuple[int, ...]:
-    """Expected `bool_masked_pos` grid for inputs of this shape: video (ceil(T/pt), ceil(H/16), ceil(W/16)),
-    image (ceil(H/16), ceil(W/16)) for the default 2x4x4 patches (16 = 4 x patch size)."""
-    pt, ph, pw = config.patch_size
-    spatial = (-(-pixel_values_shape[-2] // (4 * ph)), -(-pixel_values_shape[-1] // (4 * pw)))
-    if len(pixel_values_shape) == 5:
-        return (-(-pixel_values_shape[1] // pt), *spatial)
-    return spatial
-
-
 class BEVTModel(BEVTPreTrainedModel):
     """The BEVT encoder (Video Swin Transformer). Videos (B, T, C, H, W) and images (B, C, H, W) share all blocks,
     patch merging layers, norms and relative position bias tables; each has its own patch embedding."""
@@ -997,43 +638,37 @@ class BEVTModel(BEVTPreTrainedModel):
         pixel_values: torch.Tensor,
         bool_masked_pos: torch.Tensor | None = None,
         name: str = "pixel_values",
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Validate, embed and run the stages. Returns (patch embeddings, stage outputs before merging), channels-last."""
-        _check_pixel_values(pixel_values, self.config, name)
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Validate, embed and run the stages. Returns (patch embeddings, stage outputs before merging) channels-last,
+        and every block's attention probabilities when `output_attentions` (else [])."""
+        check_pixel_values(pixel_values, self.config, name)
         # As Transformers' vision models do (ViT, CLIP): the input follows the weights' dtype (fp16 pixels, fp32 model)
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
         if bool_masked_pos is not None:
-            expected = (pixel_values.shape[0], *mask_grid_shape(tuple(pixel_values.shape), self.config))
-            if tuple(bool_masked_pos.shape) != expected:
-                raise ValueError(
-                    f"mask for `{name}` of shape {tuple(pixel_values.shape)} must have shape {expected} "
-                    f"(batch, {'time/2, ' if pixel_values.ndim == 5 else ''}height/16, width/16), "
-                    f"got {tuple(bool_masked_pos.shape)}"
-                )
-            if bool_masked_pos.is_floating_point() or bool_masked_pos.is_complex():
-                raise ValueError(
-                    f"mask for `{name}` must be a bool (or integer 0/1) tensor, got {bool_masked_pos.dtype}"
-                )
+            check_mask(bool_masked_pos, pixel_values, self.config, name)
         if pixel_values.ndim == 5:  # (B, T, C, H, W) -> (B, C, T, H, W)
             pixel_values = pixel_values.transpose(1, 2)
         embeddings = self.embeddings(pixel_values, bool_masked_pos)
-        return embeddings, self.encoder(embeddings)
+        return embeddings, *self.encoder(embeddings, output_attentions)
 
     def forward(
         self,
         pixel_values: torch.Tensor,
         bool_masked_pos: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> BEVTModelOutput | tuple:
         """pixel_values: video (B, T, C, H, W) or images (B, C, H, W). bool_masked_pos: optional mask, video
-        (B, T/2, H/16, W/16), image (B, H/16, W/16)."""
+        (B, T/2, H/16, W/16), image (B, H/16, W/16). `output_attentions`: one attention map per block."""
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        embeddings, stages = self.encode(pixel_values, bool_masked_pos)
+        embeddings, stages, attentions = self.encode(pixel_values, bool_masked_pos, output_attentions=output_attentions)
         last = self.layernorm(stages[-1]).flatten(1, -2)
         pooled = last.mean(dim=1)
         hidden_states = reshaped = None
@@ -1041,13 +676,15 @@ class BEVTModel(BEVTPreTrainedModel):
             grids = [embeddings, *stages]
             hidden_states = tuple(g.flatten(1, -2) for g in grids)
             reshaped = tuple(g.permute(0, g.ndim - 1, *range(1, g.ndim - 1)) for g in grids)
+        attentions = tuple(attentions) if output_attentions else None
         if not return_dict:
-            return tuple(v for v in (last, pooled, hidden_states, reshaped) if v is not None)
+            return tuple(v for v in (last, pooled, hidden_states, reshaped, attentions) if v is not None)
         return BEVTModelOutput(
             last_hidden_state=last,
             pooler_output=pooled,
             hidden_states=hidden_states,
             reshaped_hidden_states=reshaped,
+            attentions=attentions,
         )
 
 
@@ -1096,55 +733,24 @@ class BEVTForMaskedVideoModeling(BEVTPreTrainedModel):
         labels: torch.Tensor | None,
         is_video: bool,
         return_logits: bool,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor | None, ...]:
+        """One stream -> (loss, accuracy, logits, masked_logits, attentions)."""
         name = "pixel_values" if is_video else "image_pixel_values"
-        expected_rank = 5 if is_video else 4
-        if isinstance(pixel_values, torch.Tensor) and pixel_values.ndim != expected_rank:
-            raise ValueError(
-                f"`{name}` must be {'a video batch (B, T, C, H, W)' if is_video else 'an image batch (B, C, H, W)'}, "
-                f"got shape {tuple(pixel_values.shape)}"
-            )
-        _check_pixel_values(pixel_values, self.config, name)
-        height, width = pixel_values.shape[-2:]
-        stride = 8 * self.config.patch_size[1], 8 * self.config.patch_size[2]
-        if height % stride[0] or width % stride[1]:
-            raise ValueError(
-                f"the masked-modeling heads need `{name}` height and width to be multiples of "
-                f"{stride[0]}x{stride[1]} (stage 4 upsampled x2 meets stage 3), got {height}x{width}"
-            )
-        if is_video and pixel_values.shape[1] % self.config.patch_size[0]:
-            raise ValueError(
-                f"the masked-modeling head needs the number of frames of `{name}` to be a multiple of "
-                f"{self.config.patch_size[0]}, got {pixel_values.shape[1]}"
-            )
-        if labels is not None and bool_masked_pos is None:
-            raise ValueError(
-                f"labels for `{name}` need its mask (`bool_masked_pos` / `image_bool_masked_pos`)"
-            )
-        _, stages = self.bevt.encode(pixel_values, bool_masked_pos, name)
+        check_masked_modeling_stream(pixel_values, bool_masked_pos, labels, is_video, self.config)
+        _, stages, attentions = self.bevt.encode(pixel_values, bool_masked_pos, name, output_attentions)
         features = self.head(stages[-2], stages[-1])  # (B, [T,] h, w, C)
         token_grid = tuple(features.shape[1:-1])
         batch = features.shape[0]
 
         loss = accuracy = masked_logits = None
         if labels is not None:
-            expected = (batch, *token_grid)
-            if tuple(labels.shape) != expected:
-                raise ValueError(
-                    f"labels for `{name}` must be visual-token ids of shape {expected} (one {token_grid[-2]}x"
-                    f"{token_grid[-1]} grid per {'frame' if is_video else 'image'}), got {tuple(labels.shape)}"
-                )
-            if labels.is_floating_point():
-                raise ValueError(f"labels for `{name}` must be integer token ids, got {labels.dtype}")
+            check_token_labels(labels, (batch, *token_grid), is_video, self.config)
             loss_mask = bool_masked_pos.bool()
             if is_video:  # the input mask covers pairs of frames: upsample x2 in time
                 loss_mask = loss_mask.repeat_interleave(self.config.patch_size[0], dim=1)
             target = labels[loss_mask].long()
-            if target.numel() and (int(target.min()) < 0 or int(target.max()) >= self.config.vocab_size):
-                raise ValueError(
-                    f"labels for `{name}` must be in [0, {self.config.vocab_size}) (vocab_size), got values in "
-                    f"[{int(target.min())}, {int(target.max())}]"
-                )
+            check_token_range(target, is_video, self.config)
             selected = self.bevt.layernorm(features[loss_mask])
             masked_logits = self.head.lm_head(selected)
             if target.numel():
@@ -1156,7 +762,7 @@ class BEVTForMaskedVideoModeling(BEVTPreTrainedModel):
         logits = None
         if labels is None or return_logits:
             logits = self.head.lm_head(self.bevt.layernorm(features)).flatten(1, -2)
-        return loss, accuracy, logits, masked_logits
+        return loss, accuracy, logits, masked_logits, tuple(attentions) if output_attentions else None
 
     def forward(
         self,
@@ -1167,24 +773,26 @@ class BEVTForMaskedVideoModeling(BEVTPreTrainedModel):
         image_bool_masked_pos: torch.Tensor | None = None,
         image_labels: torch.Tensor | None = None,
         return_logits: bool = False,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> BEVTMaskedVideoModelingOutput | tuple:
         """Video stream: pixel_values (B, T, C, H, W), bool_masked_pos (B, T/2, H/16, W/16), labels token ids
         (B, T, H/16, W/16). Image stream: image_pixel_values (B, C, H, W), image_bool_masked_pos (B, H/16, W/16),
         image_labels (B, H/16, W/16). Either stream may be absent. With labels, only masked positions are projected
-        to the vocabulary unless `return_logits=True`."""
+        to the vocabulary unless `return_logits=True`. `output_attentions`: one attention map per block and stream."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         if pixel_values is None and image_pixel_values is None:
             raise ValueError("give `pixel_values` (videos) and/or `image_pixel_values` (images)")
-        video = image = (None, None, None, None)
+        video = image = (None,) * 5
         if pixel_values is not None:
-            video = self._stream(pixel_values, bool_masked_pos, labels, True, return_logits)
+            video = self._stream(pixel_values, bool_masked_pos, labels, True, return_logits, output_attentions)
         elif labels is not None:
             raise ValueError("`labels` given without `pixel_values`")
         if image_pixel_values is not None:
             image = self._stream(
-                image_pixel_values, image_bool_masked_pos, image_labels, False, return_logits
+                image_pixel_values, image_bool_masked_pos, image_labels, False, return_logits, output_attentions
             )
         elif image_labels is not None:
             raise ValueError("`image_labels` given without `image_pixel_values`")
@@ -1204,6 +812,8 @@ class BEVTForMaskedVideoModeling(BEVTPreTrainedModel):
             image_logits=image[2],
             masked_logits=video[3],
             image_masked_logits=image[3],
+            attentions=video[4],
+            image_attentions=image[4],
         )
         return output if return_dict else output.to_tuple()
 
@@ -1283,6 +893,7 @@ class BEVTForVideoClassification(BEVTPreTrainedModel):
         labels: torch.Tensor | None = None,
         num_views: int | torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutput | tuple:
@@ -1292,7 +903,8 @@ class BEVTForVideoClassification(BEVTPreTrainedModel):
 
         num_views: the views per video when `pixel_values` holds `B * num_views` views, consecutive per video (what
         `BEVTVideoProcessor` returns for several clips / crops, as `num_views` `(B,)`): the logits are then per video,
-        `(B, num_labels)`, the log of the views' mean softmax (see `_average_views`), and labels are per video."""
+        `(B, num_labels)`, the log of the views' mean softmax (see `_average_views`), and labels are per video.
+        `hidden_states` / `attentions` on request, see `BEVTModelOutput`."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         views = None
         if num_views is not None and isinstance(pixel_values, torch.Tensor) and pixel_values.ndim:
@@ -1309,37 +921,25 @@ class BEVTForVideoClassification(BEVTPreTrainedModel):
                 f"(`labels.long()`), float labels must be class distributions ({labels.shape[0]}, {self.num_labels}) "
                 "(batch, num_labels)"
             )
-        outputs = self.bevt(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        outputs = self.bevt(
+            pixel_values,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+        )
         logits = self.classifier(self.dropout(outputs.pooler_output))
         if views is not None:
             logits = self._average_views(logits, views)
         loss = None
         if labels is not None:
-            if not labels.is_floating_point() and labels.ndim == 1 and self.num_labels > 1:
-                if labels.shape[0] != logits.shape[0]:
-                    raise ValueError(
-                        f"`labels` has {labels.shape[0]} entries for a batch of {logits.shape[0]}"
-                    )
-                if int(labels.min()) < 0 or int(labels.max()) >= self.num_labels:
-                    raise ValueError(
-                        f"`labels` must be class ids in [0, {self.num_labels}), got values in "
-                        f"[{int(labels.min())}, {int(labels.max())}]"
-                    )
-            if (
-                labels.is_floating_point()
-                and labels.ndim > 1
-                and labels.shape != logits.shape
-                and self.config.problem_type != "regression"
-            ):
-                raise ValueError(
-                    f"float `labels` (class distributions) must have the logits' shape {tuple(logits.shape)} "
-                    f"(batch, num_labels), got {tuple(labels.shape)}"
-                )
+            check_class_labels(labels, logits, self.config)
             loss = self._classification_loss(logits, labels)
         if not return_dict:
-            out = (logits, outputs.hidden_states) if outputs.hidden_states is not None else (logits,)
+            out = tuple(v for v in (logits, outputs.hidden_states, outputs.attentions) if v is not None)
             return ((loss,) + out) if loss is not None else out
-        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
 
 
 __all__ = [

@@ -1,0 +1,448 @@
+"""Fast paths of the BEVT model: the same math as `modeling_bevt`, computed with less time or memory.
+
+The model calls each one through a single function that checks whether the fast path applies and otherwise runs
+the plain PyTorch code (so results never depend on it beyond summation order):
+
+- `BEVTLinear` / `fast_linear`: `nn.Linear` whose float32 CPU products run through oneDNN.
+- `sdpa_window_attention_forward`: the model's "sdpa" attention; on CPU training it is `WindowAttentionFunction`,
+  chunked window attention that stores no attention matrix.
+- `norm_linear(x, norm, linear, then)`: `linear(then(norm(x)))` with the LayerNorm (and `then`: padding, shift,
+  window partition) recomputed in backward instead of stored.
+- `activation_linear(h, act, linear)`: `linear(act(h))` with the GELU recomputed in backward.
+
+The fused paths step aside (plain modules run) under torch.compile, TorchScript tracing, torch.func transforms and
+dispatch modes, and for modules that were replaced or hooked (adapters such as LoRA keep their own forward).
+This file is copied next to `modeling_bevt.py` into saved folders (remote code): it imports only torch and
+transformers.
+"""
+
+import os
+from collections.abc import Callable
+from functools import lru_cache, partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+from transformers.activations import GELUActivation
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+
+def custom_autograd_allowed() -> bool:
+    """Whether custom autograd functions may run: plain eager autograd, not while torch.compile or a TorchScript
+    trace records the graph (they make their own choices) and not under torch.func transforms (grad, vmap, ...),
+    which need functions written for them."""
+    return not (
+        torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
+    )
+
+
+def is_plain(module: nn.Module | None, cls: type) -> bool:
+    """True when `module` is exactly `cls` with no hooks, so a fused path may use its parameters directly (a
+    module replaced or wrapped by an adapter library, or hooked, keeps its own forward)."""
+    return (
+        type(module) is cls
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and not nn.modules.module._global_forward_hooks
+        and not nn.modules.module._global_forward_pre_hooks
+    )
+
+
+def _records_gradients(x: torch.Tensor, *modules: nn.Module) -> bool:
+    """Gradients are being recorded for `x` or the parameters of `modules`, in plain eager autograd."""
+    return (
+        torch.is_grad_enabled()
+        and custom_autograd_allowed()
+        and (x.requires_grad or any(p.requires_grad for m in modules for p in m.parameters()))
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Window attention
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def window_attention_mask(
+    bias: torch.Tensor, shift_mask: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """The additive attention mask of a window layout: (1, heads, N, N) from the relative position bias alone, or
+    (1, windows*heads, N, N) = bias + shift mask when windows are folded into the head axis (shifted blocks)."""
+    if shift_mask is None:
+        return bias[None].to(dtype)
+    num_windows, n = shift_mask.shape[0], shift_mask.shape[-1]
+    return (bias[None] + shift_mask[:, None]).reshape(1, num_windows * bias.shape[0], n, n).to(dtype)
+
+
+class WindowAttentionFunction(torch.autograd.Function):
+    """Softmax window attention that stores no attention matrix: the backward pass recomputes the probabilities
+    chunk by chunk (and returns the gradient of the relative position bias). Same math as the eager path.
+
+    query/key/value (B', H', N, D). Head h' of the layout uses `bias[h' % heads]` and, when a shift mask
+    (windows, N, N) is given (windows folded into the head axis, H' = windows * heads), `shift_mask[h' // heads]`.
+    """
+
+    CHUNK_BYTES = 8 * 2**20  # temporaries per chunk: a few cache-sized (rows, N, N) blocks
+
+    @staticmethod
+    def _chunks(batch: int, heads_total: int, n: int, heads: int):
+        per_head = n * n * 4
+        head_chunk = max(
+            heads, min(heads_total, WindowAttentionFunction.CHUNK_BYTES // per_head // heads * heads)
+        )
+        batch_chunk = max(1, WindowAttentionFunction.CHUNK_BYTES // (per_head * head_chunk))
+        for b0 in range(0, batch, batch_chunk):
+            for h0 in range(0, heads_total, head_chunk):
+                yield slice(b0, min(batch, b0 + batch_chunk)), slice(h0, min(heads_total, h0 + head_chunk))
+
+    @staticmethod
+    def _scores(q, k, bias, shift_mask, hs: slice, heads: int, scaling: float) -> torch.Tensor:
+        """Scaled scores + bias (+ shift mask) of one chunk, float32 (b, rows, N, N); chunks hold whole windows."""
+        scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scaling)
+        n = scores.shape[-1]
+        per_window = scores.view(scores.shape[0], -1, heads, n, n)  # (b, windows in chunk, heads, N, N)
+        per_window += bias
+        if shift_mask is not None:
+            per_window += shift_mask[hs.start // heads : hs.stop // heads, None]
+        return scores
+
+    @staticmethod
+    def forward(ctx, query, key, value, bias, shift_mask, scaling):
+        heads = bias.shape[0]
+        out = torch.empty_like(query)
+        for bs, hs in WindowAttentionFunction._chunks(query.shape[0], query.shape[1], query.shape[2], heads):
+            scores = WindowAttentionFunction._scores(
+                query[bs, hs], key[bs, hs], bias, shift_mask, hs, heads, scaling
+            )
+            probs = torch.softmax(scores, dim=-1).to(value.dtype)
+            out[bs, hs] = torch.matmul(probs, value[bs, hs])
+        ctx.save_for_backward(query, key, value, bias, shift_mask)
+        ctx.scaling = scaling
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        query, key, value, bias, shift_mask = ctx.saved_tensors
+        scaling, heads = ctx.scaling, bias.shape[0]
+        grad_q, grad_k, grad_v = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        grad_out = grad_out.contiguous()
+        for bs, hs in WindowAttentionFunction._chunks(query.shape[0], query.shape[1], query.shape[2], heads):
+            q, k, v, go = query[bs, hs], key[bs, hs], value[bs, hs], grad_out[bs, hs]
+            probs = torch.softmax(
+                WindowAttentionFunction._scores(q, k, bias, shift_mask, hs, heads, scaling), -1
+            )
+            grad_v[bs, hs] = torch.matmul(probs.transpose(-1, -2).to(go.dtype), go)
+            grad_probs = torch.matmul(go, v.transpose(-1, -2)).float()
+            grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, torch.float32)
+            grad_bias += grad_scores.view(grad_scores.shape[0], -1, *bias.shape).sum((0, 1))
+            grad_scores = grad_scores.mul_(scaling).to(q.dtype)
+            grad_q[bs, hs] = torch.matmul(grad_scores, k)
+            grad_k[bs, hs] = torch.matmul(grad_scores.transpose(-1, -2), q)
+        return grad_q, grad_k, grad_v, grad_bias.to(bias.dtype), None, None
+
+
+def sdpa_window_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    window_bias: torch.Tensor | None = None,
+    window_shift_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """BEVT's "sdpa": `torch.nn.functional.scaled_dot_product_attention` with the window mask (on CUDA its
+    memory-efficient kernel also gives the bias gradient). When gradients are needed on CPU, where SDPA falls back
+    to a math path that keeps the whole attention matrix, `WindowAttentionFunction` computes the same attention
+    without storing it. query/key/value (B', H', N, D) -> (B', N, H', D)."""
+    if attention_mask is None and window_bias is not None:
+        needs_grad = torch.is_grad_enabled() and (query.requires_grad or window_bias.requires_grad)
+        eligible = query.device.type == "cpu" and dropout == 0.0 and custom_autograd_allowed()
+        if needs_grad and eligible:
+            out = WindowAttentionFunction.apply(query, key, value, window_bias, window_shift_mask, scaling)
+            return out.transpose(1, 2).contiguous(), None
+        attention_mask = window_attention_mask(window_bias, window_shift_mask, query.dtype)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Linear layers through oneDNN on CPU
+# ----------------------------------------------------------------------------------------------------------------
+#
+# On CPU, `F.linear` in float32 runs MKL's sgemm. `torch.ops.mkldnn._linear_pointwise` runs the same float32 product
+# through oneDNN, which uses the CPU's widest vector units (on the AMD Zen 5 benchmark machine MKL takes its AVX2
+# path and reaches ~200 GFLOP/s on two cores, oneDNN's AVX-512 kernels ~400). Same math in float32; only the
+# summation order differs (relative differences ~1e-7). Set BEVT_ONEDNN_LINEAR=0 to use `F.linear` everywhere.
+
+
+@lru_cache(maxsize=1)
+def onednn_linear_op() -> Callable | None:
+    """oneDNN's linear op, or None where it is unavailable, disabled (BEVT_ONEDNN_LINEAR=0) or fails its check."""
+    if os.environ.get("BEVT_ONEDNN_LINEAR", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return None
+        op = torch.ops.mkldnn._linear_pointwise.default
+        # one tiny self-check per process: the op runs here and gives F.linear's numbers
+        g = torch.Generator().manual_seed(0)
+        rows, weight, bias = (
+            torch.randn(5, 7, generator=g),
+            torch.randn(3, 7, generator=g),
+            torch.randn(3, generator=g),
+        )
+        with torch.no_grad():
+            if not torch.allclose(
+                op(rows, weight, bias, "none", [], ""), F.linear(rows, weight, bias), atol=1e-5
+            ):
+                return None
+        return op
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return None
+
+
+def _onednn_eligible(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `hidden @ weight.T` can go through oneDNN: plain float32 CPU tensors, eager mode (not compiling or
+    tracing), no autocast, no dispatch mode."""
+    return (
+        custom_autograd_allowed()
+        and not torch.is_autocast_enabled("cpu")
+        # under a dispatch mode (FlopCounterMode, FakeTensorMode, ...) tools expect the standard aten ops
+        and _get_current_dispatch_mode() is None
+        and hidden.device.type == "cpu"
+        and hidden.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and hidden.layout == torch.strided
+        and type(weight) in (torch.Tensor, nn.Parameter)
+        and hidden.ndim >= 2
+        and hidden.numel() > 0
+        and onednn_linear_op() is not None  # last: its one-time self-check must run in plain eager mode
+    )
+
+
+def _onednn_matmul(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """rows (M, K) @ weight (N, K).T (+ bias (N,)) -> (M, N) through oneDNN."""
+    return onednn_linear_op()(rows, weight, bias, "none", [], "")
+
+
+# oneDNN's weight-gradient kernel needs both operands converted to its own tensor type (one copy each, ~M*(N+K)
+# values); it pays off once each copied value feeds enough multiply-adds, i.e. when N*K/(N+K) is large.
+ONEDNN_WEIGHT_GRAD_MIN_DEPTH = 128
+
+
+def _linear_weight_grad(grad_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """grad_rows (M, N).T @ rows (M, K) -> (N, K): the weight gradient of a linear layer."""
+    n, k = grad_rows.shape[1], rows.shape[1]
+    if n * k >= ONEDNN_WEIGHT_GRAD_MIN_DEPTH * (n + k) and _onednn_eligible(rows, grad_rows):
+        try:
+            weight = torch.empty(n, k, dtype=rows.dtype)  # only its shape is read
+            grad_weight, _ = torch.mkldnn_linear_backward_weights(
+                grad_rows.contiguous().to_mkldnn(), rows.contiguous().to_mkldnn(), weight, False
+            )
+            return grad_weight
+        except (RuntimeError, NotImplementedError):
+            pass
+    return grad_rows.t() @ rows
+
+
+def _linear_input_grad(grad_rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """grad_rows (M, N) @ weight (N, K) -> (M, K): the input gradient of a linear layer (oneDNN where eligible)."""
+    if _onednn_eligible(grad_rows, weight):
+        return _onednn_matmul(grad_rows, weight.t().contiguous(), None)
+    return grad_rows @ weight
+
+
+def _linear_no_autograd(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """rows (M, K) @ weight.T (+ bias) -> (M, N) with autograd off: oneDNN where eligible, else `F.linear` (which
+    follows autocast)."""
+    if _onednn_eligible(rows, weight):
+        return _onednn_matmul(rows, weight, bias)
+    return F.linear(rows, weight, bias)
+
+
+class OneDNNLinearFunction(torch.autograd.Function):
+    """`F.linear(hidden, weight, bias)` whose forward and input gradient run through oneDNN (float32, CPU)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias):
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        out = _onednn_matmul(rows, weight, bias)
+        ctx.save_for_backward(hidden, weight)
+        ctx.has_bias = bias is not None
+        return out.view(*hidden.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        hidden, weight = ctx.saved_tensors
+        grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_hidden = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = _linear_input_grad(grad_rows, weight).view(hidden.shape)
+        if ctx.needs_input_grad[1]:
+            grad_weight = _linear_weight_grad(grad_rows, hidden.reshape(-1, hidden.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_rows.sum(0)
+        return grad_hidden, grad_weight, grad_bias
+
+
+def fast_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear`, through oneDNN for float32 CPU tensors in eager mode (see above); `F.linear` otherwise."""
+    if not _onednn_eligible(hidden, weight):
+        return F.linear(hidden, weight, bias)
+    if torch.is_grad_enabled() and (
+        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        return OneDNNLinearFunction.apply(hidden, weight, bias)
+    out = _onednn_matmul(hidden.reshape(-1, hidden.shape[-1]), weight, bias)
+    return out.view(*hidden.shape[:-1], weight.shape[0])
+
+
+class BEVTLinear(nn.Linear):
+    """`nn.Linear` (same parameters and state dict) whose CPU float32 forward/backward use `fast_linear`."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return fast_linear(hidden, self.weight, self.bias)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recompute instead of store: LayerNorm in front of a linear layer, GELU between the two MLP layers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class PreparedLinearFunction(torch.autograd.Function):
+    """`linear(prepare(x, *prepare_params), weight, bias)` that keeps `x` (not prepare's output) for the backward
+    pass and recomputes `prepare` there. `prepare` is cheap (a LayerNorm, padding, rolling, window partition): the
+    block input is kept anyway, so the normalized copy that a plain `nn.Linear` would store (C values per token) is
+    never stored. The linear's own products are not recomputed.
+
+    x (..., C_in) -> prepare -> (..., K) -> (..., N). Autocast is recorded in forward and restored for the
+    recomputation."""
+
+    @staticmethod
+    def forward(ctx, prepare, x, weight, bias, *prepare_params):
+        device = x.device.type
+        ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        rows = prepare(x, *prepare_params)
+        shape = rows.shape[:-1]
+        out = _linear_no_autograd(rows.reshape(-1, rows.shape[-1]), weight, bias)
+        ctx.prepare, ctx.has_bias = prepare, bias is not None
+        ctx.save_for_backward(x, weight, *prepare_params)
+        return out.view(*shape, weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, *params = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+            inputs = [x.detach().requires_grad_(needs[1])]
+            inputs += [p.detach().requires_grad_(need) for p, need in zip(params, needs[4:])]
+            rows = ctx.prepare(*inputs)
+        grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
+        flat = rows.detach().reshape(-1, rows.shape[-1]).to(grad_rows.dtype)
+        grad_weight = grad_bias = None
+        if needs[2]:
+            grad_weight = _linear_weight_grad(grad_rows, flat).to(weight.dtype)
+        if ctx.has_bias and needs[3]:
+            grad_bias = grad_rows.sum(0)
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(())
+        if wanted:
+            grad_flat = _linear_input_grad(grad_rows, weight.to(grad_rows.dtype))
+            grads = iter(torch.autograd.grad(rows, wanted, grad_flat.view(rows.shape).to(rows.dtype)))
+        grad_inputs = [next(grads) if t.requires_grad else None for t in inputs]
+        return None, grad_inputs[0], grad_weight, grad_bias, *grad_inputs[1:]
+
+
+def _norm_then(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    then: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> torch.Tensor:
+    """then(layer_norm(x)): what PreparedLinearFunction recomputes in backward for `norm_linear`."""
+    x = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    return then(x) if then is not None else x
+
+
+def norm_linear(
+    x: torch.Tensor,
+    norm: nn.Module,
+    linear: nn.Module,
+    then: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """`linear(then(norm(x)))`. `then` only moves values (padding, cyclic shift, window partition), no parameters.
+
+    When gradients are recorded in eager mode and `norm` / `linear` are a plain `nn.LayerNorm` / `BEVTLinear`, the
+    normalized tensor is recomputed in backward from `x` (kept anyway as the residual) instead of stored."""
+    if _records_gradients(x, norm, linear) and is_plain(norm, nn.LayerNorm) and is_plain(linear, BEVTLinear):
+        return PreparedLinearFunction.apply(
+            partial(_norm_then, eps=norm.eps, then=then), x, linear.weight, linear.bias, norm.weight, norm.bias
+        )
+    x = norm(x)
+    return linear(then(x) if then is not None else x)
+
+
+class GeluLinearFunction(torch.autograd.Function):
+    """`linear(gelu(h), weight, bias)` that keeps only `h` for the backward pass and recomputes the (cheap,
+    elementwise) GELU there: the MLP then stores 4C instead of 8C values per token."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias):
+        dtype = hidden.dtype  # under autocast fc1 already produced the autocast dtype
+        activated = F.gelu(hidden)
+        out = _linear_no_autograd(
+            activated.reshape(-1, activated.shape[-1]),
+            weight.to(dtype),
+            bias.to(dtype) if bias is not None else None,
+        ).view(*hidden.shape[:-1], weight.shape[0])
+        ctx.save_for_backward(hidden, weight, bias)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        hidden, weight, bias = ctx.saved_tensors
+        dtype = hidden.dtype
+        grad_out = grad_out.to(dtype)
+        activated = F.gelu(hidden)
+        grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_weight = _linear_weight_grad(grad_rows, activated.reshape(-1, activated.shape[-1]))
+        grad_bias = grad_rows.sum(0) if bias is not None else None
+        grad_activated = _linear_input_grad(grad_rows, weight.to(dtype)).view(hidden.shape)
+        grad_hidden = torch.ops.aten.gelu_backward(grad_activated, hidden)
+        return (
+            grad_hidden,
+            grad_weight.to(weight.dtype),
+            grad_bias.to(bias.dtype) if grad_bias is not None else None,
+        )
+
+
+def _is_exact_gelu(act: nn.Module) -> bool:
+    return (is_plain(act, GELUActivation) and act.act is F.gelu) or (
+        is_plain(act, nn.GELU) and act.approximate == "none"
+    )
+
+
+def activation_linear(
+    hidden: torch.Tensor, act: nn.Module, linear: nn.Module, dropout: nn.Module | None = None
+) -> torch.Tensor:
+    """`linear(dropout(act(hidden)))`. With an exact GELU, a plain `BEVTLinear`, no active dropout and gradients
+    recorded in eager mode, the activation is recomputed in backward instead of stored."""
+    active_dropout = dropout is not None and dropout.training and dropout.p > 0
+    if (
+        not active_dropout
+        and _records_gradients(hidden, linear)
+        and _is_exact_gelu(act)
+        and is_plain(linear, BEVTLinear)
+    ):
+        return GeluLinearFunction.apply(hidden, linear.weight, linear.bias)
+    hidden = act(hidden)
+    return linear(dropout(hidden) if dropout is not None else hidden)
