@@ -8,11 +8,11 @@ A Transformers ``BaseVideoProcessor`` (saved as ``video_preprocessor_config.json
 Inputs (one video or a list of them):
 
 * a file path (``str`` / ``os.PathLike``), an ``http(s)://`` URL, the encoded bytes, or a ``datasets``
-  video dict ``{"bytes": ..., "path": ...}``: decoded with :mod:`bevt.data.decoding` (decord, else
+  video dict ``{"bytes": ..., "path": ...}``: decoded with :mod:`bevt.video_decoding` (decord, else
   torchcodec, else PyAV; ``video_backend=`` overrides), and only the sampled frames are decoded;
 * a ``uint8`` (or float) array/tensor ``(T, H, W, C)`` or ``(T, C, H, W)``, or a list of PIL / array frames.
 
-Frame sampling (:func:`bevt.data.sampling.sample_frame_indices`): ``sampling_mode="dense"`` takes
+Frame sampling (:func:`bevt.frame_sampling.sample_frame_indices`): ``sampling_mode="dense"`` takes
 ``num_frames`` frames ``frame_interval`` apart (Kinetics style, e.g. 32x2 or 16x8), ``"uniform"`` one frame
 from each of ``num_frames`` equal segments (Something-Something style). ``test_mode=True`` (the default)
 is deterministic: evenly spaced clips / segment centres. ``test_mode=False`` draws random offsets from a
