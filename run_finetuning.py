@@ -43,7 +43,6 @@ from bevt.data.streaming import StreamDataLoader, build_stream
 from bevt.data.transforms import VideoClassificationTrainTransform, mixup_cutmix, seeded_generator
 from bevt.finetuning import find_label_names, freeze_unused_video_parameters, load_model_for_finetuning
 from bevt.modelcard import EvalDataset, build_model_card, count_flops_per_view
-from bevt.processing_bevt import BEVTVideoProcessor
 from bevt.training import (
     BEVTArgumentParser,
     ModelEMA,
@@ -161,20 +160,6 @@ def build_model(args: FinetuningArguments, label_names: list[str]) -> BEVTForVid
     return model
 
 
-def video_processor(
-    args: FinetuningArguments, short_side: int | None = None, num_crops: int = 1
-) -> BEVTVideoProcessor:
-    """The processor of the exported folder (single view for the pipeline) or of the multi-view evaluation."""
-    return BEVTVideoProcessor(
-        num_frames=args.num_frames,
-        frame_interval=args.frame_interval,
-        sampling_mode=args.sampling,
-        num_crops=num_crops,
-        size={"shortest_edge": short_side or round(args.image_size * 256 / 224)},
-        crop_size={"height": args.image_size, "width": args.image_size},
-    )
-
-
 def build_train_loader(
     args: FinetuningArguments, accelerator: Accelerator, shards: list[str]
 ) -> StreamDataLoader:
@@ -220,7 +205,7 @@ def build_evaluator(
         accelerator,
         shards,
         label_names,
-        video_processor(args, args.eval_short_side, args.eval_num_crops),
+        args.video_processor(args.eval_short_side, args.eval_num_crops),
         num_clips=args.eval_num_clips,
         num_crops=args.eval_num_crops,
         clip_len=args.num_frames,
@@ -296,7 +281,7 @@ class Exporter:
         """Main process only."""
         args, out = self.args, Path(self.args.output_dir)
         model.save_pretrained(out)
-        video_processor(args).save_pretrained(out)
+        args.video_processor().save_pretrained(out)
         if report is not None:
             write_eval_outputs(out, report, self.label_names, f"{out.name}")
         dataset = args.dataset_name

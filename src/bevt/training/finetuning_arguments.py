@@ -573,6 +573,20 @@ class FinetuningArguments(
             "classifier_dropout": self.classifier_dropout,
         }
 
+    def video_processor(self, short_side: int | None = None, num_crops: int = 1) -> Any:
+        """The `BEVTVideoProcessor` of the run's clips: single view (the exported folder's, for the pipeline) or the
+        multi-view evaluation's (`short_side`, `num_crops`)."""
+        from ..processing_bevt import BEVTVideoProcessor
+
+        return BEVTVideoProcessor(
+            num_frames=self.num_frames,
+            frame_interval=self.frame_interval,
+            sampling_mode=self.sampling,
+            num_crops=num_crops,
+            size={"shortest_edge": short_side or round(self.image_size * 256 / 224)},
+            crop_size={"height": self.image_size, "width": self.image_size},
+        )
+
     def card_hyperparameters(self, schedule: Any, num_processes: int) -> dict[str, Any]:
         """The training hyperparameters the model card lists."""
         total_batch = self.per_device_train_batch_size * num_processes * self.gradient_accumulation_steps
