@@ -435,7 +435,6 @@ class BEVTArgumentParser(HfArgumentParser):
 
     def __init__(self, dataclass_type: type, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
-        self.arguments_class = dataclass_type
         super().__init__(dataclass_type, **kwargs)
 
     def _add_dataclass_arguments(self, dtype: type) -> None:
@@ -474,7 +473,7 @@ class BEVTArgumentParser(HfArgumentParser):
         """Parse `--config FILE` (if given) then `argv` (flags there win) into the arguments dataclass."""
         argv = list(sys.argv[1:] if argv is None else argv)
         pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-        pre.add_argument("--config", "--config-file", dest="config", default=None)
+        pre.add_argument("--config", default=None)
         config = pre.parse_known_args(argv)[0].config
         tokens = self.config_tokens(config) if config else []
         (args,) = self.parse_args_into_dataclasses(args=tokens + argv, look_for_args_file=False)

@@ -125,10 +125,12 @@ class TrainState:
         return {k: v for k, v in self.__dict__.items() if k != "step"}
 
     @classmethod
-    def from_checkpoint(cls, step: int, extra: Mapping[str, Any]) -> TrainState:
-        return cls(
-            step=step, **{k: v for k, v in extra.items() if k in cls.__dataclass_fields__ and k != "step"}
-        )
+    def from_checkpoint(cls, step: int, extra: Mapping[str, Any], streams: Sequence[str] = ()) -> TrainState:
+        fields = {k: v for k, v in extra.items() if k in cls.__dataclass_fields__ and k != "step"}
+        state = cls(step=step, **fields)
+        if not isinstance(state.samples, dict):  # checkpoints of the earlier fine-tuning loop: one count
+            state.samples = {next(iter(streams), "samples"): int(state.samples)}
+        return state
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,7 +311,7 @@ class TrainingEngine:
                 else f"--resume_from_checkpoint {wanted}: {message}"
             ) from None
         extra = dict(resumed.extra_state)
-        self.state = TrainState.from_checkpoint(resumed.step, extra)
+        self.state = TrainState.from_checkpoint(resumed.step, extra, streams=tuple(self.streams))
         if self.state.guard:
             self.guard.load_state_dict(self.state.guard)
         for name, obj in self.states.items():
