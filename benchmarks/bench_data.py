@@ -2,7 +2,7 @@
 
 Every path reads the same videos and decodes the same sampled windows (16 frames, interval 8 by default):
 
-* ``decode``        the floor: ``bevt.data.decoding.VideoReader`` on the encoded bytes + frame sampling +
+* ``decode``        the floor: ``bevt.video_decoding.VideoReader`` on the encoded bytes + frame sampling +
                     decoding of the sampled frames, nothing else.
 * ``bevt``          the training path: shards -> ``build_stream`` (datasets' webdataset reader, block shuffle)
                     -> decode -> ``PretrainingVideoTransform`` (random rescale 256-320, crop 224, flip, and
@@ -36,12 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bevt.data.decoding import VideoReader
 from bevt.data.make_shards import reencode_video
-from bevt.data.sampling import sample_frame_indices
 from bevt.data.shards import write_shards
 from bevt.data.streaming import build_stream
 from bevt.data.transforms import PretrainingVideoTransform, derive_seed
+from bevt.frame_sampling import sample_frame_indices
+from bevt.video_decoding import VideoReader
 
 DEFAULT_VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "videos"
 SEED = 0

@@ -1,4 +1,5 @@
-"""Shared test fixtures."""
+"""Shared test fixtures: the real media of ../shared/data, and the small synthetic data and model folders that
+several test files use (written once per test session)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,42 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "videos").is_dir():
         pytest.skip(f"real test media not found at {SHARED_DATA} (set BEVT_SHARED_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def pretraining_demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pretraining demo's shards (`write_demo_pretraining_shards` defaults); runs copy them to their
+    `<output_dir>/demo_data`, where `run_pretraining.py` finds them instead of writing them again."""
+    from bevt.data.demo_pretraining import write_demo_pretraining_shards
+
+    folder = tmp_path_factory.mktemp("pretraining_demo") / "demo_data"
+    write_demo_pretraining_shards(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def finetuning_demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small fine-tuning demo shards: 48 training and 12 validation clips, 2 shards each, with labels.txt."""
+    from bevt.data.demo_finetuning import write_demo_shards
+
+    folder = tmp_path_factory.mktemp("finetuning_demo") / "demo_data"
+    write_demo_shards(folder, num_train=48, num_validation=12)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny pretraining folder (BEVTForMaskedVideoModeling, preset "test": window 4x2x2, 8 frames, 64 px) with
+    random, non-zero relative position bias tables, as run_pretraining.py writes it."""
+    from bevt import BEVTConfig, BEVTForMaskedVideoModeling
+
+    folder = tmp_path_factory.mktemp("pretrained")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = BEVTForMaskedVideoModeling(BEVTConfig.from_preset("test"))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "relative_position_bias_table" in name:
+                    p.normal_()
+    model.save_pretrained(folder)
+    return folder

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bevt.data.decoding import (
+from bevt.frame_sampling import sample_frame_indices
+from bevt.video_decoding import (
     VideoDecodingError,
     VideoReader,
     available_backends,
@@ -19,7 +20,6 @@ from bevt.data.decoding import (
     get_num_frames,
     resolve_backend,
 )
-from bevt.data.sampling import sample_frame_indices
 
 # name -> (frames, height, width), from ../shared/data/README.md
 VIDEOS = {

@@ -329,6 +329,7 @@ def test_loader_with_workers_delivers_the_same_samples_and_counts(faulty_videos:
     expected = faulty_videos.expected - Counter({"missing_label": 1})
     assert _skips(loader.stats) == expected and loader.stats.ok == len(good)
     assert "skipped" in loader.stats.summary() and "shard_error 3" in loader.stats.summary()
+    assert loader.skipped_counts() == {"video": sum(expected.values())}  # what the training log reports
 
 
 def test_image_pass_with_transform_and_collator(faulty_images: Faulty, caplog: pytest.LogCaptureFixture):

@@ -23,21 +23,18 @@ from torch import nn
 
 from bevt import BEVTConfig, BEVTForMaskedVideoModeling, BEVTForVideoClassification, BEVTVideoProcessor
 from bevt.conversion_swin import resize_relative_position_bias
-from bevt.data.decoding import decode_video
-from bevt.data.demo_finetuning import DEMO_LABEL_NAMES, demo_samples, make_demo_clip, write_demo_shards
-from bevt.finetuning import (
-    ModelEMA,
+from bevt.data.demo_finetuning import DEMO_LABEL_NAMES, demo_samples, make_demo_clip
+from bevt.finetuning import load_model_for_finetuning
+from bevt.training import ModelEMA, build_param_groups, layer_decay_lr_scale, layer_unit
+from bevt.training.evaluation import (
     MultiViewEvalTransform,
     Predictions,
     confusion_matrix,
     evaluation_report,
-    layer_decay_lr_scale,
-    layer_unit,
-    load_model_for_finetuning,
     predict_multiview,
     save_confusion_matrix_png,
 )
-from bevt.training import build_param_groups
+from bevt.video_decoding import decode_video
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "run_finetuning.py"
@@ -50,25 +47,15 @@ def script():
 
 
 @pytest.fixture(scope="module")
-def demo_data(tmp_path_factory) -> Path:
-    """Small demo shards: 48 training and 12 validation clips, 2 shards each."""
-    folder = tmp_path_factory.mktemp("demo") / "demo_data"
-    write_demo_shards(folder, num_train=48, num_validation=12)
-    return folder
+def demo_data(finetuning_demo_data) -> Path:
+    """Small demo shards: 48 training and 12 validation clips, 2 shards each (tests/conftest.py)."""
+    return finetuning_demo_data
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> Path:
+def pretrained(tiny_pretrained_folder) -> Path:
     """A tiny pretraining folder (BEVTForMaskedVideoModeling, window 4x2x2), as run_pretraining.py writes it."""
-    folder = tmp_path_factory.mktemp("pretrained")
-    torch.manual_seed(0)
-    model = BEVTForMaskedVideoModeling(BEVTConfig.from_preset("test"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "relative_position_bias_table" in name:
-                p.normal_()
-    model.save_pretrained(folder)
-    return folder
+    return tiny_pretrained_folder
 
 
 # ----------------------------------------------------------------------------------------------- layer decay

@@ -1,34 +1,26 @@
 """Numerical faults in the pretraining loop: a step whose loss or gradient norm is NaN/inf is skipped (weights and
 optimizer state untouched, counted, logged), training goes on after it, and `--max_nonfinite_steps` bad steps in a
-row stop the run with a clear message. Exercises `run_pretraining.optimizer_step` with a real Accelerator; the
-end-to-end stop is covered by `test_pretraining.py::test_nonfinite_losses_stop_the_run_with_a_clear_message`.
+row stop the run with a clear message. Exercises the engine's `optimizer_step` (what every script's loop runs) with
+a real Accelerator and the pretraining statistics; the end-to-end stop is covered by
+`test_pretraining.py::test_nonfinite_losses_stop_the_run_with_a_clear_message`.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import importlib.util
 import logging
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_script
 
-from bevt.training import NonFiniteLossError, NonFiniteLossGuard
-
-REPO = Path(__file__).resolve().parents[1]
+from bevt.training import NonFiniteLossError, NonFiniteLossGuard, optimizer_step
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("run_pretraining", REPO / "run_pretraining.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("run_pretraining.py")
 
 
 def _setup():
@@ -50,7 +42,6 @@ def _stats(loss: float, n: int) -> list[torch.Tensor]:
 
 def test_nonfinite_steps_are_skipped_counted_logged_then_stop(script, caplog: pytest.LogCaptureFixture):
     accelerator, model, optimizer, scheduler = _setup()
-    args = argparse.Namespace(max_grad_norm=3.0)
     guard = NonFiniteLossGuard(max_consecutive=3)
     x = torch.randn(8, 4)
 
@@ -59,9 +50,10 @@ def test_nonfinite_steps_are_skipped_counted_logged_then_stop(script, caplog: py
         accelerator.backward(loss)
         if poison_grad:
             model.weight.grad[0, 0] = math.inf
-        return script.optimizer_step(
-            args, accelerator, model, optimizer, scheduler, guard, _stats(loss_value, 2), step_number
-        )
+        return optimizer_step(
+            accelerator, model, optimizer, scheduler, guard, _stats(loss_value, 2),
+            names=script.STAT_NAMES, max_grad_norm=3.0, step=step_number,
+        )  # fmt: skip
 
     result = step(1.0, 1)
     assert result.applied and math.isfinite(result.grad_norm)

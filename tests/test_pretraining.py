@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import free_port, load_script  # noqa: E402
@@ -19,7 +21,13 @@ from safetensors.torch import load_file
 
 from bevt import BEVTConfig, BEVTForMaskedVideoModeling
 from bevt.data.demo_pretraining import write_demo_pretraining_shards
-from bevt.pretraining import PretrainingData, build_mask_generators, model_inputs, random_tokenizer
+from bevt.pretraining import (
+    PretrainingData,
+    PretrainingDataConfig,
+    build_mask_generators,
+    model_inputs,
+    random_tokenizer,
+)
 from bevt.training import (
     AverageMeter,
     CheckpointManager,
@@ -29,7 +37,6 @@ from bevt.training import (
     StepTimer,
     ThroughputMeter,
     build_param_groups,
-    seed_everything,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,7 +121,14 @@ def test_meters():
     with timer.phase("data"):
         time.sleep(0.01)
     assert timer.averages()["data"] >= 0.01
-    assert seed_everything(3, process_index=2) == 5
+    # the scripts seed with Accelerate's set_seed (random, numpy and torch streams restart from the seed)
+    from accelerate.utils import set_seed
+
+    draws = []
+    for _ in range(2):
+        set_seed(3)
+        draws.append((random.random(), float(np.random.rand()), torch.rand(2).tolist()))
+    assert draws[0] == draws[1]
 
 
 class _Counter:
@@ -195,11 +209,9 @@ def test_checkpoint_manager_is_atomic_rotates_and_restores(tmp_path, monkeypatch
 
 
 @pytest.fixture(scope="module")
-def demo_data(tmp_path_factory) -> Path:
-    """The demo shards, written once for the module; copied into each run's output folder."""
-    folder = tmp_path_factory.mktemp("demo") / "demo_data"
-    write_demo_pretraining_shards(folder)
-    return folder
+def demo_data(pretraining_demo_data) -> Path:
+    """The demo shards (written once per session, tests/conftest.py); copied into each run's output folder."""
+    return pretraining_demo_data
 
 
 def test_demo_data_is_deterministic_and_cached(tmp_path):
@@ -218,19 +230,19 @@ def test_demo_data_is_deterministic_and_cached(tmp_path):
 
 
 def test_pretraining_data_batches_and_exact_resume(demo_data):
-    settings = {
-        "image_batch_size": 4,
-        "video_batch_size": 2,
-        "image_size": 64,
-        "num_frames": 8,
-        "frame_interval": 2,
-        "scale_range": (64, 80),
-        "min_mask_patches": 2,
-        "shuffle_buffer": 8,
-        "seed": 3,
-    }
+    settings = PretrainingDataConfig(
+        image_batch_size=4,
+        video_batch_size=2,
+        image_size=64,
+        num_frames=8,
+        frame_interval=2,
+        scale_range=(64, 80),
+        min_mask_patches=2,
+        shuffle_buffer=8,
+        num_workers=0,
+    )
     shards = write_demo_pretraining_shards(demo_data)
-    data = PretrainingData(shards.image_shards, shards.video_shards, **settings)
+    data = PretrainingData(settings, shards.image_shards, shards.video_shards, seed=3)
     batch = data.next_batch()
     assert batch["pixel_values"].shape == (2, 8, 3, 64, 64)
     assert batch["bool_masked_pos"].shape == (2, 4, 4, 4)
@@ -240,7 +252,7 @@ def test_pretraining_data_batches_and_exact_resume(demo_data):
     state = json.loads(json.dumps(data.state_dict()))  # checkpoints store it as JSON
     expected = data.next_batch()
     data.close()
-    resumed = PretrainingData(shards.image_shards, shards.video_shards, **settings)
+    resumed = PretrainingData(settings, shards.image_shards, shards.video_shards, seed=3)
     resumed.load_state_dict(state)
     again = resumed.next_batch()
     resumed.close()

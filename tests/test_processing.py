@@ -13,8 +13,8 @@ from PIL import Image
 from transformers import AutoVideoProcessor, pipeline
 
 from bevt import BEVTConfig, BEVTForVideoClassification, BEVTVideoProcessor
-from bevt.data.decoding import VideoDecodingError, available_backends, decode_video
-from bevt.data.sampling import sample_frame_indices
+from bevt.frame_sampling import sample_frame_indices
+from bevt.video_decoding import VideoDecodingError, available_backends, decode_video
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

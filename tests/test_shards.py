@@ -314,7 +314,7 @@ def test_reencode_video_gop_and_size():
     keyframes, width, height = _keyframes(out)
     assert (width, height) == (60, 40)
     assert keyframes == [0, 8, 16, 24, 32]
-    from bevt.data.decoding import VideoReader
+    from bevt.video_decoding import VideoReader
 
     with VideoReader(out) as reader:
         assert reader.num_frames == 40

@@ -106,7 +106,7 @@ def test_pretraining_video_transform_shapes_and_ranges():
 def test_pretraining_video_transform_is_a_crop_of_the_rescaled_clip():
     # scale_range (48, 48) on a 48-pixel-high clip: no resize, so the output is an exact crop
     clip = _clip(3, 48, 70)
-    transform = PretrainingVideoTransform(image_size=32, scale_range=(48, 48), flip=0.0)
+    transform = PretrainingVideoTransform(image_size=32, scale_range=(48, 48), flip_prob=0.0)
     pixels = _denormalize(transform(clip, generator=torch.Generator().manual_seed(3))["pixel_values"]).round()
     source = clip.permute(0, 3, 1, 2).float()
     matches = [
@@ -121,21 +121,21 @@ def test_pretraining_video_transform_is_a_crop_of_the_rescaled_clip():
 def test_pretraining_video_transform_flip_and_determinism():
     clip = _clip()
     kwargs = dict(image_size=32, scale_range=(40, 48))
-    a = PretrainingVideoTransform(flip=0.0, **kwargs)(clip, generator=torch.Generator().manual_seed(9))
-    b = PretrainingVideoTransform(flip=1.0, **kwargs)(clip, generator=torch.Generator().manual_seed(9))
-    again = PretrainingVideoTransform(flip=0.0, **kwargs)(clip, generator=torch.Generator().manual_seed(9))
+    a = PretrainingVideoTransform(flip_prob=0.0, **kwargs)(clip, generator=torch.Generator().manual_seed(9))
+    b = PretrainingVideoTransform(flip_prob=1.0, **kwargs)(clip, generator=torch.Generator().manual_seed(9))
+    again = PretrainingVideoTransform(flip_prob=0.0, **kwargs)(clip, generator=torch.Generator().manual_seed(9))
     torch.testing.assert_close(b["pixel_values"], a["pixel_values"].flip(-1))
     torch.testing.assert_close(
         b["tokenizer_pixel_values"], a["tokenizer_pixel_values"].flip(-1), atol=1e-6, rtol=0
     )
     assert torch.equal(a["pixel_values"], again["pixel_values"])
-    other = PretrainingVideoTransform(flip=0.0, **kwargs)(clip, generator=torch.Generator().manual_seed(10))
+    other = PretrainingVideoTransform(flip_prob=0.0, **kwargs)(clip, generator=torch.Generator().manual_seed(10))
     assert not torch.equal(a["pixel_values"], other["pixel_values"])
 
 
 def test_tokenizer_view_is_lanczos_of_the_crop():
     clip = _clip(2, 48, 48)
-    transform = PretrainingVideoTransform(image_size=48, scale_range=(48, 48), flip=0.0)  # crop == input
+    transform = PretrainingVideoTransform(image_size=48, scale_range=(48, 48), flip_prob=0.0)  # crop == input
     out = transform(clip)
     expected = np.stack(
         [_reference_lanczos4(clip[t, :, :, c].double().numpy(), 24, 24) for t in range(2) for c in range(3)]
@@ -189,7 +189,7 @@ def test_video_classification_transform():
     # RandAugment and random erasing act on the whole clip alike: identical frames stay identical
     same = _clip(1, 60, 80).expand(4, -1, -1, -1)
     transform = VideoClassificationTrainTransform(
-        image_size=32, short_side=40, flip=0.0, randaug=(2, 9), random_erasing=1.0
+        image_size=32, short_side=40, flip_prob=0.0, randaug=(2, 9), random_erasing=1.0
     )
     out = transform(same, generator=torch.Generator().manual_seed(4))["pixel_values"]
     assert all(torch.equal(out[0], out[t]) for t in range(1, 4))

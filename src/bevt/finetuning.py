@@ -1,37 +1,25 @@
-"""Fine-tuning helpers for `run_finetuning.py`: layer-wise lr decay, EMA, model loading, multi-view evaluation.
+"""Fine-tuning a BEVT folder for video classification: which architecture the run uses and how the model is loaded.
 
-- `layer_decay_lr_scale(depths, layer_decay, backbone_lr_multiplier)`: the official BEVT fine-tuning rule, to pass
-  as `lr_scale` to `bevt.training.build_param_groups`. Backbone "layers" are counted from the top: the final norm
-  and the last block get `decay**1`, each earlier block or patch-merging layer one more power, the patch embedding
-  `decay**(L + 1)` with `L = sum(depths) + num_stages - 1` (0.9**28 for Swin-B). Every backbone parameter is also
-  multiplied by `backbone_lr_multiplier`; the classifier keeps the base lr.
-- `ModelEMA`: an exponential moving average of the weights (evaluated and saved instead of the raw weights).
 - `resolve_architecture`: which window, clip length, input size and drop path a run uses: a pretrained model's
   own values unless a flag (or an official recipe's documented change, e.g. SSv2's 16x7x7 window) says otherwise.
 - `load_model_for_finetuning`: a `BEVTForVideoClassification` from any BEVT folder (pretraining output, converted
   official checkpoint, earlier fine-tuning run), with new labels and, when `window_size` differs, the relative
   position bias tables resized as the official code does (trilinear over the offset volume, e.g. 8x7x7 -> 16x7x7).
-- Multi-view evaluation: `MultiViewEvalTransform` (clips x crops per video through `BEVTVideoProcessor`),
-  `predict_multiview` (softmax scores averaged over views), `gather_predictions` (across ranks, without per-batch
-  collectives, so ranks may hold different numbers of videos), `compute_metrics` (the bundled `evaluate` metric),
-  `confusion_matrix`, `save_confusion_matrix_png` (PIL) and `evaluation_report`.
+- `freeze_unused_video_parameters`: the image-stream patch embedding and the mask token, unused for videos.
+- `find_label_names`: the class names of a run (a label file, a model's `id2label`, or the files next to the shards).
+
+The training side (layer-wise lr decay, EMA, multi-view evaluation, the loop) is in `bevt.training`.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import math
-import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import torch
-from torch import nn
 
 from .configuration_bevt import BEVTConfig
 from .modeling_bevt import BEVTForVideoClassification, BEVTModel
@@ -41,84 +29,13 @@ __all__ = [
     "ArchitectureChoice",
     "FINETUNING_CONFIG_FIELDS",
     "LoadReport",
-    "ModelEMA",
-    "MultiViewEvalTransform",
-    "Predictions",
-    "compute_metrics",
-    "confusion_matrix",
-    "evaluation_report",
-    "freeze_unused_video_parameters",
-    "gather_predictions",
-    "layer_decay_lr_scale",
-    "layer_unit",
-    "load_model_for_finetuning",
-    "num_layer_units",
-    "predict_multiview",
     "RecipeChange",
+    "find_label_names",
+    "freeze_unused_video_parameters",
+    "load_model_for_finetuning",
     "resolve_architecture",
-    "save_confusion_matrix_png",
     "skipped_recipe_changes",
 ]
-
-# ---------------------------------------------------------------------------------------------------------------
-# Layer-wise learning-rate decay
-# ---------------------------------------------------------------------------------------------------------------
-
-_BLOCK_RE = re.compile(r"^encoder\.layers\.(\d+)\.(?:blocks\.(\d+)|(downsample))\.")
-
-
-def num_layer_units(depths: Sequence[int]) -> int:
-    """Blocks plus patch-merging layers of the encoder (`L`): 27 for Swin-B (2-2-18-2)."""
-    return sum(depths) + len(depths) - 1
-
-
-def layer_unit(name: str, depths: Sequence[int], prefix: str = "bevt.") -> int | None:
-    """Position of a backbone parameter counted from the bottom: embeddings 0, then every block and patch-merging
-    layer in forward order 1..L, the final norm L (shared with the last block). None outside the backbone.
-
-    Raises:
-        ValueError: a backbone parameter that fits no rule (a new module the rule does not know).
-    """
-    if not name.startswith(prefix):
-        return None
-    rest = name[len(prefix) :]
-    if rest.startswith("embeddings."):
-        return 0
-    if rest.startswith("layernorm."):
-        return num_layer_units(depths)
-    match = _BLOCK_RE.match(rest)
-    if match is None:
-        raise ValueError(f"no layer-wise lr decay rule for backbone parameter {name!r}")
-    stage = int(match.group(1))
-    if stage >= len(depths):
-        raise ValueError(f"parameter {name!r} is in stage {stage}, but the config has {len(depths)} stages")
-    before = sum(depths[:stage]) + stage  # blocks and patch-merging layers of the earlier stages
-    if match.group(3):
-        return before + depths[stage] + 1
-    return before + int(match.group(2)) + 1
-
-
-def layer_decay_lr_scale(
-    depths: Sequence[int],
-    layer_decay: float = 1.0,
-    backbone_lr_multiplier: float = 1.0,
-    prefix: str = "bevt.",
-) -> Callable[[str], float]:
-    """`name -> lr multiplier`: `backbone_lr_multiplier * layer_decay ** (L + 1 - layer_unit(name))` for backbone
-    parameters, 1 for the others (the classifier). See the module docstring."""
-    if not 0 < layer_decay <= 1:
-        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay!r}")
-    if not backbone_lr_multiplier >= 0:
-        raise ValueError(f"backbone_lr_multiplier must be >= 0, got {backbone_lr_multiplier!r}")
-    top = num_layer_units(depths) + 1
-
-    def scale(name: str) -> float:
-        unit = layer_unit(name, depths, prefix)
-        if unit is None:
-            return 1.0
-        return backbone_lr_multiplier * layer_decay ** (top - unit)
-
-    return scale
 
 
 def freeze_unused_video_parameters(model: BEVTForVideoClassification) -> list[str]:
@@ -130,59 +47,6 @@ def freeze_unused_video_parameters(model: BEVTForVideoClassification) -> list[st
             param.requires_grad_(False)
             frozen.append(name)
     return frozen
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# EMA
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class ModelEMA:
-    """Exponential moving average of a model's floating-point weights and buffers.
-
-    After every optimizer step, `update(model)` sets `ema = d * ema + (1 - d) * weights` with
-    `d = min(decay, (1 + n) / (10 + n))` (n = updates so far: the average follows the weights closely at first).
-    `module` is a frozen copy in eval mode, on the device of the model it was made from (move it with `.to`).
-    `state_dict()` / `load_state_dict()` make it a checkpointable object (`accelerator.register_for_checkpointing`).
-    """
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        if not 0 < decay < 1:
-            raise ValueError(f"EMA decay must be in (0, 1), got {decay!r}")
-        self.decay = float(decay)
-        self.num_updates = 0
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-
-    def to(self, device: torch.device | str) -> ModelEMA:
-        self.module.to(device)
-        return self
-
-    @property
-    def current_decay(self) -> float:
-        """The decay the next update uses."""
-        n = self.num_updates + 1
-        return min(self.decay, (1 + n) / (10 + n))
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Blend `model`'s current weights into the average (call after each optimizer step)."""
-        decay = self.current_decay
-        source = model.state_dict()
-        for name, ema_value in self.module.state_dict().items():
-            value = source[name].detach().to(ema_value.device)
-            if ema_value.is_floating_point():
-                ema_value.lerp_(value.to(ema_value.dtype), 1.0 - decay)
-            else:
-                ema_value.copy_(value)
-        self.num_updates += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "num_updates": self.num_updates, "module": self.module.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.decay = float(state["decay"])
-        self.num_updates = int(state["num_updates"])
-        self.module.load_state_dict(state["module"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -411,7 +275,9 @@ def resolve_architecture(
     for name in ARCHITECTURE_FIELDS:
         if pretrained is None:
             if name in flags:
-                choices[name] = ArchitectureChoice(name, _normalise(name, flags[name]), None, "flag", f"--{name}")
+                choices[name] = ArchitectureChoice(
+                    name, _normalise(name, flags[name]), None, "flag", f"--{name}"
+                )
             else:
                 value = _normalise(name, recipe_values[name])
                 choices[name] = ArchitectureChoice(name, value, None, "recipe", f"{recipe_name} recipe")
@@ -422,7 +288,9 @@ def resolve_architecture(
             choices[name] = ArchitectureChoice(name, _normalise(name, flags[name]), own, "flag", f"--{name}")
         elif change is not None and _normalise(name, change.source) == own:
             target = _normalise(name, change.target)
-            choices[name] = ArchitectureChoice(name, target, own, "recipe", f"{recipe_name} recipe: {change.reason}")
+            choices[name] = ArchitectureChoice(
+                name, target, own, "recipe", f"{recipe_name} recipe: {change.reason}"
+            )
         else:
             choices[name] = ArchitectureChoice(name, own, own, "pretrained", "pretrained model")
     return choices
@@ -447,237 +315,47 @@ def skipped_recipe_changes(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Multi-view evaluation
+# Labels
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class MultiViewEvalTransform:
-    """Stream transform for evaluation: clips `uint8 (T, H, W, 3)` or `(num_clips, T, H, W, 3)` -> every view
-    `pixel_values` `(num_clips * num_crops, T, 3, S, S)` (clip-major, as `BEVTVideoProcessor` orders them).
+def find_label_names(
+    label_file: str | Path | None,
+    shards: Sequence[str] | None = None,
+    model_config: BEVTConfig | None = None,
+) -> list[str]:
+    """Class names in label-index order: from `label_file` (one per line), else `model_config.id2label`, else the
+    `labels.txt` or `dataset_info.json` next to the first of `shards`.
 
-    `processor` (a `BEVTVideoProcessor`) does the geometry: short side to `size["shortest_edge"]`, then the centre
-    crop (`num_crops=1`) or three crops along the long side (`num_crops=3`), rescale and normalisation.
+    Raises:
+        UsageError: naming `--label_names`, when no names are found, fewer than 2, or repeated ones.
     """
+    from .data.shards import load_dataset_info, read_labels
+    from .training.arguments import fail
 
-    def __init__(self, processor: Any, num_crops: int = 1) -> None:
-        if num_crops not in (1, 3):
-            raise ValueError(f"num_crops must be 1 or 3, got {num_crops!r}")
-        self.processor = processor
-        self.num_crops = num_crops
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(num_crops={self.num_crops}, processor={type(self.processor).__name__})"
-
-    def __call__(
-        self, clips: torch.Tensor, generator: torch.Generator | None = None
-    ) -> dict[str, torch.Tensor]:
-        clips = torch.as_tensor(clips)
-        if clips.ndim == 4:
-            clips = clips[None]
-        if clips.ndim != 5 or clips.shape[-1] != 3:
-            raise ValueError(
-                f"expected clips (T, H, W, 3) or (num_clips, T, H, W, 3), got {tuple(clips.shape)}"
-            )
-        out = self.processor(
-            list(clips), do_sample_frames=False, num_clips=1, num_crops=self.num_crops, return_tensors="pt"
+    if label_file:
+        names, source = read_labels(label_file), str(label_file)
+    elif model_config is not None:
+        names, source = (
+            [model_config.id2label[i] for i in range(model_config.num_labels)],
+            "the model's id2label",
         )
-        return {"pixel_values": out["pixel_values"]}
-
-
-@dataclass
-class Predictions:
-    """Per-video results: sample keys, view-averaged class probabilities `(N, C)` and true labels `(N,)`."""
-
-    keys: list[str]
-    scores: np.ndarray
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    @classmethod
-    def concatenate(cls, parts: Iterable[Predictions], num_labels: int) -> Predictions:
-        """Merge parts, dropping repeated keys (first wins), sorted by key (same order on every rank)."""
-        seen: dict[str, tuple[np.ndarray, int]] = {}
-        for part in parts:
-            for key, score, label in zip(part.keys, part.scores, part.labels):
-                seen.setdefault(key, (score, int(label)))
-        keys = sorted(seen)
-        scores = np.stack([seen[k][0] for k in keys]) if keys else np.zeros((0, num_labels), np.float32)
-        labels = np.asarray([seen[k][1] for k in keys], dtype=np.int64)
-        return cls(keys, scores.astype(np.float32), labels)
-
-
-@torch.no_grad()
-def predict_multiview(
-    model: nn.Module,
-    batches: Iterable[Mapping[str, Any]],
-    device: torch.device | str,
-    max_views_per_forward: int | None = None,
-    autocast: Callable[[], AbstractContextManager] | None = None,
-) -> Predictions:
-    """Run `model` on every view of every video and average the softmax scores over each video's views.
-
-    Args:
-        model: a video classifier (called as `model(pixel_values=...)`, returning `.logits`); put in eval mode here.
-        batches: dicts with `pixel_values` `(B, V, T, 3, S, S)`, `labels` `(B,)`, `__key__` (list of B keys).
-        device: where to run.
-        max_views_per_forward: split the `B * V` views into forward passes of at most this many (memory bound).
-        autocast: a context-manager factory (e.g. `accelerator.autocast`) for mixed precision.
-    """
-    was_training = model.training
-    model.eval()
-    keys: list[str] = []
-    scores: list[torch.Tensor] = []
-    labels: list[torch.Tensor] = []
-    context = autocast or nullcontext
-    try:
-        for batch in batches:
-            pixel_values = batch["pixel_values"]
-            if pixel_values.ndim != 6:
-                raise ValueError(
-                    f"evaluation batches need pixel_values (batch, views, frames, 3, H, W), got {tuple(pixel_values.shape)}"
-                )
-            num_videos, num_views = pixel_values.shape[:2]
-            views = pixel_values.flatten(0, 1)
-            chunk = max_views_per_forward or views.shape[0]
-            logits = []
-            for part in views.split(chunk):
-                with context():
-                    logits.append(model(pixel_values=part.to(device, non_blocking=True)).logits.float())
-            probs = torch.cat(logits).softmax(-1).view(num_videos, num_views, -1).mean(1)
-            scores.append(probs.cpu())
-            labels.append(torch.as_tensor(batch["labels"]).cpu().long())
-            keys.extend(batch["__key__"])
-    finally:
-        model.train(was_training)
-    if not keys:
-        return Predictions([], np.zeros((0, 0), np.float32), np.zeros((0,), np.int64))
-    return Predictions(keys, torch.cat(scores).numpy(), torch.cat(labels).numpy())
-
-
-def gather_predictions(accelerator: Any, local: Predictions, num_labels: int) -> Predictions:
-    """Every rank's predictions on every rank (one `gather_object`; ranks may hold different counts)."""
-    parts = [local]
-    if accelerator is not None and accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        parts = gather_object([local])
-    parts = [p for p in parts if len(p)]
-    return Predictions.concatenate(parts, num_labels)
-
-
-def compute_metrics(metric: Any, predictions: Predictions, top_k: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """Top-k and mean-class accuracy through the bundled `evaluate` metric (`bevt.metrics.load_video_accuracy()`)."""
-    if len(predictions) == 0:
-        raise ValueError("no evaluation samples: the validation shards gave no decodable, labelled video")
-    return metric.compute(predictions=predictions.scores, references=predictions.labels, top_k=list(top_k))
-
-
-def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_labels: int) -> np.ndarray:
-    """Counts `(num_labels, num_labels)`: rows true class, columns predicted class."""
-    labels = np.asarray(labels, dtype=np.int64)
-    predicted = np.asarray(predicted, dtype=np.int64)
-    if labels.shape != predicted.shape:
-        raise ValueError(f"labels {labels.shape} and predictions {predicted.shape} differ in shape")
-    for name, values in (("labels", labels), ("predictions", predicted)):
-        if values.size and (values.min() < 0 or values.max() >= num_labels):
-            raise ValueError(
-                f"{name} must be class ids in [0, {num_labels}), got [{values.min()}, {values.max()}]"
+    else:
+        first = (list(shards or []) or [None])[0]
+        folder = Path(first).parent if first and not os.path.isdir(first) else Path(first or ".")
+        if (folder / "labels.txt").is_file():
+            names, source = read_labels(folder / "labels.txt"), str(folder / "labels.txt")
+        else:
+            info = load_dataset_info(folder) or {}
+            names, source = list(info.get("labels") or []), str(folder / "dataset_info.json")
+        if not names:
+            fail(
+                "--label_names",
+                "given: no labels.txt or labels in dataset_info.json next to the shards",
+                None,
             )
-    return np.bincount(labels * num_labels + predicted, minlength=num_labels * num_labels).reshape(
-        num_labels, num_labels
-    )
-
-
-def _cell_colour(fraction: float) -> tuple[int, int, int]:
-    """White (0) to dark blue (1)."""
-    low, high = np.array([255, 255, 255]), np.array([8, 48, 107])
-    return tuple(int(v) for v in np.round(low + (high - low) * min(max(fraction, 0.0), 1.0)))
-
-
-def draw_length(font: Any, text: str) -> float:
-    """Width in pixels of `text` drawn with a PIL font."""
-    return font.getlength(text) if hasattr(font, "getlength") else 6 * len(text)
-
-
-def save_confusion_matrix_png(
-    matrix: np.ndarray, label_names: Sequence[str], path: str | Path, title: str = "Confusion matrix"
-) -> Path:
-    """Draw a row-normalised confusion matrix (rows: true class, columns: predicted) as a PNG with PIL.
-
-    Cells are shaded by the fraction of the row; with up to 40 classes the rows carry the class names and the cells
-    their percentage (when large enough). Any number of classes works (cells shrink down to 1 pixel).
-    """
-    from PIL import Image, ImageDraw, ImageFont
-
-    matrix = np.asarray(matrix, dtype=np.float64)
-    n = matrix.shape[0]
-    if matrix.shape != (n, n) or n != len(label_names):
-        raise ValueError(
-            f"matrix {matrix.shape} must be square with one row per class name ({len(label_names)})"
-        )
-    rows = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    cell = int(min(48, max(1, 800 // max(n, 1))))
-    font = ImageFont.load_default()
-    names = [name if len(name) <= 48 else name[:47] + "~" for name in label_names] if n <= 40 else []
-    name_width = int(max((draw_length(font, name) for name in names), default=0))
-    top, left = 40, name_width + 16
-    width, height = left + n * cell + 10, top + n * cell + 10
-    image = Image.new("RGB", (max(width, 360), height), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((10, 8), title, fill="black", font=font)
-    draw.text(
-        (10, 22), "rows: true class, columns: predicted class (row-normalised)", fill="dimgray", font=font
-    )
-    for i in range(n):
-        for j in range(n):
-            x0, y0 = left + j * cell, top + i * cell
-            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=_cell_colour(rows[i, j]))
-            if cell >= 28 and matrix[i, j] > 0:
-                colour = "white" if rows[i, j] > 0.5 else "black"
-                draw.text((x0 + 3, y0 + cell // 2 - 5), f"{100 * rows[i, j]:.0f}", fill=colour, font=font)
-        if names:
-            draw.text((8, top + i * cell + max(cell // 2 - 5, 0)), names[i], fill="black", font=font)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
-
-
-def evaluation_report(
-    predictions: Predictions,
-    metrics: Mapping[str, float],
-    label_names: Sequence[str],
-    **details: Any,
-) -> dict[str, Any]:
-    """A JSON-ready report: metrics, per-class accuracy (None for classes absent from the data), the confusion
-    matrix (counts) and any `details` (model, shards, views...)."""
-    num_labels = len(label_names)
-    predicted = predictions.scores.argmax(axis=1) if len(predictions) else np.zeros((0,), np.int64)
-    matrix = confusion_matrix(predictions.labels, predicted, num_labels)
-    totals = matrix.sum(axis=1)
-    per_class = {
-        name: (float(matrix[i, i] / totals[i]) if totals[i] else None) for i, name in enumerate(label_names)
-    }
-    return {
-        **details,
-        "num_videos": len(predictions),
-        "metrics": {k: float(v) for k, v in metrics.items()},
-        "per_class_accuracy": per_class,
-        "label_names": list(label_names),
-        "confusion_matrix": matrix.tolist(),
-    }
-
-
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Write `obj` as indented JSON (NaN-free floats expected)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
-    return path
-
-
-def is_better(value: float, best: float | None) -> bool:
-    """Higher is better; NaN never is."""
-    return not math.isnan(value) and (best is None or value > best)
+    if len(names) < 2:
+        fail("--label_names", "a file with at least 2 class names", source)
+    if len(set(names)) != len(names):
+        fail("--label_names", "a file of unique class names", source)
+    return names

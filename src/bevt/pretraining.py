@@ -1,9 +1,11 @@
-"""Pretraining building blocks used by `run_pretraining.py`: masks, per-rank data streams, tokenizer targets.
+"""Pretraining building blocks used by `run_pretraining.py`: data settings, masks, per-rank data streams, targets.
 
+- `PretrainingDataConfig`: every data setting of pretraining in one place (sampling, augmentation, masks, batch
+  sizes, loading), with the official BEVT-B values as defaults; it builds the transforms and mask generators.
 - `build_mask_generators(image_size, num_frames, ...)`: the tube (video) and block (image) mask generators on the
   16-pixel patch grid, scaled from the official 98-of-196 setting.
-- `PretrainingData`: this rank's infinite, exactly resumable image (and video) batch streams over WebDataset
-  shards, each rank reading a disjoint part.
+- `PretrainingData(config, image_shards, video_shards)`: this rank's infinite, exactly resumable image (and video)
+  batch streams over WebDataset shards, each rank reading a disjoint part.
 - `model_inputs(batch, tokenizer, device)`: a collated batch -> `BEVTForMaskedVideoModeling` inputs, with
   token-id labels from the frozen visual tokenizer.
 - `random_tokenizer(vocab_size, image_size, seed)`: a small random-weight tokenizer for demos and tests.
@@ -11,8 +13,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,6 +32,7 @@ from .modeling_tokenizer import BEVTVisualTokenizer
 
 __all__ = [
     "PretrainingData",
+    "PretrainingDataConfig",
     "build_mask_generators",
     "calibration_images",
     "model_inputs",
@@ -64,6 +69,74 @@ def build_mask_generators(
     return tube, block
 
 
+@dataclass(frozen=True)
+class PretrainingDataConfig:
+    """The data settings of BEVT pretraining; the defaults are the official BEVT-B recipe
+    (`swin_base_patch244_window877_bevt_in1k_k400.py`: 224 px, 16x8 clips, short side 256-320, flip 0.5, colour
+    jitter 0.4 on images, 98 of 196 patches masked, tubes of 4-8 of the 8 temporal positions, 8 videos + 64 images
+    per GPU).
+
+    Attributes:
+        image_size: crop size `S` (a multiple of 32); the mask grid is `S // 16`.
+        num_frames, frame_interval: dense clip sampling (`num_frames` even: patches span 2 frames).
+        scale_range: random short-side rescale range before the crop (`image_size <= low <= high`).
+        tokenizer_size: the tokenizer's input size (None: `image_size // 2`, one token per 16-px patch).
+        flip_prob: horizontal flip probability (videos and images).
+        color_jitter: brightness / contrast / saturation jitter of images.
+        mask_ratio, min_mask_patches, tube_range: see `build_mask_generators`.
+        video_batch_size, image_batch_size: samples per micro-batch of each stream on one rank.
+        shuffle_buffer, num_workers: streaming shuffle buffer and DataLoader workers per stream.
+    """
+
+    image_size: int = 224
+    num_frames: int = 16
+    frame_interval: int = 8
+    scale_range: tuple[int, int] = (256, 320)
+    tokenizer_size: int | None = None
+    flip_prob: float = 0.5
+    color_jitter: float = 0.4
+    mask_ratio: float = 0.5
+    min_mask_patches: int = 16
+    tube_range: tuple[float, float] = (0.5, 1.0)
+    video_batch_size: int = 8
+    image_batch_size: int = 64
+    shuffle_buffer: int = 1000
+    num_workers: int = 8
+
+    @classmethod
+    def from_values(cls, source: Any) -> PretrainingDataConfig:
+        """The config of an object with one attribute per field (e.g. the parsed `PretrainingArguments`)."""
+        values = {f.name: getattr(source, f.name) for f in dataclasses.fields(cls)}
+        values["scale_range"], values["tube_range"] = (
+            tuple(values["scale_range"]),
+            tuple(values["tube_range"]),
+        )
+        return cls(**values)
+
+    @property
+    def tokenizer_input_size(self) -> int:
+        return self.tokenizer_size if self.tokenizer_size is not None else self.image_size // 2
+
+    def video_transform(self) -> PretrainingVideoTransform:
+        return PretrainingVideoTransform(
+            self.image_size, self.scale_range, self.tokenizer_input_size, flip_prob=self.flip_prob
+        )
+
+    def image_transform(self) -> PretrainingImageTransform:
+        return PretrainingImageTransform(
+            self.image_size,
+            self.scale_range,
+            self.tokenizer_input_size,
+            flip_prob=self.flip_prob,
+            color_jitter=self.color_jitter,
+        )
+
+    def mask_generators(self) -> tuple[TubeMaskGenerator, BlockMaskGenerator]:
+        return build_mask_generators(
+            self.image_size, self.num_frames, self.mask_ratio, self.min_mask_patches, self.tube_range
+        )
+
+
 class _KeyRecordingCollate:
     """The pretraining collator, plus the batch's sample keys under `__keys__` (picklable for workers)."""
 
@@ -83,69 +156,43 @@ class PretrainingData:
     number is a multiple of `world_size`), repeats them epoch after epoch (so no rank runs out before the others;
     stop on a step count), and decodes in its own DataLoader workers. Augmentations and masks are seeded per
     sample from `(seed, epoch, key)`, and `state_dict()` is the exact position after the last delivered batch:
-    a resumed run sees exactly the batches an uninterrupted one would.
+    a resumed run sees exactly the batches an uninterrupted one would. Iterating gives `next_batch()` forever.
 
     Args:
+        config: the data settings (`PretrainingDataConfig`).
         image_shards / video_shards: shard globs, folders or files (see `bevt.data.shards.list_shards`).
-        image_batch_size / video_batch_size: samples per batch of each stream on this rank.
-        image_size, scale_range, tokenizer_size, flip_prob, color_jitter: train transforms
-            (`PretrainingImageTransform` / `PretrainingVideoTransform`).
-        num_frames, frame_interval: dense clip sampling.
-        mask_ratio, min_mask_patches, tube_range: see `build_mask_generators`.
-        shuffle_buffer, num_workers, seed, rank, world_size: see `build_stream` / `StreamDataLoader`.
+        seed, rank, world_size: see `build_stream`.
         key_log: a file path; the keys of every delivered sample are appended to it (audits rank splits).
     """
 
     def __init__(
         self,
+        config: PretrainingDataConfig,
         image_shards: str | Sequence[str],
         video_shards: str | Sequence[str] | None = None,
         *,
-        image_batch_size: int,
-        video_batch_size: int = 1,
-        image_size: int = 224,
-        num_frames: int = 16,
-        frame_interval: int = 8,
-        scale_range: tuple[int, int] = (256, 320),
-        tokenizer_size: int | None = None,
-        flip_prob: float = 0.5,
-        color_jitter: float = 0.4,
-        mask_ratio: float = 0.5,
-        min_mask_patches: int = 16,
-        tube_range: tuple[float, float] = (0.5, 1.0),
-        shuffle_buffer: int = 256,
-        num_workers: int = 0,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
         key_log: str | os.PathLike | None = None,
     ) -> None:
-        tube, block = build_mask_generators(image_size, num_frames, mask_ratio, min_mask_patches, tube_range)
+        self.config = config
+        tube, block = config.mask_generators()
         collate = _KeyRecordingCollate(BEVTPretrainingCollator(tube, block, seed=seed))
-        geometry = {
-            "image_size": image_size,
-            "scale_range": scale_range,
-            "tokenizer_size": tokenizer_size,
-            "flip": flip_prob,
-        }
         specs: dict[str, tuple[Any, Any, int]] = {
-            "image": (
-                image_shards,
-                PretrainingImageTransform(**geometry, color_jitter=color_jitter),
-                image_batch_size,
-            )
+            "image": (image_shards, config.image_transform(), config.image_batch_size)
         }
         if video_shards is not None:
-            specs["video"] = (video_shards, PretrainingVideoTransform(**geometry), video_batch_size)
+            specs["video"] = (video_shards, config.video_transform(), config.video_batch_size)
         self.streams: dict[str, StreamDataLoader] = {}
         for kind, (files, transform, batch_size) in specs.items():
             stream = build_stream(
                 files,
                 kind=kind,
                 transform=transform,
-                clip_len=num_frames,
-                frame_interval=frame_interval,
-                shuffle_buffer=shuffle_buffer,
+                clip_len=config.num_frames,
+                frame_interval=config.frame_interval,
+                shuffle_buffer=config.shuffle_buffer,
                 seed=seed,
                 rank=rank,
                 world_size=world_size,
@@ -155,12 +202,16 @@ class PretrainingData:
                 stream,
                 batch_size,
                 collate_fn=collate,
-                num_workers=num_workers,
+                num_workers=config.num_workers,
                 drop_last=True,
                 pin_memory=torch.cuda.is_available(),  # page-locked batches: asynchronous host-to-GPU copies
             )
         self._iterators: dict[str, Any] = {}
         self._key_log = open(key_log, "a") if key_log is not None else None  # noqa: SIM115 - closed in close()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            yield self.next_batch()
 
     def samples_per_epoch(self) -> int | None:
         """Samples (all ranks) of the stream that defines an epoch: videos when present, else images; None when

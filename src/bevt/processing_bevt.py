@@ -9,7 +9,7 @@ Inputs (one video or a list of them):
 
 * a file path (``str`` / ``os.PathLike``), an ``http(s)://`` URL, the encoded bytes, a binary file object
   (``open(path, "rb")``, ``io.BytesIO``), or a ``datasets`` video dict ``{"bytes": ..., "path": ...}``: decoded
-  with :mod:`bevt.data.decoding` (decord, else torchcodec, else PyAV; ``video_backend=`` overrides), and only the
+  with :mod:`bevt.video_decoding` (decord, else torchcodec, else PyAV; ``video_backend=`` overrides), and only the
   sampled frames are decoded;
 * a ``uint8`` (or float) array/tensor ``(T, H, W, C)`` or ``(T, C, H, W)`` (``C`` = 1, 3 or 4; a grayscale video
   ``(T, H, W)`` needs its channel axis: ``frames[..., None]``), or a list of PIL / array frames;
@@ -19,7 +19,7 @@ Pixel values: ``uint8`` frames (0-255) are rescaled by ``rescale_factor`` (1/255
 Transformers processor: float frames already in [0, 1] need ``do_rescale=False`` (a warning says so when float
 frames look rescaled, and when ``uint8`` frames are given with ``do_rescale=False``).
 
-Frame sampling (:func:`bevt.data.sampling.sample_frame_indices`): ``sampling_mode="dense"`` takes
+Frame sampling (:func:`bevt.frame_sampling.sample_frame_indices`): ``sampling_mode="dense"`` takes
 ``num_frames`` frames ``frame_interval`` apart (Kinetics style, e.g. 32x2 or 16x8), ``"uniform"`` one frame
 from each of ``num_frames`` equal segments (Something-Something style). ``test_mode=True`` (the default)
 is deterministic: evenly spaced clips / segment centres. ``test_mode=False`` draws random offsets from a

@@ -166,7 +166,7 @@ def _check_indices(indices: Sequence[int], num_frames: int, what: str) -> list[i
     if bad:
         raise ValueError(
             f"frame indices {bad[:5]} out of range for {what} with {num_frames} frames "
-            "(sample with bevt.data.sampling.sample_frame_indices, which loops short videos)"
+            "(sample with bevt.frame_sampling.sample_frame_indices, which loops short videos)"
         )
     return out
 

@@ -1,6 +1,8 @@
-"""Data layer: decoding, frame sampling, shards/streaming, train transforms, the pretraining collator.
+"""Data layer: shards/streaming, train transforms, the pretraining collator (decoding and frame sampling live in
+the top-level ``bevt.video_decoding`` and ``bevt.frame_sampling``, which saved model folders carry for the video
+processor).
 
-Import submodules directly (``from bevt.data.decoding import VideoReader``); the names below are also
+Import submodules directly (``from bevt.data.streaming import build_stream``); the names below are also
 reachable here, loaded lazily so that ``import bevt.data`` stays cheap.
 """
 
@@ -10,23 +12,16 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "VideoDecodingError": "decoding",
-    "VideoReader": "decoding",
-    "available_backends": "decoding",
-    "decode_image": "decoding",
-    "decode_video": "decoding",
-    "get_num_frames": "decoding",
-    "sample_frame_indices": "sampling",
-    "ShardWriter": "shards",
-    "write_shards": "shards",
-    "build_stream": "streaming",
-    "StreamDataLoader": "streaming",
-    "DataQualityError": "streaming",
-    "BEVTPretrainingCollator": "collator",
-    "PretrainingVideoTransform": "transforms",
-    "PretrainingImageTransform": "transforms",
-    "VideoClassificationTrainTransform": "transforms",
-    "mixup_cutmix": "transforms",
+    "ShardWriter": "bevt.data.shards",
+    "write_shards": "bevt.data.shards",
+    "build_stream": "bevt.data.streaming",
+    "StreamDataLoader": "bevt.data.streaming",
+    "DataQualityError": "bevt.data.streaming",
+    "BEVTPretrainingCollator": "bevt.data.collator",
+    "PretrainingVideoTransform": "bevt.data.transforms",
+    "PretrainingImageTransform": "bevt.data.transforms",
+    "VideoClassificationTrainTransform": "bevt.data.transforms",
+    "mixup_cutmix": "bevt.data.transforms",
 }
 
 __all__ = sorted(_LAZY)
@@ -34,7 +29,7 @@ __all__ = sorted(_LAZY)
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -382,7 +382,7 @@ def _prepare(task: tuple[int, str, _Options]) -> tuple[int, str | None, str, byt
         ext = "mp4"
         extra["num_frames"] = count
     if opt.verify:
-        from bevt.data.decoding import VideoReader, decode_image
+        from bevt.video_decoding import VideoReader, decode_image
 
         try:
             if opt.kind == "video":

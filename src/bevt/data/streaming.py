@@ -413,7 +413,7 @@ class ShardStream(IterableDataset):
         return logged
 
     def _decode(self, data: bytes, generator: torch.Generator) -> torch.Tensor:
-        from bevt.data.decoding import VideoDecodingError, available_backends, decode_image, resolve_backend
+        from bevt.video_decoding import VideoDecodingError, available_backends, decode_image, resolve_backend
 
         if self.kind == "image":
             return decode_image(data)
@@ -435,8 +435,8 @@ class ShardStream(IterableDataset):
                 raise VideoDecodingError(f"{err} (PyAV fallback: {fallback})") from err
 
     def _decode_clips(self, data: bytes, generator: torch.Generator, backend: str) -> torch.Tensor:
-        from bevt.data.decoding import VideoReader
-        from bevt.data.sampling import sample_frame_indices
+        from bevt.frame_sampling import sample_frame_indices
+        from bevt.video_decoding import VideoReader
 
         with VideoReader(data, backend=backend, num_threads=1) as reader:
             clips = sample_frame_indices(
@@ -650,7 +650,7 @@ def build_stream(
             dict of tensors (or one tensor, stored as ``pixel_values``); media is ``uint8 (T, H, W, 3)``
             (``(num_clips, T, H, W, 3)`` with ``num_clips > 1``) or ``uint8 (H, W, 3)`` for images.
         clip_len, frame_interval, sampling, num_clips, test_mode: clip sampling (see
-            :func:`bevt.data.sampling.sample_frame_indices`); BEVT pretraining: 16 x 8 dense.
+            :func:`bevt.frame_sampling.sample_frame_indices`); BEVT pretraining: 16 x 8 dense.
         shuffle_buffer: block size of the sample shuffle (0 or 1: no sample shuffle). Holds that many
             encoded samples in memory per worker.
         shuffle_shards: reshuffle the shard order each epoch.
@@ -664,7 +664,7 @@ def build_stream(
             only ``>= 0`` is checked.
         max_failure_fraction, min_samples_for_check: stop with :class:`DataQualityError` when more than this
             fraction of the samples seen (once there are at least ``min_samples_for_check``) failed.
-        backend: video decoding backend (``None``: automatic, see :mod:`bevt.data.decoding`; a video the
+        backend: video decoding backend (``None``: automatic, see :mod:`bevt.video_decoding`; a video the
             automatic choice cannot decode is retried with PyAV before it counts as a ``decode_error``).
         log_limit: log each failing sample (once: not again when it fails in a later epoch or pass) up to this
             many samples per worker, then every 100th failure.
@@ -844,6 +844,10 @@ class StreamDataLoader:
         for position in self._workers.values():
             total = total + StreamStats.from_dict(position["stats"])
         return total
+
+    def skipped_counts(self) -> dict[str, int]:
+        """Samples skipped so far (undecodable, bad metadata, ...), by stream kind (what the training log shows)."""
+        return {self.stream.kind: self.stats.num_failed}
 
     def __iter__(self) -> Iterator[Any]:
         slots = self._slots

@@ -19,7 +19,7 @@ Randomness: every transform takes ``generator=`` (a ``torch.Generator``); ``None
 layer seeds each sample from ``(seed, epoch, key)``, so a resumed run reproduces the same augmentations and
 masks whatever the worker layout).
 
-Shapes: video input ``uint8 (T, H, W, 3)`` (what :mod:`bevt.data.decoding` returns), image input
+Shapes: video input ``uint8 (T, H, W, 3)`` (what :mod:`bevt.video_decoding` returns), image input
 ``uint8 (H, W, 3)``; outputs are channels-first float32. Sizes are all configurable (tests use 64 px crops with
 a 32 px tokenizer copy).
 """
@@ -240,14 +240,14 @@ class PretrainingVideoTransform:
 
     Steps (official ``video_train_pipeline``): short side to a uniform integer in ``scale_range``
     (keep ratio, bicubic without antialias, like ``cv2.INTER_CUBIC``), random ``image_size`` crop, horizontal
-    flip with probability ``flip``; the tokenizer copy is the (flipped) crop resized to ``tokenizer_size`` with
+    flip with probability ``flip_prob``; the tokenizer copy is the (flipped) crop resized to ``tokenizer_size`` with
     Lanczos (OpenCV ``INTER_LANCZOS4``) and scaled to ``[0, 1]`` (the tokenizer applies its own pixel mapping).
 
     Args:
         image_size: crop size ``S`` (model input); the mask grid is ``S // 16``.
         scale_range: inclusive short-side range; its low end must be >= ``image_size``.
         tokenizer_size: tokenizer input size (``S // 2`` by default).
-        flip: horizontal flip probability.
+        flip_prob: horizontal flip probability.
         mean, std: normalisation of ``pixel_values`` (ImageNet by default).
 
     Call: ``transform(frames uint8 (T, H, W, 3), generator=None) -> dict`` with ``pixel_values`` float32
@@ -259,7 +259,7 @@ class PretrainingVideoTransform:
         image_size: int = 224,
         scale_range: tuple[int, int] = (256, 320),
         tokenizer_size: int | None = None,
-        flip: float = 0.5,
+        flip_prob: float = 0.5,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
@@ -271,21 +271,21 @@ class PretrainingVideoTransform:
                 f"scale_range {tuple(scale_range)} must satisfy image_size ({image_size}) <= low <= high: "
                 "the random crop has to fit in the rescaled frame"
             )
-        if not 0.0 <= flip <= 1.0:
-            raise ValueError(f"flip probability must be in [0, 1], got {flip}")
+        if not 0.0 <= flip_prob <= 1.0:
+            raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
         self.image_size = int(image_size)
         self.scale_range = (low, high)
         self.tokenizer_size = int(tokenizer_size) if tokenizer_size is not None else self.image_size // 2
         if not 1 <= self.tokenizer_size <= self.image_size:
             raise ValueError(f"tokenizer_size must be in [1, image_size], got {self.tokenizer_size}")
-        self.flip = float(flip)
+        self.flip_prob = float(flip_prob)
         self.mean = tuple(mean)
         self.std = tuple(std)
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(image_size={self.image_size}, scale_range={self.scale_range}, "
-            f"tokenizer_size={self.tokenizer_size}, flip={self.flip})"
+            f"tokenizer_size={self.tokenizer_size}, flip_prob={self.flip_prob})"
         )
 
     def _crop(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -295,7 +295,7 @@ class PretrainingVideoTransform:
         s = self.image_size
         top = _randint(0, h - s, generator)
         left = _randint(0, w - s, generator)
-        do_flip = bool(torch.rand((), generator=generator) < self.flip)
+        do_flip = bool(torch.rand((), generator=generator) < self.flip_prob)
         x = _resize_uint8(x, (h, w), "bicubic")[..., top : top + s, left : left + s]
         if do_flip:
             x = x.flip(-1)
@@ -340,7 +340,7 @@ class PretrainingImageTransform(PretrainingVideoTransform):
     Args:
         color_jitter: one float for brightness / contrast / saturation, or a ``(b, c, s)`` triple; 0 disables.
         hue: hue jitter in ``[0, 0.5]`` (BEVT: 0).
-        image_size, scale_range, tokenizer_size, flip, mean, std: see :class:`PretrainingVideoTransform`.
+        image_size, scale_range, tokenizer_size, flip_prob, mean, std: see :class:`PretrainingVideoTransform`.
 
     Call: ``transform(image uint8 (H, W, 3), generator=None) -> dict`` with ``pixel_values`` ``(3, S, S)`` and
     ``tokenizer_pixel_values`` ``(3, S_tok, S_tok)`` in ``[0, 1]``.
@@ -351,13 +351,13 @@ class PretrainingImageTransform(PretrainingVideoTransform):
         image_size: int = 224,
         scale_range: tuple[int, int] = (256, 320),
         tokenizer_size: int | None = None,
-        flip: float = 0.5,
+        flip_prob: float = 0.5,
         color_jitter: float | tuple[float, float, float] = 0.4,
         hue: float = 0.0,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
-        super().__init__(image_size, scale_range, tokenizer_size, flip, mean, std)
+        super().__init__(image_size, scale_range, tokenizer_size, flip_prob, mean, std)
         cj = (color_jitter,) * 3 if isinstance(color_jitter, int | float) else tuple(color_jitter)
         if len(cj) != 3:
             raise ValueError(
@@ -435,7 +435,7 @@ class VideoClassificationTrainTransform:
     Steps: conceptually rescale the short side to ``short_side``, take a random resized crop (area in
     ``area_range`` of the frame, aspect ratio log-uniform in ``ratio_range``) and resize it to
     ``image_size``; implemented as one bilinear (antialiased) resize of the matching source box. Then
-    horizontal flip with probability ``flip`` (0 for SSv2-like data where left/right matters), RandAugment
+    horizontal flip with probability ``flip_prob`` (0 for SSv2-like data where left/right matters), RandAugment
     (torchvision's, ``num_ops=n``, ``magnitude=m``; one draw for the whole clip), normalisation and random
     erasing with probability ``random_erasing`` (one box of 2%-33% of the area, aspect 0.3-3.3, filled with 0
     in normalised space, i.e. the mean colour, on every frame).
@@ -444,7 +444,7 @@ class VideoClassificationTrainTransform:
         image_size: output size ``S``.
         short_side: short side before cropping (256 as in the official configs).
         area_range, ratio_range: random resized crop parameters.
-        flip: flip probability.
+        flip_prob: flip probability.
         randaug: ``(n, m)`` for RandAugment (SSv2: ``(4, 7)``), or ``None``.
         random_erasing: probability (SSv2: 0.25).
         mean, std: normalisation.
@@ -458,7 +458,7 @@ class VideoClassificationTrainTransform:
         short_side: int = 256,
         area_range: tuple[float, float] = (0.08, 1.0),
         ratio_range: tuple[float, float] = (3 / 4, 4 / 3),
-        flip: float = 0.5,
+        flip_prob: float = 0.5,
         randaug: tuple[int, int] | None = None,
         random_erasing: float = 0.0,
         mean: Sequence[float] = IMAGENET_MEAN,
@@ -468,14 +468,14 @@ class VideoClassificationTrainTransform:
             raise ValueError(f"area_range must satisfy 0 < low <= high <= 1, got {area_range}")
         if not 0 < ratio_range[0] <= ratio_range[1]:
             raise ValueError(f"ratio_range must satisfy 0 < low <= high, got {ratio_range}")
-        for name, p in (("flip", flip), ("random_erasing", random_erasing)):
+        for name, p in (("flip_prob", flip_prob), ("random_erasing", random_erasing)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} probability must be in [0, 1], got {p}")
         self.image_size = int(image_size)
         self.short_side = int(short_side)
         self.area_range = (float(area_range[0]), float(area_range[1]))
         self.ratio_range = (float(ratio_range[0]), float(ratio_range[1]))
-        self.flip = float(flip)
+        self.flip_prob = float(flip_prob)
         self.random_erasing = float(random_erasing)
         self.mean = tuple(mean)
         self.std = tuple(std)
@@ -489,7 +489,7 @@ class VideoClassificationTrainTransform:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(image_size={self.image_size}, short_side={self.short_side}, "
-            f"area_range={self.area_range}, flip={self.flip}, randaug={self.randaug}, "
+            f"area_range={self.area_range}, flip_prob={self.flip_prob}, randaug={self.randaug}, "
             f"random_erasing={self.random_erasing})"
         )
 
@@ -520,7 +520,7 @@ class VideoClassificationTrainTransform:
         )
         x = frames.permute(0, 3, 1, 2)[..., y0:y1, x0:x1]
         x = _resize_uint8(x, (self.image_size, self.image_size), "bilinear", antialias=True)
-        if self.flip > 0 and bool(torch.rand((), generator=generator) < self.flip):
+        if self.flip_prob > 0 and bool(torch.rand((), generator=generator) < self.flip_prob):
             x = x.flip(-1)
         if self.randaug is not None:
             seed = int(torch.randint(0, 2**62, (), generator=generator))
@@ -535,7 +535,7 @@ class VideoClassificationTrainTransform:
 
 def _smooth_one_hot(labels: torch.Tensor, num_labels: int, smoothing: float) -> torch.Tensor:
     off = smoothing / num_labels
-    out = torch.full((labels.shape[0], num_labels), off, dtype=torch.float32)
+    out = torch.full((labels.shape[0], num_labels), off, dtype=torch.float32, device=labels.device)
     return out.scatter_(1, labels.view(-1, 1), 1.0 - smoothing + off)
 
 

@@ -1,0 +1,565 @@
+"""Typed command-line arguments for the training scripts: dataclasses parsed by `transformers.HfArgumentParser`.
+
+The flags every script shares are declared once here, in groups (`ModelArguments`, `DataLoadingArguments`,
+`ComputeArguments`, `OptimizerArguments`, `ScheduleArguments`, `CheckpointArguments`, `TrackingArguments`, `HubArguments`,
+`RunControlArguments`); a script's arguments class inherits them next to its own groups, and each group checks its
+values in `__post_init__` (errors read `error: --flag must be <expected>, got <value>` and exit with status 2).
+
+Recipes: a field left `None` on the command line is filled from the script's active recipe (a frozen dataclass
+instance, e.g. the k400 fine-tuning recipe or the pretraining demo) before the checks run; `--help` shows every
+recipe's value next to the flag.
+
+    parser = BEVTArgumentParser(FinetuningArguments, description="...")
+    args = parser.parse(argv)          # --config run.yaml|run.json, then the command line (which wins)
+    save_training_args(args, args.output_dir)   # training_args.json, every *_token field masked
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import difflib
+import json
+import sys
+import types
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal, NoReturn, Union, get_args, get_origin, get_type_hints
+
+from transformers import HfArgumentParser
+from transformers.hf_argparser import HfArg
+
+from ..configuration_bevt import PRESETS
+
+__all__ = [
+    "MASKED",
+    "SCHEDULERS",
+    "ArgumentGroup",
+    "BEVTArgumentParser",
+    "CheckpointArguments",
+    "ComputeArguments",
+    "DataLoadingArguments",
+    "HelpFormatter",
+    "HubArguments",
+    "ModelArguments",
+    "OptimizerArguments",
+    "Recipe",
+    "RecipeArguments",
+    "RunControlArguments",
+    "ScheduleArguments",
+    "TrackingArguments",
+    "UsageError",
+    "arguments_dict",
+    "check_non_negative",
+    "check_positive_ints",
+    "check_unit_interval",
+    "fail",
+    "save_training_args",
+    "tracker_config",
+]
+
+SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+MASKED = "<hidden>"  # what training_args.json and the trackers get instead of a token
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors and checks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class UsageError(SystemExit):
+    """A wrong flag or config value: `error: <message>`, exit status 2 (`run_script` prints it)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message if message.startswith("error: ") else f"error: {message}")
+        self.code = 2
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+def fail(flag: str, expected: str, got: Any) -> NoReturn:
+    """Raise `UsageError("<flag> must be <expected>, got <value>")`."""
+    raise UsageError(f"{flag} must be {expected}, got {got!r}")
+
+
+def check_positive_ints(args: Any, names: Iterable[str]) -> None:
+    """Each `--name` that is set must be an integer >= 1 (a bool is refused)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            fail(f"--{name}", "a positive integer", value)
+
+
+def check_non_negative(args: Any, names: Iterable[str]) -> None:
+    """Each `--name` that is set must be >= 0 (NaN is refused)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not value >= 0:
+            fail(f"--{name}", ">= 0", value)
+
+
+def check_unit_interval(args: Any, names: Iterable[str]) -> None:
+    """Each `--name` that is set must lie in [0, 1] (probabilities)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= 1:
+            fail(f"--{name}", "in [0, 1]", value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Recipes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Base of a script's recipes: frozen dataclasses whose fields are flag values (a field with metadata
+    `{"flag": False}` is not a flag, e.g. a recipe's name)."""
+
+    def values(self) -> dict[str, Any]:
+        """Flag name -> value of every flag the recipe sets."""
+        return {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("flag", True)
+        }
+
+
+def _show(value: Any, none: str = "none") -> str:
+    if value is None:
+        return none
+    if isinstance(value, tuple | list):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+class ArgumentGroup:
+    """Base of the argument groups: every group's `__post_init__` checks its own fields, then calls the next group's
+    (cooperative `super()`), so a script's arguments class runs the checks of all its groups."""
+
+    def __post_init__(self) -> None:
+        pass
+
+
+class RecipeArguments(ArgumentGroup):
+    """Base of a script's arguments class: the fields its recipes set stay `None` unless given, and are filled from
+    the active recipe in the subclass's `__post_init__` (with `fill_from(recipe)`) before the groups' checks.
+
+    Subclasses define `help_recipes()` (the recipes `--help` lists, by label, and the demo recipe), and may set
+    `none_display` (how a recipe's None reads in `--help`, per flag) and `help_overrides` (flag -> help text that
+    replaces the shared group's, for this script).
+    """
+
+    none_display: dict[str, str] = {}
+    help_overrides: dict[str, str] = {}
+
+    @classmethod
+    def help_recipes(cls) -> tuple[dict[str | None, Recipe], Recipe | None]:
+        """({label: recipe} of the recipes `--help` lists (label None: the only one), the demo recipe)."""
+        return {}, None
+
+    @classmethod
+    def recipe_help(cls, name: str) -> str | None:
+        """`(default: X; demo: Y)` / `(default: k400 X, ssv2 Y; demo: Z)` for a flag set by the recipes, else None.
+
+        A recipe `based_on` another one is shown only where its value differs."""
+        recipes, demo = cls.help_recipes()
+        if not recipes or name not in next(iter(recipes.values())).values():
+            return None
+        none = cls.none_display.get(name, "none")
+        shown: list[tuple[str | None, str]] = []
+        for label, recipe in recipes.items():
+            value = _show(recipe.values()[name], none)
+            based_on = getattr(recipe, "based_on", None)
+            parent = recipes.get(based_on) if based_on is not None else None
+            if parent is not None and _show(parent.values()[name], none) == value:
+                continue
+            shown.append((label, value))
+        values = {value for _, value in shown}
+        main = shown[0][1] if len(values) == 1 else ", ".join(f"{label} {value}" for label, value in shown)
+        demo_value = _show(demo.values()[name], none) if demo is not None else None
+        if demo_value is None or (len(values) == 1 and demo_value == main):
+            return f"(default: {main})"
+        return f"(default: {main}; demo: {demo_value})"
+
+    def fill_from(self, recipe: Recipe) -> set[str]:
+        """Set every flag the recipe sets that is still None; returns the names that were given (not None)."""
+        given = set()
+        for name, value in recipe.values().items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+            else:
+                given.add(name)
+        return given
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared groups
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ModelArguments(ArgumentGroup):
+    _argument_group_name = "model"
+
+    model_name_or_path: str | None = HfArg(default=None, help="Start from a saved BEVT folder.")
+    model_preset: str | None = HfArg(
+        default=None, help="Architecture when training from scratch.", metadata={"choices": sorted(PRESETS)}
+    )
+    drop_path_rate: float | None = HfArg(
+        default=None,
+        help="Stochastic depth (a --model_name_or_path model keeps its own unless given; a new model: the recipe's).",
+    )
+
+    def __post_init__(self) -> None:
+        if self.drop_path_rate is not None and not 0 <= self.drop_path_rate < 1:
+            fail("--drop_path_rate", "in [0, 1)", self.drop_path_rate)
+        super().__post_init__()
+
+
+@dataclasses.dataclass
+class DataLoadingArguments(ArgumentGroup):
+    _argument_group_name = "data loading"
+
+    num_workers: int | None = HfArg(
+        default=None,
+        help="Data-loading worker processes per rank (per stream in pretraining; capped at the rank's shards).",
+    )
+    shuffle_buffer: int | None = HfArg(
+        default=None, help="Samples in the training stream's shuffle buffer (0: no shuffling)."
+    )
+
+    def __post_init__(self) -> None:
+        check_non_negative(self, ("shuffle_buffer", "num_workers"))
+        super().__post_init__()
+
+
+@dataclasses.dataclass
+class ComputeArguments(ArgumentGroup):
+    _argument_group_name = "compute"
+
+    gradient_checkpointing: bool = HfArg(default=False, help="Recompute activations in backward.")
+    torch_compile: bool = HfArg(
+        default=False,
+        help="Compile the encoder (the bulk of the compute) with torch.compile (inductor, static shapes); the heads "
+        "and losses, which select masked positions or labels, stay eager. The first steps pay the compilation.",
+    )
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = HfArg(
+        default=None, help="Overrides the Accelerate config (fp16 needs a GPU)."
+    )
+    torch_threads: int | None = HfArg(
+        default=None, help="Intra-op CPU threads per process (torch.set_num_threads)."
+    )
+
+    def __post_init__(self) -> None:
+        check_positive_ints(self, ("torch_threads",))
+        super().__post_init__()
+
+
+@dataclasses.dataclass
+class OptimizerArguments(ArgumentGroup):
+    _argument_group_name = "optimizer"
+
+    learning_rate: float | None = HfArg(default=None, help="Peak learning rate.")
+    weight_decay: float | None = HfArg(
+        default=None,
+        help="AdamW weight decay (none on norms, biases, relative position bias tables and the mask token).",
+    )
+    adam_beta1: float = HfArg(default=0.9, help="AdamW beta1.")
+    adam_beta2: float = HfArg(default=0.999, help="AdamW beta2.")
+    adam_epsilon: float = HfArg(default=1e-8, help="AdamW epsilon.")
+    max_grad_norm: float | None = HfArg(default=None, help="Gradient clipping norm (0 disables).")
+
+    def __post_init__(self) -> None:
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            fail("--learning_rate", "> 0", self.learning_rate)
+        if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1:
+            fail("--adam_beta1/--adam_beta2", "in [0, 1)", (self.adam_beta1, self.adam_beta2))
+        check_non_negative(self, ("weight_decay", "max_grad_norm"))
+        super().__post_init__()
+
+
+@dataclasses.dataclass
+class ScheduleArguments(ArgumentGroup):
+    _argument_group_name = "schedule"
+
+    lr_scheduler_type: str = HfArg(
+        default="cosine",
+        help="Learning-rate schedule after the linear warmup.",
+        metadata={"choices": SCHEDULERS},
+    )
+    num_warmup_steps: int | None = HfArg(default=None, help="Warmup steps (overrides the warmup fraction).")
+    max_train_steps: int | None = HfArg(default=None, help="Optimizer steps (overrides --num_train_epochs).")
+    num_train_epochs: float | None = HfArg(
+        default=None, help="Epochs (needs dataset_info.json next to the shards)."
+    )
+    gradient_accumulation_steps: int | None = HfArg(default=None, help="Micro-steps per optimizer step.")
+
+    def __post_init__(self) -> None:
+        check_positive_ints(self, ("gradient_accumulation_steps",))
+        if self.num_warmup_steps is not None and self.num_warmup_steps < 0:
+            fail("--num_warmup_steps", ">= 0", self.num_warmup_steps)
+        if self.max_train_steps is not None and self.max_train_steps < 1:
+            fail("--max_train_steps", "a positive integer", self.max_train_steps)
+        if self.max_train_steps is None and not (self.num_train_epochs or 0) > 0:
+            fail("--max_train_steps or --num_train_epochs", "given (positive)", None)
+        super().__post_init__()
+
+
+@dataclasses.dataclass
+class CheckpointArguments(ArgumentGroup):
+    _argument_group_name = "checkpoints"
+
+    output_dir: str | None = HfArg(default=None, help="Where checkpoints and the final model go.")
+    checkpointing_steps: int | None = HfArg(
+        default=None, help="Save a checkpoint every N optimizer steps (0: only at the end/on signals)."
+    )
+    save_total_limit: int | None = HfArg(
+        default=None, help="Keep at most this many checkpoints (oldest deleted)."
+    )
+    resume_from_checkpoint: str | None = HfArg(
+        default=None,
+        help="A checkpoint folder, or 'latest': the newest complete one in --output_dir (none yet: start fresh, so "
+        "a pre-emptible job can always pass 'latest').",
+    )
+
+    def __post_init__(self) -> None:
+        check_non_negative(self, ("checkpointing_steps",))
+        check_positive_ints(self, ("save_total_limit",))
+        super().__post_init__()
+
+
+@dataclasses.dataclass
+class TrackingArguments(ArgumentGroup):
+    _argument_group_name = "tracking"
+
+    logging_steps: int | None = HfArg(default=None, help="Log every N optimizer steps.")
+    with_tracking: bool = HfArg(default=False, help="Log metrics with the --report_to tracker.")
+    report_to: str = HfArg(default="tensorboard", help="Accelerate tracker(s): tensorboard, wandb, all, ...")
+
+    def __post_init__(self) -> None:
+        check_positive_ints(self, ("logging_steps",))
+        super().__post_init__()
+
+
+@dataclasses.dataclass
+class HubArguments(ArgumentGroup):
+    _argument_group_name = "hub"
+
+    push_to_hub: bool = HfArg(
+        default=False, help="Upload the output folder to the Hub at the end of the run."
+    )
+    hub_model_id: str | None = HfArg(default=None, help="Hub repository (default: the output folder's name).")
+    hub_token: str | None = HfArg(default=None, help="Hub token (default: the logged-in one).")
+
+
+@dataclasses.dataclass
+class RunControlArguments(ArgumentGroup):
+    _argument_group_name = "run control"
+
+    seed: int = HfArg(default=42, help="Seed of the model init, data order, augmentations and masks.")
+    max_nonfinite_steps: int = HfArg(
+        default=5,
+        help="Stop after this many consecutive steps with a NaN/inf loss or gradient (each is skipped).",
+    )
+    config: str | None = HfArg(
+        default=None,
+        help="A .yaml/.yml or .json file of flag values ({flag_name: value}); flags on the command line override "
+        "it. The run saves its resolved arguments as <output_dir>/training_args.json, which works here too.",
+    )
+
+    def __post_init__(self) -> None:
+        check_non_negative(self, ("seed",))
+        check_positive_ints(self, ("max_nonfinite_steps",))
+        super().__post_init__()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parser
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to every flag's help unless the help already states its defaults."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "(default:" in help_text:
+            return help_text
+        return super()._get_help_string(action)
+
+
+def _field_groups(dtype: type) -> list[tuple[str, list[dataclasses.Field]]]:
+    """Init fields of `dtype` grouped by the `_argument_group_name` of the class that declares them, in MRO order
+    (equal titles merge)."""
+    init_fields = {f.name: f for f in dataclasses.fields(dtype) if f.init}
+    groups: dict[str, list[dataclasses.Field]] = {}
+    placed: set[str] = set()
+    for cls in dtype.__mro__:
+        title = cls.__dict__.get("_argument_group_name")
+        if title is None:
+            continue
+        for name in cls.__dict__.get("__annotations__", {}):
+            if name in init_fields and name not in placed:
+                groups.setdefault(title, []).append(init_fields[name])
+                placed.add(name)
+    missing = sorted(set(init_fields) - placed)
+    if missing:
+        raise TypeError(
+            f"{dtype.__name__}: fields {missing} belong to no argument group (_argument_group_name)"
+        )
+    return list(groups.items())
+
+
+def _strip_optional(annotation: Any) -> Any:
+    """`X | None` -> `X`."""
+    if get_origin(annotation) in (types.UnionType, Union):
+        rest = [a for a in get_args(annotation) if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return annotation
+
+
+class _StoreTuple(argparse.Action):
+    """Store the values of a multi-value flag as a tuple (the dataclass field's type)."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, tuple(values))
+
+
+class BEVTArgumentParser(HfArgumentParser):
+    """`HfArgumentParser` for one arguments dataclass, with `--config FILE`, help groups per declaring class, tuple
+    fields (`tuple[int, int]` -> `nargs=2`) and the recipes' defaults in the help texts. `parse(argv)` returns the
+    dataclass instance (its `__post_init__` fills the recipe and checks every value)."""
+
+    def __init__(self, dataclass_type: type, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(dataclass_type, **kwargs)
+
+    def _add_dataclass_arguments(self, dtype: type) -> None:
+        hints = get_type_hints(dtype)
+        overrides = getattr(dtype, "help_overrides", {})
+        recipe_help = getattr(dtype, "recipe_help", lambda name: None)
+        for title, group_fields in _field_groups(dtype):
+            group = self.add_argument_group(title)
+            for original in group_fields:
+                field = copy.copy(original)
+                field.type = hints[field.name]
+                help_text = " ".join(
+                    t
+                    for t in (overrides.get(field.name, field.metadata.get("help")), recipe_help(field.name))
+                    if t
+                )
+                field.metadata = types.MappingProxyType({**original.metadata, "help": help_text})
+                if get_origin(_strip_optional(field.type)) is tuple:
+                    self._add_tuple_argument(group, field)
+                else:
+                    HfArgumentParser._parse_dataclass_field(group, field)
+
+    @staticmethod
+    def _add_tuple_argument(group: Any, field: dataclasses.Field) -> None:
+        """A `tuple[T, T]` (or `tuple[T, ...]`) field: one flag taking 2 (or 1+) values of type T."""
+        element_types = get_args(_strip_optional(field.type))
+        kwargs = {k: v for k, v in field.metadata.items() if k not in ("aliases",)}
+        kwargs["type"] = element_types[0]
+        kwargs.setdefault("nargs", "+" if element_types[-1] is Ellipsis else len(element_types))
+        kwargs["action"] = _StoreTuple
+        if field.default is not dataclasses.MISSING:
+            kwargs["default"] = field.default
+        group.add_argument(f"--{field.name}", f"--{field.name.replace('_', '-')}", **kwargs)
+
+    def parse(self, argv: Sequence[str] | None = None) -> Any:
+        """Parse `--config FILE` (if given) then `argv` (flags there win) into the arguments dataclass."""
+        argv = list(sys.argv[1:] if argv is None else argv)
+        pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        pre.add_argument("--config", default=None)
+        config = pre.parse_known_args(argv)[0].config
+        tokens = self.config_tokens(config) if config else []
+        (args,) = self.parse_args_into_dataclasses(args=tokens + argv, look_for_args_file=False)
+        return args
+
+    def config_tokens(self, path: str) -> list[str]:
+        """The flags of a `--config` file as command-line tokens (so they are converted and checked exactly like
+        typed flags). Unknown keys are errors; null values, the `config` key and masked tokens are skipped."""
+        file = Path(path)
+        suffix = file.suffix.lower()
+        if suffix not in (".yaml", ".yml", ".json"):
+            fail("--config", "a .yaml, .yml or .json file", path)
+        if not file.is_file():
+            fail("--config", "an existing file", path)
+        import yaml
+
+        try:
+            text = file.read_text(encoding="utf-8")
+            data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"--config {path}: cannot read it: {err}") from None
+        except (ValueError, yaml.YAMLError) as err:
+            kind = "JSON" if suffix == ".json" else "YAML"
+            raise UsageError(f"--config {path}: not valid {kind}: {' '.join(str(err).split())}") from None
+        if not isinstance(data, dict):
+            raise UsageError(
+                f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}"
+            )
+        actions = {a.dest: a for a in self._actions if a.option_strings and a.dest != "help"}
+        tokens: list[str] = []
+        for key, value in data.items():
+            name = str(key).lstrip("-").replace("-", "_")
+            if name not in actions:
+                close = difflib.get_close_matches(name, sorted(actions), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise UsageError(f"--config {path}: unknown setting {key!r}{hint}")
+            if value is None or name == "config" or (name.endswith("_token") and value == MASKED):
+                continue
+            flag = f"--{name}"
+            if isinstance(value, bool):
+                tokens += [flag, "true" if value else "false"]
+            elif isinstance(value, list | tuple):
+                if actions[name].nargs in (None, "?"):
+                    raise UsageError(f"--config {path}: {key!r} takes one value, got {value!r}")
+                tokens += [flag, *(str(v) for v in value)]
+            elif isinstance(value, dict):
+                raise UsageError(f"--config {path}: {key!r} must be a value or a list, got {value!r}")
+            else:
+                tokens += [flag, str(value)]
+        return tokens
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saving and tracking
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _is_secret(name: str) -> bool:
+    return name == "token" or name.endswith("_token")
+
+
+def arguments_dict(args: Any) -> dict[str, Any]:
+    """Every flag of `args` (a parsed arguments dataclass) as JSON-ready values, each `*_token` masked."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(args):
+        if not f.init:
+            continue
+        value = getattr(args, f.name)
+        if _is_secret(f.name) and value is not None:
+            value = MASKED
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def save_training_args(args: Any, output_dir: str | Path) -> Path:
+    """`<output_dir>/training_args.json`: the resolved arguments (recipe values filled in, tokens masked); pass it
+    back with `--config` to run the same settings again."""
+    path = Path(output_dir) / "training_args.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(arguments_dict(args), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def tracker_config(args: Any) -> dict[str, int | float | str | bool]:
+    """The hyperparameters given to the trackers (TensorBoard hparams, W&B config): every flag, tokens masked,
+    non-scalars as strings."""
+    return {
+        k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in arguments_dict(args).items()
+    }

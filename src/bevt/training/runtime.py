@@ -1,0 +1,145 @@
+"""Setting a run up and finishing it: the Accelerator, logging, the output folder, demo data, the Hub upload, and
+`run_script` (the scripts' entry point: exit status 2 with one `error:` line for a wrong flag)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration
+
+from .arguments import UsageError, save_training_args
+
+__all__ = [
+    "HUB_IGNORE_PATTERNS",
+    "build_accelerator",
+    "compile_encoder",
+    "push_to_hub",
+    "run_script",
+    "setup_logging",
+    "start_run",
+    "write_demo_data_once",
+]
+
+logger = get_logger(__name__)
+
+Manifest = TypeVar("Manifest")  # what a demo-data writer returns
+
+# Never uploaded by `push_to_hub`: checkpoints (and the temporary folders of their atomic saves/rotation) and the
+# demo's synthetic shards. Each script adds its own (tracker logs, ...).
+HUB_IGNORE_PATTERNS: tuple[str, ...] = (
+    "checkpoint-*",
+    "abandoned-checkpoint-*",
+    ".tmp-*",
+    ".old-*",
+    ".deleting-*",
+    "demo_data/*",
+)
+
+
+def run_script(main: Callable[[], int]) -> NoReturn:
+    """`sys.exit(main())`, printing a `UsageError` as one `error:` line (exit status 2) instead of a traceback."""
+    try:
+        code = main()
+    except UsageError as err:
+        print(err.message, file=sys.stderr, flush=True)
+        code = 2
+    sys.exit(code)
+
+
+def build_accelerator(args: Any) -> Accelerator:
+    """Accelerator with per-rank data reading (`dispatch_batches=False`: every rank decodes its own shards)."""
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to if args.with_tracking else None,
+        project_dir=args.output_dir,
+        dataloader_config=DataLoaderConfiguration(dispatch_batches=False),
+    )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        logger.warning("--mixed_precision fp16 has no effect on CPU (Accelerate ignores it); use bf16 or no.")
+    return accelerator
+
+
+def setup_logging(accelerator: Accelerator, *, quiet_accelerate: bool) -> None:
+    """INFO logs on the local main process (warnings and errors elsewhere).
+
+    `quiet_accelerate=True` also turns Accelerate's own INFO logs (one line per file of every checkpoint save) off.
+    """
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
+    )
+    if quiet_accelerate:
+        logging.getLogger("accelerate").setLevel(logging.WARNING)
+    if accelerator.is_local_main_process:
+        transformers.utils.logging.set_verbosity_warning()
+    else:
+        transformers.utils.logging.set_verbosity_error()
+        logging.getLogger().setLevel(logging.ERROR)
+
+
+def start_run(args: Any, *, quiet_accelerate: bool) -> Accelerator:
+    """`--torch_threads`, `build_accelerator` + `setup_logging`, log the distributed setup, create `--output_dir`
+    and write `training_args.json` there (main process)."""
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    accelerator = build_accelerator(args)
+    setup_logging(accelerator, quiet_accelerate=quiet_accelerate)
+    logger.info(accelerator.state, main_process_only=False)
+    if accelerator.is_main_process:
+        save_training_args(args, args.output_dir)
+    return accelerator
+
+
+def write_demo_data_once(
+    accelerator: Accelerator, folder: str | Path, write: Callable[[Path], Manifest]
+) -> Manifest:
+    """Run the demo-data writer `write(folder)` on the main process, then on every rank (where it only reads the
+    manifest the main process wrote); returns that manifest."""
+    folder = Path(folder)
+    if accelerator.is_main_process:
+        started = time.perf_counter()
+        write(folder)
+        logger.info(f"demo data ready in {folder} ({time.perf_counter() - started:.1f}s)")
+    accelerator.wait_for_everyone()
+    return write(folder)
+
+
+def compile_encoder(model: torch.nn.Module) -> None:
+    """`--torch_compile`: compile the BEVT encoder in place (`nn.Module.compile`, inductor, `dynamic=False`).
+
+    The encoder (Swin stages) holds nearly all the compute and sees fixed shapes per stream (one graph for videos,
+    one for images, one more per other batch size). Compiling the whole model instead traces the heads' selection of
+    masked positions (data-dependent sizes), which forces dynamic shapes and failed in inductor on CPU. State-dict keys
+    do not change (no `_orig_mod.` prefix). Call it on the unwrapped model, after the EMA copy is made and after
+    `accelerator.prepare`."""
+    if next(model.parameters()).device.type == "cpu":
+        logger.warning(
+            "--torch_compile on CPU: the compiled encoder is slower than the eager one here (measured 1.3x slower "
+            "for a Swin-T step, see BENCHMARKS.md): compiled graphs use MKL matmuls instead of the oneDNN linears."
+        )
+    model.bevt.encoder.compile(dynamic=False)
+
+
+def push_to_hub(args: Any, *, commit_message: str, ignore_patterns: Iterable[str]) -> None:
+    """Upload `--output_dir` to `--hub_model_id` (default: the output folder's name), creating the repository."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=args.hub_token)
+    repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
+    repo_id = api.create_repo(repo_id, exist_ok=True).repo_id
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=args.output_dir,
+        commit_message=commit_message,
+        ignore_patterns=list(ignore_patterns),
+    )
+    logger.info(f"pushed to https://huggingface.co/{repo_id}")
