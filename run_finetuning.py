@@ -39,9 +39,16 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
 from bevt import BEVTConfig, BEVTForVideoClassification
-from bevt.data.streaming import StreamDataLoader, build_stream
+from bevt.data.streaming import StreamDataLoader, build_stream, counted_examples
+from bevt.data.subsets import write_training_subset
 from bevt.data.transforms import VideoClassificationTrainTransform, mixup_cutmix, seeded_generator
-from bevt.finetuning import find_label_names, freeze_unused_video_parameters, load_model_for_finetuning
+from bevt.finetuning import (
+    find_label_names,
+    folded_classifier,
+    freeze_backbone,
+    freeze_unused_video_parameters,
+    load_model_for_finetuning,
+)
 from bevt.modelcard import EvalDataset, build_model_card, count_flops_per_view
 from bevt.training import (
     BEVTArgumentParser,
@@ -155,9 +162,28 @@ def build_model(args: FinetuningArguments, label_names: list[str]) -> BEVTForVid
         logger.info(
             f"Model: new {args.model_preset} model from scratch ({len(frozen)} unused image-stream tensors frozen)"
         )
+    if args.frozen_backbone:
+        count = freeze_backbone(model, batchnorm=args.linear_probe)
+        logger.info(f"Protocol: {args.protocol}; {count} backbone tensors frozen, the backbone runs in eval mode")
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
     return model
+
+
+def training_subset(args: FinetuningArguments, accelerator: Accelerator, shards: list[str]) -> list[str]:
+    """--max_train_samples / --train_fraction: a fixed, seeded, class-balanced subset of the training clips, written
+    once to `<output_dir>/train_subset` (one shard per rank) and reused by every rank and by resumed runs."""
+    sizes = {"size": args.max_train_samples, "fraction": args.train_fraction}
+
+    def write(folder: Path):
+        try:
+            return write_training_subset(shards, folder, **sizes, seed=args.seed, num_shards=accelerator.num_processes)
+        except (FileNotFoundError, ValueError) as err:
+            raise UsageError(f"--max_train_samples / --train_fraction: {err}") from None
+
+    subset = write_demo_data_once(accelerator, Path(args.output_dir) / "train_subset", write, "training subset")
+    logger.info(f"Training subset: {subset.describe()}")
+    return subset.shards
 
 
 def build_train_loader(
@@ -230,6 +256,8 @@ def finetuning_step(args: FinetuningArguments, model: torch.nn.Module, num_label
     soft_targets = args.mixup > 0 or args.cutmix > 0 or args.label_smoothing > 0
 
     def step(batch: dict[str, Any], context: StepContext) -> StepOutput:
+        if args.frozen_backbone:  # features from the backbone in eval mode (the engine puts the model in train mode)
+            context.accelerator.unwrap_model(model).bevt.eval()
         pixel_values = batch["pixel_values"].to(context.device, non_blocking=True)
         labels = batch["labels"].to(context.device, non_blocking=True)
         targets = labels
@@ -278,7 +306,13 @@ class Exporter:
     def export(
         self, model: BEVTForVideoClassification, metrics: dict[str, float] | None, report: dict | None
     ) -> None:
-        """Main process only."""
+        """Main process only. A linear probe's BatchNorm is folded into its linear layer for the export."""
+        with folded_classifier(model) as plain:
+            self._export(plain, metrics, report)
+
+    def _export(
+        self, model: BEVTForVideoClassification, metrics: dict[str, float] | None, report: dict | None
+    ) -> None:
         args, out = self.args, Path(self.args.output_dir)
         model.save_pretrained(out)
         args.video_processor().save_pretrained(out)
@@ -419,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.do_eval_only:
         return evaluate_only(args, accelerator)
     shards = data_shards(args, accelerator)
+    if args.max_train_samples or args.train_fraction:
+        shards.train = training_subset(args, accelerator, shards.train)
     set_seed(args.seed)  # the same initial weights on every rank
 
     label_names = resolve_label_names(args, shards)
@@ -429,7 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     per_step = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     schedule = resolve_schedule(
-        samples_per_epoch=loader.stream.total_examples,
+        samples_per_epoch=counted_examples(loader.stream)
+        if args.max_train_steps is None or args.eval_steps is None
+        else loader.stream.total_examples,
         samples_per_step=per_step,
         max_train_steps=args.max_train_steps,
         num_train_epochs=args.num_train_epochs,

@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     streams["image"] = args.image_batch_size
     main_batch = next(iter(streams.values())) * args.gradient_accumulation_steps * accelerator.num_processes
     schedule = resolve_schedule(
-        samples_per_epoch=data.samples_per_epoch(),
+        samples_per_epoch=data.samples_per_epoch(count=args.max_train_steps is None),
         samples_per_step=main_batch,
         max_train_steps=args.max_train_steps,
         num_train_epochs=args.num_train_epochs,

@@ -6,6 +6,8 @@
   official checkpoint, earlier fine-tuning run), with new labels and, when `window_size` differs, the relative
   position bias tables resized as the official code does (trilinear over the offset volume, e.g. 8x7x7 -> 16x7x7).
 - `freeze_unused_video_parameters`: the image-stream patch embedding and the mask token, unused for videos.
+- `freeze_backbone` / `folded_classifier`: head-only training and the linear probe (BatchNorm + linear on frozen
+  features), exported as a plain classifier.
 - `find_label_names`: the class names of a run (a label file, a model's `id2label`, or the files next to the shards).
 
 The training side (layer-wise lr decay, EMA, multi-view evaluation, the loop) is in `bevt.training`.
@@ -21,6 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from .configuration_bevt import BEVTConfig
 from .modeling_bevt import BEVTForVideoClassification, BEVTModel
 
@@ -31,6 +36,8 @@ __all__ = [
     "LoadReport",
     "RecipeChange",
     "find_label_names",
+    "folded_classifier",
+    "freeze_backbone",
     "freeze_unused_video_parameters",
     "load_model_for_finetuning",
     "resolve_architecture",
@@ -47,6 +54,47 @@ def freeze_unused_video_parameters(model: BEVTForVideoClassification) -> list[st
             param.requires_grad_(False)
             frozen.append(name)
     return frozen
+
+
+def freeze_backbone(model: BEVTForVideoClassification, batchnorm: bool = False) -> int:
+    """Freeze every backbone parameter (`model.bevt`) for head-only training or linear probing; returns how many
+    tensors were frozen. With `batchnorm` (the MAE / VideoMAE linear probe), the classifier becomes
+    `Sequential(BatchNorm1d(hidden, affine=False), Linear)`: the pooled features are standardised with their batch
+    statistics (running statistics in eval mode); `folded_classifier` turns it back into one Linear for export.
+    Keep the backbone in eval mode while training (no drop path): the step calls `model.bevt.eval()`."""
+    frozen = 0
+    for param in model.bevt.parameters():
+        frozen += int(param.requires_grad)
+        param.requires_grad_(False)
+    if batchnorm and isinstance(model.classifier, nn.Linear):
+        linear = model.classifier
+        norm = nn.BatchNorm1d(linear.in_features, affine=False, eps=1e-6).to(linear.weight.device)
+        model.classifier = nn.Sequential(norm, linear)
+    return frozen
+
+
+@contextmanager
+def folded_classifier(model: BEVTForVideoClassification) -> Iterator[BEVTForVideoClassification]:
+    """While the block runs, a linear-probe classifier `BatchNorm1d (no affine) -> Linear` is replaced by the single
+    `Linear` that computes the same in eval mode (`W / sigma`, `b - W mu / sigma` with the running statistics), so
+    `save_pretrained` writes a plain `BEVTForVideoClassification`; other classifiers are left as they are."""
+    head = model.classifier
+    if not (isinstance(head, nn.Sequential) and len(head) == 2 and isinstance(head[0], nn.BatchNorm1d)):
+        yield model
+        return
+    norm, linear = head
+    with torch.no_grad():
+        inv_std = torch.rsqrt(norm.running_var.float() + norm.eps)
+        weight = linear.weight.float() * inv_std
+        bias = linear.bias.float() - weight @ norm.running_mean.float()
+        folded = nn.Linear(linear.in_features, linear.out_features).to(linear.weight.device, linear.weight.dtype)
+        folded.weight.copy_(weight)
+        folded.bias.copy_(bias)
+    model.classifier = folded
+    try:
+        yield model
+    finally:
+        model.classifier = head
 
 
 # ---------------------------------------------------------------------------------------------------------------

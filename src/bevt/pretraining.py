@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .configuration_tokenizer import BEVTVisualTokenizerConfig
 from .data.collator import BEVTPretrainingCollator
-from .data.streaming import StreamDataLoader, build_stream
+from .data.streaming import StreamDataLoader, build_stream, counted_examples
 from .data.transforms import PretrainingImageTransform, PretrainingVideoTransform
 from .masking import BlockMaskGenerator, TubeMaskGenerator
 from .modeling_tokenizer import BEVTVisualTokenizer
@@ -213,10 +213,11 @@ class PretrainingData:
         while True:
             yield self.next_batch()
 
-    def samples_per_epoch(self) -> int | None:
-        """Samples (all ranks) of the stream that defines an epoch: videos when present, else images; None when
-        the shards have no `dataset_info.json`."""
-        return self.streams["video" if "video" in self.streams else "image"].stream.total_examples
+    def samples_per_epoch(self, count: bool = True) -> int | None:
+        """Samples (all ranks) of the stream that defines an epoch: videos when present, else images; from the
+        shards' `dataset_info.json`, else (`count`) counted from their tar headers (logged), else None."""
+        stream = self.streams["video" if "video" in self.streams else "image"].stream
+        return counted_examples(stream) if count else stream.total_examples
 
     def next_batch(self) -> dict[str, Any]:
         """The next batch of every stream, merged into one dict (the collator's keys of both streams)."""

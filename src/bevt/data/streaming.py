@@ -56,6 +56,7 @@ import json
 import logging
 import os
 import random
+import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -83,6 +84,7 @@ __all__ = [
     "StreamDataLoader",
     "StreamStats",
     "build_stream",
+    "counted_examples",
     "shard_features",
 ]
 
@@ -257,6 +259,15 @@ class ShardStream(IterableDataset):
         if not all(f in counts for f in self.files):
             return None
         return {f: counts[f] for f in self.files}
+
+    def count_examples(self) -> int:
+        """`total_examples`, counted from the shards' tar headers when they have no `dataset_info.json` (cheap: media
+        bytes are seeked over; see `bevt.data.subsets.count_samples`). Fills `total_examples` / `num_examples`."""
+        if self._shard_counts is None:
+            from .subsets import count_samples
+
+            self._shard_counts = {f: count_samples(f, self.kind) for f in self.files}
+        return self.total_examples
 
     @property
     def num_shards(self) -> int:
@@ -614,6 +625,21 @@ class ShardStream(IterableDataset):
                     "offset": 0,
                     "stats": stats.as_dict(),
                 }
+
+
+def counted_examples(stream: ShardStream) -> int:
+    """`stream.total_examples`; for shards without `dataset_info.json`, counted from their tar headers and logged
+    (what an epoch means then)."""
+    if stream.total_examples is not None:
+        return stream.total_examples
+    started = time.perf_counter()
+    total = stream.count_examples()
+    logger.warning(
+        "the %s shards have no dataset_info.json: counted %d samples in %d shards from their tar headers (%.1fs); "
+        "an epoch is that many samples (write shards with python -m bevt.data.make_shards to record the counts)",
+        stream.kind, total, stream.num_shards, time.perf_counter() - started,
+    )
+    return total
 
 
 def build_stream(

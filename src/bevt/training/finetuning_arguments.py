@@ -415,6 +415,62 @@ class FinetuningScheduleArguments(ArgumentGroup):
         super().__post_init__()
 
 
+# --linear_probe: the MAE / VideoMAE protocol trains only a BatchNorm + linear head on frozen features, without
+# regularisation; these recipe values are replaced unless given as flags.
+LINEAR_PROBE_DEFAULTS: dict[str, Any] = {
+    "classifier_dropout": 0.0,
+    "label_smoothing": 0.0,
+    "random_erasing": 0.0,
+    "randaug": None,
+    "weight_decay": 0.0,
+    "ema_decay": 0.0,
+}
+
+
+@dataclass
+class FinetuningProtocolArguments(ArgumentGroup):
+    _argument_group_name = "representation evaluation (frozen backbone, few labels)"
+
+    linear_probe: bool = HfArg(
+        default=False,
+        help="Linear probing (MAE / VideoMAE protocol): the backbone is frozen (and runs in eval mode), a BatchNorm "
+        "without affine parameters + the linear classifier are trained on the pooled features; the exported model "
+        "folds the BatchNorm into the linear layer (a plain BEVTForVideoClassification). Unless given, "
+        "--classifier_dropout, --label_smoothing, --random_erasing, --weight_decay, --ema_decay are 0 and "
+        "--randaug none.",
+    )
+    freeze_backbone: bool = HfArg(
+        default=False,
+        help="Train the classifier only: the backbone is frozen and runs in eval mode (no drop path).",
+    )
+    max_train_samples: int | None = HfArg(
+        default=None,
+        help="Fine-tune on a fixed, seeded subset of N labelled training clips, as even over the classes as "
+        "possible (chosen by --seed), written once to <output_dir>/train_subset (subset.json lists the clips).",
+    )
+    train_fraction: float | None = HfArg(
+        default=None, help="Like --max_train_samples, as a fraction in (0, 1] of the labelled training clips."
+    )
+
+    def __post_init__(self) -> None:
+        check_positive_ints(self, ("max_train_samples",))
+        if self.train_fraction is not None and not 0 < self.train_fraction <= 1:
+            fail("--train_fraction", "in (0, 1]", self.train_fraction)
+        if self.max_train_samples is not None and self.train_fraction is not None:
+            fail("--train_fraction", "omitted with --max_train_samples (one subset size)", self.train_fraction)
+        super().__post_init__()
+
+    @property
+    def frozen_backbone(self) -> bool:
+        return self.linear_probe or self.freeze_backbone
+
+    @property
+    def protocol(self) -> str:
+        if self.linear_probe:
+            return "linear probe (frozen backbone, BatchNorm + linear classifier)"
+        return "classifier only (frozen backbone)" if self.freeze_backbone else "full fine-tuning"
+
+
 @dataclass
 class ModelCardArguments(ArgumentGroup):
     _argument_group_name = "hub"
@@ -464,6 +520,7 @@ class FinetuningArguments(
     FinetuningOptimizerArguments,
     ScheduleArguments,
     FinetuningScheduleArguments,
+    FinetuningProtocolArguments,
     CheckpointArguments,
     TrackingArguments,
     HubArguments,
@@ -512,6 +569,16 @@ class FinetuningArguments(
             self.randaug, given = _parse_randaug(randaug), given | {"randaug"}
         if self.do_eval_only and "output_dir" not in given:
             self.output_dir = "bevt-eval"
+        if self.do_eval_only and (self.frozen_backbone or self.max_train_samples or self.train_fraction):
+            fail("--do_eval_only", "without the training flags --linear_probe, --freeze_backbone, "
+                 "--max_train_samples, --train_fraction", True)  # fmt: skip
+        if self.linear_probe:
+            for name, value in LINEAR_PROBE_DEFAULTS.items():
+                if name not in given:
+                    setattr(self, name, value)
+            if self.per_device_train_batch_size < 2:
+                fail("--per_device_train_batch_size", ">= 2 with --linear_probe (its BatchNorm needs a batch)",
+                     self.per_device_train_batch_size)  # fmt: skip
 
         # the architecture: a pretrained model's own unless given (evaluation takes the folder's model as it is)
         pretrained = pretrained_config(self.model_name_or_path) if self.model_name_or_path else None
@@ -605,6 +672,7 @@ class FinetuningArguments(
             "frames per clip": self.architecture["num_frames"].card_text(),
             "input size": self.architecture["image_size"].card_text(),
             "drop path": self.architecture["drop_path_rate"].card_text(),
+            "protocol": self.protocol,
             "augmentation": f"random resized crop {self.crop_scale}, flip {self.flip_prob}, RandAugment "
             f"{self.randaug or 'none'}, random erasing {self.random_erasing}, mixup {self.mixup}, cutmix {self.cutmix}",
             "label smoothing": self.label_smoothing,

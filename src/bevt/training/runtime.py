@@ -100,15 +100,15 @@ def start_run(args: Any, *, quiet_accelerate: bool) -> Accelerator:
 
 
 def write_demo_data_once(
-    accelerator: Accelerator, folder: str | Path, write: Callable[[Path], Manifest]
+    accelerator: Accelerator, folder: str | Path, write: Callable[[Path], Manifest], what: str = "demo data"
 ) -> Manifest:
-    """Run the demo-data writer `write(folder)` on the main process, then on every rank (where it only reads the
-    manifest the main process wrote); returns that manifest."""
+    """Run the writer `write(folder)` (demo data, a training subset, ...) on the main process, then on every rank
+    (where it only reads what the main process wrote, as writers reuse a complete folder); returns its result."""
     folder = Path(folder)
     if accelerator.is_main_process:
         started = time.perf_counter()
         write(folder)
-        logger.info(f"demo data ready in {folder} ({time.perf_counter() - started:.1f}s)")
+        logger.info(f"{what} ready in {folder} ({time.perf_counter() - started:.1f}s)")
     accelerator.wait_for_everyone()
     return write(folder)
 
