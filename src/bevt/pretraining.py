@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -86,7 +86,8 @@ class PretrainingData:
     a resumed run sees exactly the batches an uninterrupted one would.
 
     Args:
-        image_shards / video_shards: shard globs, folders or files (see `bevt.data.shards.list_shards`).
+        image_shards / video_shards: shard globs, folders, files or URLs (`hf://datasets/...`, `https://`,
+            `s3://`...; see `bevt.data.shards.list_shards`).
         image_batch_size / video_batch_size: samples per batch of each stream on this rank.
         image_size, scale_range, tokenizer_size, flip_prob, color_jitter: train transforms
             (`PretrainingImageTransform` / `PretrainingVideoTransform`).
@@ -94,6 +95,8 @@ class PretrainingData:
         mask_ratio, min_mask_patches, tube_range: see `build_mask_generators`.
         shuffle_buffer, num_workers, seed, rank, world_size: see `build_stream` / `StreamDataLoader`.
         key_log: a file path; the keys of every delivered sample are appended to it (audits rank splits).
+        stream_options: further `build_stream` keywords for both streams, e.g. for shards given as URLs
+            `{"cache_dir": ..., "storage_options": {...}, "max_retries": ..., "timeout": ...}`.
     """
 
     def __init__(
@@ -119,6 +122,7 @@ class PretrainingData:
         rank: int = 0,
         world_size: int = 1,
         key_log: str | os.PathLike | None = None,
+        stream_options: Mapping[str, Any] | None = None,
     ) -> None:
         tube, block = build_mask_generators(image_size, num_frames, mask_ratio, min_mask_patches, tube_range)
         collate = _KeyRecordingCollate(BEVTPretrainingCollator(tube, block, seed=seed))
@@ -150,6 +154,7 @@ class PretrainingData:
                 rank=rank,
                 world_size=world_size,
                 repeat=True,
+                **dict(stream_options or {}),
             )
             self.streams[kind] = StreamDataLoader(
                 stream,
