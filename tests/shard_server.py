@@ -4,9 +4,10 @@
   answer an error status the first N times, cut the connection in the middle of the first N responses, send slowly,
   or never answer at all.
 * :class:`FakeHub` is a stand-in for the Hugging Face Hub endpoints that ``huggingface_hub.HfFileSystem`` calls to
-  list and read a dataset repository (``/api/datasets/{repo}/revision/{rev}``, ``.../tree/{rev}/{path}``,
-  ``.../paths-info/{rev}``, ``/datasets/{repo}/resolve/{rev}/{path}``), serving one repository from a local folder.
-  It answers only what those calls need; it is not a Hub.
+  list, read and write a dataset repository (``/api/datasets/{repo}/revision/{rev}``, ``.../tree/{rev}/{path}``,
+  ``.../paths-info/{rev}``, ``/datasets/{repo}/resolve/{rev}/{path}``; ``.../preupload/{rev}`` and
+  ``.../commit/{rev}`` with every file "regular", i.e. inline in the commit), serving one repository from a local
+  folder. It answers only what those calls need; it is not a Hub.
 
 Both run in a daemon thread, stop on ``stop()`` / leaving the ``with`` block, and stop by themselves after
 ``max_seconds`` (a watchdog), so a test that fails half-way never leaves a server behind.
@@ -14,9 +15,11 @@ Both run in a daemon thread, stop on ``stop()`` / leaving the ``with`` block, an
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
+import shutil
 import socket
 import threading
 import time
@@ -32,11 +35,15 @@ _CHUNK = 16 << 10
 
 @dataclass
 class Fault:
-    """What goes wrong with one file: the first ``stall_times`` requests get no answer for ``stall`` seconds, then the
-    connection closes (a client timeout); the first ``status_times`` requests get ``status``; the first ``drop_times`` responses are cut
-    when they reach byte ``drop_after`` of the file (the socket is shut down; a range response starting past it is
-    cut before its first byte); ``hang``: never answer; ``delay``: seconds of sleep before each 16 KiB chunk (a
-    slow server)."""
+    """What goes wrong with one file.
+
+    * ``stall`` / ``stall_times``: the first requests get no answer for ``stall`` seconds, then the connection closes
+      (the client times out first);
+    * ``status`` / ``status_times``: the first requests are answered with that status (503: a busy server);
+    * ``drop_after`` / ``drop_times``: the first responses are cut when they reach that byte of the file (the
+      socket is shut down; a range response starting past it is cut before its first byte);
+    * ``hang``: never answer; ``delay``: seconds of sleep before each 16 KiB chunk (a slow server).
+    """
 
     stall: float = 0.0
     stall_times: int = 0
@@ -267,6 +274,7 @@ class FakeHub(ShardServer):
         self.repo_id = repo_id
         self.revisions = {"main", self.SHA, *revisions}
         self.api_calls: Counter[str] = Counter()
+        self.commits: list[dict[str, Any]] = []  # {"summary", "added": [paths], "deleted": [paths]}
 
     def _json(self, handler: BaseHTTPRequestHandler, payload: Any, status: int = 200) -> None:
         body = json.dumps(payload).encode()
@@ -328,6 +336,42 @@ class FakeHub(ShardServer):
             recursive = "recursive=true" in split.query.lower() or "recursive=1" in split.query
             items = folder.rglob("*") if recursive else folder.iterdir()
             self._json(handler, [self._entry(p) for p in sorted(items)])
+            return True
+        m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/(preupload|commit)/([^/]+)", path)
+        if m and method == "POST":
+            self.api_calls[m.group(2)] += 1
+            raw = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+            if not self._check(handler, m.group(1), m.group(3)):
+                return True
+            if m.group(2) == "preupload":
+                files = json.loads(raw)["files"]
+                self._json(handler, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                               for f in files]})
+                return True
+            commit: dict[str, Any] = {"added": [], "deleted": []}
+            for line in raw.decode().splitlines():
+                item = json.loads(line)
+                value = item["value"]
+                if item["key"] == "header":
+                    commit["summary"] = value.get("summary")
+                elif item["key"] == "file":
+                    target = self.root / value["path"]
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(base64.b64decode(value["content"]))
+                    commit["added"].append(value["path"])
+                elif item["key"] in ("deletedFile", "deletedFolder"):
+                    target = self.root / value["path"]
+                    if target.is_dir():
+                        shutil.rmtree(target)
+                    elif target.exists():
+                        target.unlink()
+                    commit["deleted"].append(value["path"])
+                else:
+                    self._error(handler, 400, "BadRequest", f"unsupported commit operation {item['key']}")
+                    return True
+            self.commits.append(commit)
+            url = f"{self.url}/datasets/{self.repo_id}/commit/{self.SHA}"
+            self._json(handler, {"commitUrl": url, "commitOid": self.SHA, "pullRequestUrl": None})
             return True
         m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/paths-info/([^/]+)", path)
         if m and method == "POST":

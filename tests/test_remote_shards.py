@@ -6,10 +6,10 @@ middle of a shard, 503 answers, stalls past the client timeout, a slow server, n
 never answers. Every stream must yield exactly the samples of a local read of the same shards (keys, seeds,
 decoded frames), in the same order for the same seed, with the same counts.
 
-`hf://` is tested offline: `huggingface_hub.HfFileSystem` (the real class) is pointed at `shard_server.FakeHub`, a
-local stand-in for the Hub endpoints it calls to list and read a dataset repository (revision, tree, paths-info,
-resolve). Writing to `hf://` (commits) is not faked: `make_shards` writes through fsspec's `put_file`, which the
-`memory://` tests cover; `HfFileSystem` turns it into one commit per file.
+`hf://` is tested offline: `huggingface_hub.HfFileSystem` and `HfApi` (the real classes) are pointed at
+`shard_server.FakeHub`, a local stand-in for the Hub endpoints they call to list, read and write a dataset repository
+(revision, tree, paths-info, resolve; preupload and commit with every file inline). It is not the Hub: LFS / Xet
+uploads, rate limits and permissions are not exercised.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from bevt.data.shards import (
     read_labels,
     write_shards,
 )
-from bevt.data.storage import ShardAccess, expand_braces, normalize
+from bevt.data.storage import ShardAccess, cache_path, expand_braces, normalize
 from bevt.data.streaming import DataQualityError, StreamDataLoader, build_stream
 from bevt.pretraining import PretrainingData
 
@@ -149,6 +149,36 @@ def test_connection_cut_for_good_mid_shard_keeps_the_samples_before_it(root: Pat
     assert server.requests[names[0]] == 3  # at the cut: one try + two retries
 
 
+class _RedirectingServer(ShardServer):
+    """Redirects ``/elsewhere/<path>`` to ``http://localhost:<port>/<path>`` (another host name for the same server)
+    and records the ``Authorization`` header of every request by host."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.auth: list[tuple[str, str | None]] = []
+
+    def handle_other(self, handler, method: str) -> bool:
+        self.auth.append((handler.headers.get("Host", "").split(":")[0], handler.headers.get("Authorization")))
+        if not handler.path.startswith("/elsewhere/"):
+            return False
+        port = self.url.rsplit(":", 1)[1]
+        handler.send_response(302)
+        handler.send_header("Location", f"http://localhost:{port}/{handler.path[len('/elsewhere/'):]}")
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+        return True
+
+
+def test_redirects_keep_credentials_on_their_host(root: Path, local: list):
+    with _RedirectingServer(root) as server:
+        options = {"headers": {"Authorization": "Bearer secret"}}
+        urls = [f"{server.url}/elsewhere/{name}" for name in _shard_names(root)]
+        stream = build_stream(urls, kind="video", storage_options=options, **STREAM, **FAST)
+        assert _same(_samples(stream), local)
+    hosts = {host: {auth for h, auth in server.auth if h == host} for host, _ in server.auth}
+    assert hosts == {"127.0.0.1": {"Bearer secret"}, "localhost": {None}}
+
+
 def test_missing_shard_is_a_shard_error_without_retries(root: Path):
     with ShardServer(root) as server:
         urls = [f"{server.url}/ds/train/shard-00000.tar", f"{server.url}/ds/train/shard-00099.tar"]
@@ -254,7 +284,11 @@ def test_cache_dir_keeps_complete_copies_and_reads_them_offline(root: Path, loca
     cache = tmp_path / "cache"
     with ShardServer(root, faults={"*": Fault(drop_after=6000, drop_times=1)}) as server:
         stream = build_stream(f"{server.url}/ds/train", cache_dir=cache, **STREAM, **FAST)
+        cache.mkdir()
+        stale = Path(cache_path(stream.access, stream.files[0]) + ".part-999999999-0badf00d")  # from a killed run
+        stale.write_bytes(b"partial")
         assert _same(_samples(stream), local)
+        assert not stale.exists()
         cached = sorted(cache.iterdir())
         assert len(cached) == NUM_SHARDS and not [p for p in cached if ".part" in p.name]
         by_size = sorted(p.stat().st_size for p in cached)
@@ -315,7 +349,8 @@ def test_memory_filesystem_write_list_read(root: Path, local: list):
     assert load_dataset_info(written[0])["num_samples"] == NUM_SHARDS * PER_SHARD
     assert read_labels(base) == LABELS == read_labels(f"{base}/labels.txt")
     assert check_label_consistency(base, label_names=f"{base}/labels.txt") == dict(enumerate(LABELS))
-    with pytest.raises(LabelMismatchError, match="class 'jump' is label 0 in memory://bevt-tests/ds/train/dataset_info.json but label 1"):
+    mismatch = "class 'jump' is label 0 in memory://bevt-tests/ds/train/dataset_info.json but label 1"
+    with pytest.raises(LabelMismatchError, match=mismatch):
         check_label_consistency(base, label_names=["run", "jump", "swim"], scan_samples=False)
     assert _same(_samples(build_stream(base, **STREAM)), local)
     assert _same(_samples(build_stream(Path(base), **STREAM)), local)  # a Path that collapsed the "//"
@@ -409,6 +444,43 @@ def test_hub_dataset_streams_through_hffilesystem(hub: FakeHub, local: list, tmp
     assert hub.api_calls["resolve"] == reads
     names, where = find_label_names("hf://datasets/org/k400/train/*.tar", storage_options=options)
     assert (names, where) == (LABELS, "hf://datasets/org/k400/train/labels.txt")
+
+
+def test_make_shards_writes_to_a_hub_repository(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    videos = tmp_path / "videos"
+    for i, cls in enumerate(["jump", "run", "run", "swim"]):
+        (videos / cls).mkdir(parents=True, exist_ok=True)
+        (videos / cls / f"c{i}.mp4").write_bytes(encode_video(8, seed=i))
+    entries, names = make_shards_cli.scan_folder(videos)
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "README.md").write_text("a dataset card")
+    url = "hf://datasets/org/k400/train"
+    with FakeHub(tmp_path / "repo", "org/k400") as hub:
+        options = {"endpoint": hub.url, "token": "hf_fake"}
+        info = make_shards_cli.make_shards(entries, videos, url, labels=names, num_shards=2, storage_options=options)
+        assert info["num_samples"] == 4 and info["labels"] == ["jump", "run", "swim"]
+        added = [c["added"] for c in hub.commits]  # one commit per finished shard, then the labels, then the info
+        assert added == [
+            ["train/shard-00000.tar"], ["train/shard-00001.tar"], ["train/labels.txt"], ["train/dataset_info.json"]
+        ]
+        with pytest.raises(ValueError, match="is not empty"):
+            make_shards_cli.make_shards(entries, videos, url, labels=names, num_shards=2, storage_options=options)
+        del hub.commits[:]
+        make_shards_cli.make_shards(
+            entries, videos, url, labels=names, num_shards=3, overwrite=True, storage_options=options
+        )
+        assert hub.commits[0]["deleted"] == [  # one commit removes the old set
+            "train/dataset_info.json", "train/labels.txt", "train/shard-00000.tar", "train/shard-00001.tar"
+        ]
+        assert len(hub.commits) == 1 + 3 + 2
+        shards = list_shards(url, storage_options=options)
+        assert shards == [f"{url}/shard-{i:05d}.tar" for i in range(3)]
+        keys = sorted(s["__key__"] for s in build_stream(url, clip_len=2, storage_options=options))
+        assert keys == sorted(make_shards_cli.make_key(i, e.path) for i, e in enumerate(entries))
+    assert (tmp_path / "repo" / "README.md").read_text() == "a dataset card"
 
 
 def test_make_shards_refuses_a_missing_hub_repository(hub: FakeHub, root: Path):

@@ -74,7 +74,15 @@ _BRACES_RE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _HTTP = ("http", "https")
 # Filesystems where an object appears only once its upload completed: uploads go straight to the final name.
 _ATOMIC_PUT = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "hf", "memory", "oss", "oci"}
-_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
+_PACKAGES = {
+    "s3": "s3fs",
+    "s3a": "s3fs",
+    "gs": "gcsfs",
+    "gcs": "gcsfs",
+    "az": "adlfs",
+    "abfs": "adlfs",
+    "abfss": "adlfs",
+}
 _RETRY_STATUS = (408, 425, 429)
 _CHUNK = 1 << 20  # bytes asked of a connection per read
 _WINDOW = 4 << 20  # bytes kept behind the read position (the tar reader seeks back by up to ~1 MiB)
@@ -422,6 +430,7 @@ def open_shard(location: str | os.PathLike, access: ShardAccess | None = None) -
             f = open(target, "rb")  # noqa: SIM115
             return f, os.fstat(f.fileno()).st_size
         os.makedirs(os.path.dirname(target), exist_ok=True)
+        _remove_stale_parts(target)
     source: _Source = _HTTPSource(location, access) if protocol(location) in _HTTP else _FsspecSource(location, access)
     f = RemoteFile(location, source, access, cache_target=target)
     return f, f.size
@@ -436,6 +445,24 @@ def cache_path(access: ShardAccess, url: str) -> str:
     return os.path.join(os.fspath(access.cache_dir), f"{digest}-{name}")
 
 
+def _remove_stale_parts(target: str) -> None:
+    """Delete partial cache copies of ``target`` left by processes that no longer run (killed mid-shard)."""
+    folder, name = os.path.split(target)
+    for entry in os.listdir(folder):
+        m = re.fullmatch(re.escape(name) + r"\.part-(\d+)-[0-9a-f]+", entry)
+        if m is None or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            try:
+                os.unlink(os.path.join(folder, entry))
+            except FileNotFoundError:
+                pass
+        except PermissionError:  # a live process of another user
+            pass
+
+
 # ------------------------------------------------------------------------------------------ reading
 
 
@@ -446,6 +473,21 @@ class _Source:
 
     def open(self, start: int) -> tuple[Any, int, int | None, str | None]:
         raise NotImplementedError
+
+
+class _RedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follows redirects like urllib, but never sends ``Authorization`` / ``Cookie`` headers to another host (a CDN a
+    private server redirects to must not see its credentials)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
+            for name in ("Authorization", "Cookie", "Proxy-Authorization"):
+                new.remove_header(name)
+        return new
+
+
+_OPENER = urllib.request.build_opener(_RedirectHandler)
 
 
 class _HTTPSource(_Source):
@@ -463,7 +505,7 @@ class _HTTPSource(_Source):
             headers["Range"] = f"bytes={start}-"
         request = urllib.request.Request(self.url, headers=headers)
         try:
-            response = urllib.request.urlopen(request, timeout=self.timeout)  # noqa: S310 - http(s) only
+            response = _OPENER.open(request, timeout=self.timeout)
         except urllib.error.HTTPError as err:
             err.close()
             if err.code in (404, 410):
@@ -753,7 +795,7 @@ class RemoteFolder:
             except FileNotFoundError as err:
                 raise ValueError(
                     f"{url}: the Hub repository (or revision) does not exist ({err}); create it first, e.g. "
-                    "`hf repo create <org>/<name> --repo-type dataset`"
+                    "`hf repos create <org>/<name> --repo-type dataset`"
                 ) from None
 
     def _remote(self, name: str) -> str:
@@ -781,9 +823,30 @@ class RemoteFolder:
 
     def remove(self, names: list[str]) -> None:
         """Delete these files of the folder (one call; one commit on the Hub)."""
-        if names:
+        if not names:
+            return
+        what = f"removing {len(names)} files from {self.url}"
+        if self.protocol != "hf":
             paths = [self._remote(n) for n in names]
-            self.access.retry(f"removing {len(names)} files from {self.url}", lambda: self.fs.rm(paths))
+            self.access.retry(what, lambda: self.fs.rm(paths))
+            return
+        from huggingface_hub import CommitOperationDelete, HfApi
+
+        resolved = self.fs.resolve_path(self.path)
+        folder = resolved.path_in_repo.strip("/")
+        operations = [CommitOperationDelete(path_in_repo=f"{folder}/{n}" if folder else n) for n in names]
+        api = HfApi(endpoint=self.fs.endpoint, token=self.fs.token)
+        self.access.retry(
+            what,
+            lambda: api.create_commit(
+                resolved.repo_id,
+                operations,
+                commit_message=f"Remove {len(names)} files of {folder or 'the repository root'} (bevt make_shards)",
+                repo_type=resolved.repo_type,
+                revision=resolved.revision,
+            ),
+        )
+        self.fs.invalidate_cache(self.path)
 
     def read_bytes(self, name: str) -> bytes:
         return self.access.retry(f"reading {name} from {self.url}", lambda: self.fs.cat_file(self._remote(name)))

@@ -19,6 +19,13 @@ Pipeline per rank and DataLoader worker::
   again); it never ends the stream and never costs another sample. If more than
   ``max_failure_fraction`` of the samples fail (after ``min_samples_for_check`` attempts), or a whole epoch
   yields nothing, the stream stops with :class:`DataQualityError`.
+* **Remote shards**: shard arguments may be URLs (``hf://datasets/...``, ``https://``, ``s3://``, ``gs://``,
+  ``az://``, any fsspec protocol; see :mod:`bevt.data.storage`). Each rank / worker opens only its own shards
+  and streams them (a few MiB of memory per open shard, no download first; ``cache_dir`` optionally keeps local
+  copies). A dropped connection, a 5xx or a timeout is retried with backoff and the read resumes at the byte
+  where it stopped, so the tar reader sees the same bytes and yields the same samples, none lost or repeated;
+  a shard still failing after ``max_retries`` retries costs the rest of that shard, counted once as
+  ``shard_unavailable``, and the run goes on (or stops past ``max_failure_fraction``).
 * **Ranks**: pass ``rank`` / ``world_size``; the stream applies ``split_dataset_by_node`` itself, so each
   rank reads a disjoint part (whole shards when ``num_shards % world_size == 0``, else every
   ``world_size``-th sample of every shard, which costs each rank the I/O of all shards). Do **not** also let
