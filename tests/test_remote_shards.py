@@ -444,6 +444,10 @@ def test_hub_dataset_streams_through_hffilesystem(hub: FakeHub, local: list, tmp
     assert hub.api_calls["resolve"] == reads
     names, where = find_label_names("hf://datasets/org/k400/train/*.tar", storage_options=options)
     assert (names, where) == (LABELS, "hf://datasets/org/k400/train/labels.txt")
+    loader = StreamDataLoader(  # DataLoader workers (forked) read their own shards through HfFileSystem
+        build_stream("hf://datasets/org/k400/train", storage_options=options, **STREAM), batch_size=2, num_workers=2
+    )
+    assert sorted(k for batch in loader for k in batch["__key__"]) == sorted(x[0] for x in local)
 
 
 def test_make_shards_writes_to_a_hub_repository(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -97,6 +97,10 @@ class ShardChangedError(OSError):
     """A remote file changed (size or ETag) between two connections of the same read."""
 
 
+class _UnusableResponseError(OSError):
+    """An answer retrying will not change (e.g. no size for the file)."""
+
+
 class _HTTPStatusError(OSError):
     def __init__(self, url: str, status: int, reason: str) -> None:
         super().__init__(f"HTTP {status} {reason} for {url}")
@@ -206,6 +210,7 @@ _PERMANENT = (
     NotADirectoryError,
     ShardChangedError,
     ShardUnavailableError,
+    _UnusableResponseError,
     ImportError,
     ValueError,
     TypeError,
@@ -593,7 +598,7 @@ class RemoteFile:
         self._stream = stream
         if self.size < 0:
             if size is None:
-                raise _HTTPStatusError(self.name, 502, "no Content-Length: the file size is unknown")
+                raise _UnusableResponseError(f"{self.name}: the server sends no Content-Length (the size is unknown)")
             self.size, self._validator = size, validator
         elif (size is not None and size != self.size) or (
             validator and self._validator and validator != self._validator
