@@ -10,6 +10,9 @@ Every path reads the same videos and decodes the same sampled windows (16 frames
 * ``transformers``  ``transformers.video_utils.load_video`` (decord, same windows) + ``VideoMAEVideoProcessor``
                     (resize 224, centre crop, normalise) on the original files.
 * ``decode-reenc`` / ``bevt-reenc``: the same on shards written with ``make_shards --reencode``.
+* ``bevt-http`` / ``bevt-reenc-http``: the bevt path on the same shards served over HTTP from 127.0.0.1
+                    (``python -m http.server`` in another process, so its CPU time is not counted here):
+                    ``build_stream("http://127.0.0.1:PORT/orig")``, streamed through ``bevt.data.storage``.
 
 Cost is CPU time of this process (all its threads; ``time.process_time``), so "clips/s per core" is
 ``clips / CPU-seconds`` and does not depend on other load on the machine or on library threading. Paths are
@@ -26,10 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,6 +63,27 @@ def _window(num_frames: int, key: str, args: argparse.Namespace) -> list[int]:
         frame_interval=args.frame_interval,
         generator=generator,
     )[0]
+
+
+def _serve(folder: Path) -> tuple[subprocess.Popen, str]:
+    """``python -m http.server`` on 127.0.0.1 serving ``folder`` (another process); returns it and its URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(folder)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return server, url
+        except OSError:
+            time.sleep(0.05)
+    server.kill()
+    raise RuntimeError("the benchmark's HTTP server did not start")
 
 
 def _measure(fn: Callable[[], int]) -> tuple[float, float, int]:
@@ -110,10 +137,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return run
 
-    def bevt(name: str) -> Callable[[], int]:
+    server, base_url = _serve(tmp)
+
+    def bevt(name: str, location: str | Path | None = None) -> Callable[[], int]:
         def run() -> int:
             stream = build_stream(
-                tmp / name,
+                location or tmp / name,
                 transform=transform,
                 clip_len=args.clip_len,
                 frame_interval=args.frame_interval,
@@ -150,13 +179,19 @@ def main(argv: list[str] | None = None) -> int:
         "transformers": transformers_path,
         "decode-reenc": decode(reencoded),
         "bevt-reenc": bevt("reenc"),
+        "bevt-http": bevt("orig", f"{base_url}/orig"),
+        "bevt-reenc-http": bevt("reenc", f"{base_url}/reenc"),
     }
-    for fn in paths.values():  # warm-up: imports, first-call costs
-        fn()
-    results: dict[str, list[tuple[float, float, int]]] = {name: [] for name in paths}
-    for _ in range(args.rounds):
-        for name, fn in paths.items():
-            results[name].append(_measure(fn))
+    try:
+        for fn in paths.values():  # warm-up: imports, first-call costs
+            fn()
+        results: dict[str, list[tuple[float, float, int]]] = {name: [] for name in paths}
+        for _ in range(args.rounds):
+            for name, fn in paths.items():
+                results[name].append(_measure(fn))
+    finally:
+        server.kill()
+        server.wait()
 
     rows = {}
     for name, runs in results.items():
@@ -175,21 +210,30 @@ def main(argv: list[str] | None = None) -> int:
         / rows["bevt"]["clips_per_s_per_core"],
         "bevt_reenc_cost_over_decode_reenc": rows["bevt-reenc"]["cpu_ms_per_clip"]
         / rows["decode-reenc"]["cpu_ms_per_clip"],
+        "http_over_local_clips_per_s": rows["bevt-http"]["clips_per_s_per_core"]
+        / rows["bevt"]["clips_per_s_per_core"],
+        "http_over_local_clips_per_s_reenc": rows["bevt-reenc-http"]["clips_per_s_per_core"]
+        / rows["bevt-reenc"]["clips_per_s_per_core"],
+        "http_over_local_wall_reenc": rows["bevt-reenc"]["wall_ms_per_clip"]
+        / rows["bevt-reenc-http"]["wall_ms_per_clip"],
     }
     print(
         f"{len(samples)} clips of {args.clip_len}x{args.frame_interval} from {len(files)} videos, "
         f"{args.image_size}px, backend {args.backend}, {args.rounds} rounds (median)"
     )
-    print(f"{'path':<14} {'CPU ms/clip':>12} {'clips/s/core':>13} {'wall ms/clip':>13}")
+    print(f"{'path':<16} {'CPU ms/clip':>12} {'clips/s/core':>13} {'wall ms/clip':>13}")
     for name, row in rows.items():
         print(
-            f"{name:<14} {row['cpu_ms_per_clip']:>12.1f} {row['clips_per_s_per_core']:>13.2f} "
+            f"{name:<16} {row['cpu_ms_per_clip']:>12.1f} {row['clips_per_s_per_core']:>13.2f} "
             f"{row['wall_ms_per_clip']:>13.1f}"
         )
     print(f"bevt cost / decode alone:          {ratios['bevt_cost_over_decode']:.2f}  (target <= 1.2)")
     print(f"bevt clips/s / transformers:       {ratios['bevt_speed_over_transformers']:.2f}  (target >= 1.0)")
     print(f"re-encoded / original (bevt):      {ratios['reencoded_speedup']:.2f}  (target >= 2.0)")
     print(f"bevt cost / decode (re-encoded):   {ratios['bevt_reenc_cost_over_decode_reenc']:.2f}")
+    print(f"HTTP / local clips/s per core:     {ratios['http_over_local_clips_per_s']:.2f} (original), "
+          f"{ratios['http_over_local_clips_per_s_reenc']:.2f} (re-encoded)")
+    print(f"HTTP / local clips/s (wall, re-encoded): {ratios['http_over_local_wall_reenc']:.2f}")
     sizes = {
         name: sum(len(b) for b in blobs.values())
         for name, blobs in (("orig", originals), ("reenc", reencoded))

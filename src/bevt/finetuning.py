@@ -16,7 +16,6 @@ The training side (layer-wise lr decay, EMA, multi-view evaluation, the loop) is
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -378,7 +377,8 @@ def find_label_names(
     Raises:
         UsageError: naming `--label_names`, when no names are found, fewer than 2, or repeated ones.
     """
-    from .data.shards import load_dataset_info, read_labels
+    from .data.shards import find_label_names as names_next_to_shards
+    from .data.shards import read_labels
     from .training.arguments import fail
 
     if label_file:
@@ -389,13 +389,7 @@ def find_label_names(
             "the model's id2label",
         )
     else:
-        first = (list(shards or []) or [None])[0]
-        folder = Path(first).parent if first and not os.path.isdir(first) else Path(first or ".")
-        if (folder / "labels.txt").is_file():
-            names, source = read_labels(folder / "labels.txt"), str(folder / "labels.txt")
-        else:
-            info = load_dataset_info(folder) or {}
-            names, source = list(info.get("labels") or []), str(folder / "dataset_info.json")
+        names, source = names_next_to_shards(list(shards or [])) if shards else ([], None)
         if not names:
             fail(
                 "--label_names",

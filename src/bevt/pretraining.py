@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,9 +160,12 @@ class PretrainingData:
 
     Args:
         config: the data settings (`PretrainingDataConfig`).
-        image_shards / video_shards: shard globs, folders or files (see `bevt.data.shards.list_shards`).
+        image_shards / video_shards: shard globs, folders, files or URLs (`hf://datasets/...`, `https://`,
+            `s3://`...; see `bevt.data.shards.list_shards`).
         seed, rank, world_size: see `build_stream`.
         key_log: a file path; the keys of every delivered sample are appended to it (audits rank splits).
+        stream_options: further `build_stream` keywords for both streams, e.g. for shards given as URLs
+            `{"cache_dir": ..., "storage_options": {...}, "max_retries": ..., "timeout": ...}`.
     """
 
     def __init__(
@@ -175,6 +178,7 @@ class PretrainingData:
         rank: int = 0,
         world_size: int = 1,
         key_log: str | os.PathLike | None = None,
+        stream_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.config = config
         tube, block = config.mask_generators()
@@ -197,6 +201,7 @@ class PretrainingData:
                 rank=rank,
                 world_size=world_size,
                 repeat=True,
+                **dict(stream_options or {}),
             )
             self.streams[kind] = StreamDataLoader(
                 stream,

@@ -54,7 +54,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -67,11 +67,13 @@ from bevt.data.shards import (
     ShardInfo,
     ShardWriter,
     iter_shard,
+    load_dataset_info,
     make_key,
     media_kind,
     read_labels,
     write_dataset_info,
 )
+from bevt.data.storage import RemoteFolder, ShardAccess, is_url, join, normalize
 
 __all__ = ["Entry", "main", "make_shards", "parse_annotations", "reencode_video", "scan_folder"]
 
@@ -474,21 +476,36 @@ def _label_text(e: Entry) -> str:
     return f"label {e.label}"
 
 
-def _prepare_output_dir(output_dir: str | os.PathLike, prefix: str, overwrite: bool) -> None:
+def _prepare_output_dir(
+    output_dir: str | os.PathLike, prefix: str, overwrite: bool, access: ShardAccess | None = None
+) -> None:
     """Refuse an output folder that cannot be written or already holds files (unless ``overwrite``: then remove
     the shards of ``prefix``, ``dataset_info.json`` and ``labels.txt``, saying so; other ``.tar`` files are refused,
-    anything else is kept)."""
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output-dir {out} exists and is not a folder")
-    if not out.exists():
-        try:
-            out.mkdir(parents=True)
-        except OSError as err:
-            raise ValueError(f"--output-dir {out}: cannot create the folder ({type(err).__name__}: {err})") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise ValueError(f"--output-dir {out} is not writable")
-    present = sorted(p.name for p in out.iterdir())
+    anything else is kept). ``output_dir`` may be a URL (the same rules, on the remote folder's listing)."""
+    if is_url(output_dir):
+        folder = RemoteFolder(normalize(output_dir), access)
+        out: str | Path = folder.url
+        present = folder.names()
+        remove: Any = folder.remove
+    else:
+        out = Path(output_dir)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--output-dir {out} exists and is not a folder")
+        if not out.exists():
+            try:
+                out.mkdir(parents=True)
+            except OSError as err:
+                raise ValueError(
+                    f"--output-dir {out}: cannot create the folder ({type(err).__name__}: {err})"
+                ) from None
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise ValueError(f"--output-dir {out} is not writable")
+        present = sorted(p.name for p in out.iterdir())
+
+        def remove(names: list[str]) -> None:
+            for name in names:
+                (out / name).unlink()
+
     if not present:
         return
     ours = [
@@ -527,31 +544,62 @@ def _prepare_output_dir(output_dir: str | os.PathLike, prefix: str, overwrite: b
         out,
         f" (keeping {_plural(len(others), 'other file')}: {', '.join(others[:5])})" if others else "",
     )
-    for name in ours:
-        (out / name).unlink()
+    remove(ours)
 
 
-def _rebalance(output_dir: Path, prefix: str, shards: list[ShardInfo], sizes: list[int]) -> list[ShardInfo]:
-    """Rewrite ``shards`` so that they hold ``sizes`` samples (same order, same names); returns their new infos."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{prefix}-rebalance-", dir=output_dir))
+def _rebalance(
+    output_dir: str | os.PathLike,
+    prefix: str,
+    shards: list[ShardInfo],
+    sizes: list[int],
+    access: ShardAccess | None = None,
+) -> list[ShardInfo]:
+    """Rewrite ``shards`` so that they hold ``sizes`` samples (same order, same names); returns their new infos.
+
+    The new shards are written to a temporary folder; new shard ``k`` replaces the old one of its name (a rename,
+    or an upload to a URL ``output_dir``) as soon as the old shards ``0..k`` have been read, so no old shard is
+    overwritten before it is read and at most a few shards wait locally. Old shards beyond the new count are
+    removed at the end.
+    """
+    remote = RemoteFolder(normalize(output_dir), access) if is_url(output_dir) else None
+    local_out = None if remote is not None else Path(output_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{prefix}-rebalance-", dir=local_out))
     try:
         boundaries, total = set(), 0
         for size in sizes[:-1]:
             total += size
             boundaries.add(total)
         writer = ShardWriter(tmp, prefix=prefix, shard_size_mb=float("inf"))
+        published = 0
+
+        def publish(upto: int) -> None:
+            nonlocal published
+            while published < min(upto, len(writer.shards)):
+                name = writer.shards[published].file
+                if remote is not None:
+                    remote.put(tmp / name, name)
+                    (tmp / name).unlink()
+                else:
+                    os.replace(tmp / name, local_out / name)
+                published += 1
+
         with writer:
             position = 0
-            for info in shards:
-                for key, ext, data, meta in iter_shard(output_dir / info.file):
+            for index, info in enumerate(shards):
+                for key, ext, data, meta in iter_shard(join(str(output_dir), info.file), storage_options=access):
                     if position in boundaries:
                         writer.start_new_shard()
                     writer.write(key, ext, data, meta)
                     position += 1
-        for info in shards:
-            (output_dir / info.file).unlink()
-        for info in writer.shards:
-            os.replace(tmp / info.file, output_dir / info.file)
+                publish(index + 1)  # old shards 0..index are read: the new ones of those names may replace them
+        publish(len(writer.shards))
+        new_names = {info.file for info in writer.shards}
+        stale = [info.file for info in shards if info.file not in new_names]
+        if remote is not None:
+            remote.remove(stale)
+        else:
+            for name in stale:
+                (local_out / name).unlink()
         return writer.shards
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -576,6 +624,7 @@ def make_shards(
     num_workers: int = 1,
     log_every: int = 1000,
     overwrite: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the entries' files into shards under ``output_dir``; returns the ``dataset_info.json`` content.
 
@@ -598,6 +647,9 @@ def make_shards(
         log_every: progress log interval in samples.
         overwrite: replace the shards of ``prefix`` (and ``dataset_info.json`` / ``labels.txt``) already in
             ``output_dir``; without it, a non-empty ``output_dir`` is refused.
+        storage_options: filesystem options of a URL ``output_dir`` (``hf://datasets/...``, ``s3://``, ``gs://``,
+            ``az://``, ...; see :mod:`bevt.data.storage`): each finished shard is uploaded whole (written locally
+            first), then ``labels.txt`` and ``dataset_info.json``.
 
     Raises:
         ValueError: bad arguments, a mixed or wrong kind, a file listed twice with different labels, an output
@@ -639,7 +691,8 @@ def make_shards(
                 f"num_shards={num_shards} must be in [1, {n}]: {n} of the {len(entries)} inputs can be written"
             )
         shard_size_mb = float("inf")
-    _prepare_output_dir(output_dir, prefix, overwrite)
+    access = ShardAccess(storage_options=storage_options)
+    _prepare_output_dir(output_dir, prefix, overwrite, access)
     order = list(keep)
     if shuffle:
         random.Random(seed).shuffle(order)
@@ -650,7 +703,11 @@ def make_shards(
         boundaries = {sum(sizes[: i + 1]) for i in range(num_shards - 1)}
     tasks = [(i, entries[i].path, opt) for i in order]
     writer = ShardWriter(
-        output_dir, prefix=prefix, shard_size_mb=shard_size_mb, max_samples_per_shard=max_samples_per_shard
+        output_dir,
+        prefix=prefix,
+        shard_size_mb=shard_size_mb,
+        max_samples_per_shard=max_samples_per_shard,
+        storage_options=access,
     )
     start = time.perf_counter()
     pool = multiprocessing.get_context("spawn").Pool(num_workers) if num_workers > 1 else None
@@ -690,7 +747,7 @@ def make_shards(
                 len(shards),
                 wanted if len(wanted) <= 8 else f"{wanted[:4]} ...",
             )
-            shards = _rebalance(Path(output_dir), prefix, shards, wanted)
+            shards = _rebalance(output_dir, prefix, shards, wanted, access)
     extra_info = {
         "labels_origin": labels_origin,
         "reencode": reencode,
@@ -698,7 +755,7 @@ def make_shards(
         "num_inputs": len(entries),
         "num_skipped": sum(skipped.values()),
     }
-    path = write_dataset_info(
+    write_dataset_info(
         output_dir,
         shards,
         kind=kind,
@@ -707,10 +764,12 @@ def make_shards(
         skipped=dict(skipped),
         skipped_examples=skipped_examples,
         extra=extra_info,
+        storage_options=access,
     )
-    import json
-
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    info = load_dataset_info(output_dir, storage_options=access)
+    if info is None:  # pragma: no cover - it was just written
+        raise OSError(f"{DATASET_INFO_FILE} of {output_dir} cannot be read back")
+    return info
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -725,7 +784,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--input", help="annotation list (text 'path label' lines, or .csv); omit for ROOT/<class>/<file>"
     )
     p.add_argument("--root", required=True, help="folder the listed paths are relative to")
-    p.add_argument("--output-dir", required=True, help="where to write the shards and dataset_info.json")
+    p.add_argument(
+        "--output-dir",
+        required=True,
+        help="where to write the shards and dataset_info.json: a folder, or a URL (hf://datasets/ORG/NAME/train, "
+        "s3://bucket/k400/train, gs://..., az://...; each finished shard is uploaded whole)",
+    )
     p.add_argument(
         "--labels",
         help="class names, one per line in index order (e.g. kinetics400_labels.txt); give the same file for every "
@@ -885,7 +949,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_workers=workers,
             overwrite=args.overwrite,
         )
-    except (ValueError, RuntimeError) as err:  # e.g. a non-empty --output-dir, every input skipped
+    except (ValueError, RuntimeError, ImportError) as err:  # e.g. a non-empty --output-dir, s3fs not installed
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # writing failed midway (disk full, ...)

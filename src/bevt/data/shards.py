@@ -42,12 +42,29 @@ import logging
 import math
 import os
 import re
+import shutil
 import tarfile
+import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from bevt.data.storage import (
+    RemoteFolder,
+    ShardAccess,
+    ShardUnavailableError,
+    basename,
+    expand_braces,
+    is_url,
+    join,
+    list_remote,
+    normalize,
+    open_shard,
+    parent,
+    read_bytes,
+)
 
 __all__ = [
     "DATASET_INFO_FILE",
@@ -62,6 +79,7 @@ __all__ = [
     "TarSample",
     "check_key",
     "check_label_consistency",
+    "find_label_names",
     "iter_sample_metadata",
     "iter_shard",
     "iter_tar_samples",
@@ -170,6 +188,10 @@ class ShardWriter:
         shard_size_mb: size cap per shard in MiB (``math.inf``: no cap).
         max_samples_per_shard: optional cap on samples per shard.
 
+    ``output_dir`` may be a URL (``hf://datasets/...``, ``s3://``, ``gs://``, ``az://``, ``memory://``; see
+    :mod:`bevt.data.storage`): shards are then written to a local staging folder (``staging_dir``, default a new
+    temporary folder) and each finished shard is uploaded whole, then deleted locally, so local disk holds one shard.
+
     Use as a context manager, or call :meth:`close`; :attr:`shards` lists what was written.
     """
 
@@ -180,6 +202,8 @@ class ShardWriter:
         prefix: str = "shard",
         shard_size_mb: float = 256.0,
         max_samples_per_shard: int | None = None,
+        storage_options: Mapping[str, Any] | ShardAccess | None = None,
+        staging_dir: str | os.PathLike | None = None,
     ) -> None:
         if shard_size_mb <= 0:
             raise ValueError(f"shard_size_mb must be > 0, got {shard_size_mb}")
@@ -187,8 +211,20 @@ class ShardWriter:
             raise ValueError(f"max_samples_per_shard must be >= 1, got {max_samples_per_shard}")
         if not prefix or "/" in prefix or "." in prefix:
             raise ValueError(f"invalid shard prefix {prefix!r} (non-empty, no '/' or '.')")
-        self.output_dir = Path(output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._remote: RemoteFolder | None = None
+        self._staging: Path | None = None
+        if is_url(output_dir):
+            self._remote = RemoteFolder(normalize(output_dir), _access(storage_options))
+            self.output_dir: Path | str = self._remote.url
+            if staging_dir is None:
+                self._staging = Path(tempfile.mkdtemp(prefix=f"bevt-{prefix}-staging-"))
+                self._local_dir = self._staging
+            else:
+                self._local_dir = Path(staging_dir)
+                self._local_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            self.output_dir = self._local_dir = Path(output_dir)
+            self._local_dir.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
         self.max_bytes = int(shard_size_mb * 2**20) if math.isfinite(shard_size_mb) else None
         self.max_samples = max_samples_per_shard
@@ -204,7 +240,10 @@ class ShardWriter:
     # -------------------------------------------------------------------------------- shard handling
 
     def _shard_path(self, index: int) -> Path:
-        return self.output_dir / f"{self.prefix}-{index:05d}.tar"
+        return self._local_dir / f"{self.prefix}-{index:05d}.tar"
+
+    def _location(self, name: str) -> str:
+        return join(str(self.output_dir), name) if self._remote is not None else str(self._local_dir / name)
 
     def _open_shard(self) -> None:
         path = self._shard_path(len(self.shards))
@@ -219,9 +258,15 @@ class ShardWriter:
         self._tar.close()
         path = self._shard_path(len(self.shards))
         os.replace(self._tmp_path, path)
-        self.shards.append(ShardInfo(path.name, self._count, path.stat().st_size))
         self._tar = None
         self._tmp_path = None
+        info = ShardInfo(path.name, self._count, path.stat().st_size)
+        if self._remote is not None:
+            try:
+                self._remote.put(path, path.name)
+            finally:
+                path.unlink()
+        self.shards.append(info)
 
     def start_new_shard(self) -> None:
         """Close the current shard (if it holds samples); the next sample opens a new one."""
@@ -281,20 +326,23 @@ class ShardWriter:
         self._bytes += size
         if record["label"] is not None:
             self.label_counts[record["label"]] += 1
-        return str(self._shard_path(len(self.shards)))
+        return self._location(self._shard_path(len(self.shards)).name)
 
     def close(self) -> list[str]:
-        """Finish the last shard; returns all shard paths in order."""
+        """Finish the last shard; returns all shard paths (or URLs) in order."""
         if not self._closed:
-            if self._tar is not None:
-                if self._count > 0:
-                    self._finish_shard()
-                else:
-                    self._tar.close()
-                    os.unlink(self._tmp_path)
-                    self._tar = None
-            self._closed = True
-        return [str(self.output_dir / s.file) for s in self.shards]
+            try:
+                if self._tar is not None:
+                    if self._count > 0:
+                        self._finish_shard()
+                    else:
+                        self._tar.close()
+                        os.unlink(self._tmp_path)
+                        self._tar = None
+            finally:
+                self._closed = True
+                self._remove_staging()
+        return [self._location(s.file) for s in self.shards]
 
     def abort(self) -> None:
         """Drop the shard being written (its ``.tmp`` file); completed shards stay."""
@@ -304,6 +352,12 @@ class ShardWriter:
                 os.unlink(self._tmp_path)
             self._tar = None
         self._closed = True
+        self._remove_staging()
+
+    def _remove_staging(self) -> None:
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
 
     @property
     def num_samples(self) -> int:
@@ -330,10 +384,35 @@ def write_dataset_info(
     skipped: Mapping[str, int] | None = None,
     skipped_examples: Sequence[Mapping[str, Any]] = (),
     extra: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write ``dataset_info.json`` (and ``labels.txt`` when ``labels`` is given); returns the info path."""
+    storage_options: Mapping[str, Any] | ShardAccess | None = None,
+) -> Path | str:
+    """Write ``dataset_info.json`` (and ``labels.txt`` when ``labels`` is given); returns the info path.
+
+    ``output_dir`` may be a URL (see :class:`ShardWriter`): both files are uploaded, ``labels.txt`` first, so that
+    a ``dataset_info.json`` present means the set is complete. The return value is then the info file's URL.
+    """
     from bevt import __version__
 
+    if labels is not None:
+        bad = [name for name in labels if "\n" in name]
+        if bad:
+            raise ValueError(f"label names cannot contain newlines: {bad[:3]}")
+    if is_url(output_dir):
+        folder = RemoteFolder(normalize(output_dir), _access(storage_options))
+        with tempfile.TemporaryDirectory(prefix="bevt-info-") as tmp:
+            local = write_dataset_info(
+                tmp,
+                shards,
+                kind=kind,
+                labels=labels,
+                label_counts=label_counts,
+                skipped=skipped,
+                skipped_examples=skipped_examples,
+                extra=extra,
+            )
+            if labels is not None:
+                folder.put(Path(tmp) / LABELS_FILE, LABELS_FILE)
+            return folder.put(local, DATASET_INFO_FILE)
     out = Path(output_dir)
     info: dict[str, Any] = {
         "sample_format": SAMPLE_FORMAT,
@@ -354,9 +433,6 @@ def write_dataset_info(
     path = out / DATASET_INFO_FILE
     path.write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     if labels is not None:
-        bad = [name for name in labels if "\n" in name]
-        if bad:
-            raise ValueError(f"label names cannot contain newlines: {bad[:3]}")
         (out / LABELS_FILE).write_text("".join(f"{name}\n" for name in labels), encoding="utf-8")
     return path
 
@@ -372,6 +448,7 @@ def write_shards(
     kind: str | None = None,
     labels: Sequence[str] | None = None,
     write_info: bool = True,
+    storage_options: Mapping[str, Any] | ShardAccess | None = None,
 ) -> list[str]:
     """Write ``(key, ext, bytes, meta)`` samples into shards (+ ``dataset_info.json`` / ``labels.txt``).
 
@@ -385,9 +462,10 @@ def write_shards(
         kind: ``"video"`` / ``"image"`` recorded in the info (default: inferred from the extensions).
         labels: class names in index order, written to ``labels.txt``.
         write_info: write ``dataset_info.json``.
+        storage_options: for an ``output_dir`` URL, the filesystem options (see :mod:`bevt.data.storage`).
 
     Returns:
-        The shard paths, in order.
+        The shard paths (or URLs), in order.
     """
     sizes: list[int] | None = None
     if num_shards is not None:
@@ -400,7 +478,11 @@ def write_shards(
         shard_size_mb = math.inf
     kinds: set[str] = set()
     writer = ShardWriter(
-        output_dir, prefix=prefix, shard_size_mb=shard_size_mb, max_samples_per_shard=max_samples_per_shard
+        output_dir,
+        prefix=prefix,
+        shard_size_mb=shard_size_mb,
+        max_samples_per_shard=max_samples_per_shard,
+        storage_options=storage_options,
     )
     with writer:
         boundaries = set()
@@ -419,7 +501,12 @@ def write_shards(
         if kind is None and len(kinds) == 1:
             kind = kinds.pop()
         write_dataset_info(
-            output_dir, writer.shards, kind=kind, labels=labels, label_counts=writer.label_counts
+            output_dir,
+            writer.shards,
+            kind=kind,
+            labels=labels,
+            label_counts=writer.label_counts,
+            storage_options=storage_options,
         )
     return paths
 
@@ -427,63 +514,145 @@ def write_shards(
 # ------------------------------------------------------------------------------------------ reading
 
 
-def list_shards(data_files: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Resolve shards: a folder (its ``*.tar``), a glob pattern, a file, or a list of these.
+def _access(storage_options: Mapping[str, Any] | ShardAccess | None) -> ShardAccess:
+    """A :class:`~bevt.data.storage.ShardAccess` from filesystem options (or one given as is)."""
+    if isinstance(storage_options, ShardAccess):
+        return storage_options
+    return ShardAccess(storage_options=storage_options)
 
-    Returns absolute paths; a folder or glob expands in sorted order, a list keeps its order.
+
+def list_shards(
+    data_files: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    storage_options: Mapping[str, Any] | ShardAccess | None = None,
+) -> list[str]:
+    """Resolve shards: a folder (its ``*.tar``), a glob pattern, a file, a URL of any of these, or a list of these.
+
+    URLs (``hf://datasets/...``, ``https://``, ``s3://``, ``gs://``, ``az://``, any installed fsspec protocol; see
+    :mod:`bevt.data.storage`) stay URLs; ``storage_options`` go to their filesystem (e.g. ``{"token": ...}``). An
+    HTTP folder or glob is resolved from its ``dataset_info.json``; a remote ``.tar`` URL is not checked here (a
+    missing one is reported when it is read). ``{000..099}`` ranges expand to one entry each.
+
+    Returns:
+        Absolute paths (URLs as given); a folder or glob expands in sorted order, a list keeps its order.
 
     Raises:
         FileNotFoundError: nothing matches, or a listed file does not exist.
         ValueError: a resolved file is not a ``.tar``.
+        ImportError: a URL protocol whose package is not installed (the message names it).
     """
     items = [data_files] if isinstance(data_files, str | os.PathLike) else list(data_files)
     if not items:
         raise FileNotFoundError("no shard files given (empty list)")
+    access = _access(storage_options)
     out: list[str] = []
     for item in items:
-        s = os.fspath(item)
-        if os.path.isdir(s):
-            found = sorted(glob.glob(os.path.join(s, "*.tar")))
-            if not found:
-                raise FileNotFoundError(f"no .tar shards in folder {s}")
-        elif any(c in s for c in "*?["):
-            found = sorted(glob.glob(s))
-            if not found:
-                raise FileNotFoundError(f"no shard files match {s!r}")
-        elif os.path.isfile(s):
-            found = [s]
-        else:
-            raise FileNotFoundError(f"shard file not found: {s}")
-        for f in found:
-            if not f.endswith(".tar"):
-                raise ValueError(f"not a .tar shard: {f}")
-            out.append(os.path.abspath(f))
+        for s in expand_braces(normalize(item)):
+            if is_url(s):
+                found = list_remote(s, access)
+            elif os.path.isdir(s):
+                found = sorted(glob.glob(os.path.join(s, "*.tar")))
+                if not found:
+                    raise FileNotFoundError(f"no .tar shards in folder {s}")
+            elif any(c in s for c in "*?["):
+                found = sorted(glob.glob(s))
+                if not found:
+                    raise FileNotFoundError(f"no shard files match {s!r}")
+            elif os.path.isfile(s):
+                found = [s]
+            else:
+                raise FileNotFoundError(f"shard file not found: {s}")
+            for f in found:
+                if not basename(f).endswith(".tar"):
+                    raise ValueError(f"not a .tar shard: {f}")
+                out.append(f if is_url(f) else os.path.abspath(f))
     return out
 
 
-def load_dataset_info(path: str | os.PathLike) -> dict[str, Any] | None:
-    """``dataset_info.json`` from a shard folder (or next to a shard file), or ``None`` if there is none."""
-    p = Path(path)
-    folder = p if p.is_dir() else p.parent
-    info = folder / DATASET_INFO_FILE
-    if not info.is_file():
+def _folder_of(location: str) -> str | None:
+    """The folder a location names: itself for a folder, the parent of a file (``.tar``/``.json``/``.txt``) or a
+    glob (``None`` when there is none, e.g. a presigned URL)."""
+    if is_url(location):
+        name = basename(location)
+        if name.endswith((".tar", ".json", ".txt")) or any(c in name for c in "*?[") or "?" in location:
+            return parent(location)
+        return location.rstrip("/")
+    return location if os.path.isdir(location) else os.path.dirname(location)
+
+
+def load_dataset_info(
+    path: str | os.PathLike, *, storage_options: Mapping[str, Any] | ShardAccess | None = None
+) -> dict[str, Any] | None:
+    """``dataset_info.json`` from a shard folder (or next to a shard file), local or a URL, or ``None`` if there is
+    none.
+
+    Raises:
+        bevt.data.storage.ShardUnavailableError: a remote one could not be read after the retries.
+    """
+    folder = _folder_of(normalize(path))
+    if folder is None:
         return None
-    return json.loads(info.read_text(encoding="utf-8"))
+    location = join(folder, DATASET_INFO_FILE)
+    if not is_url(location) and not os.path.isfile(location):
+        return None
+    try:
+        raw = read_bytes(location, _access(storage_options))
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+    return json.loads(raw.decode("utf-8"))
 
 
-def read_labels(path: str | os.PathLike) -> list[str]:
-    """Class names from a ``labels.txt`` (one per line, index order) or a folder holding one."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / LABELS_FILE
-    names = [line.rstrip("\r\n") for line in p.read_text(encoding="utf-8").splitlines()]
+def read_labels(
+    path: str | os.PathLike, *, storage_options: Mapping[str, Any] | ShardAccess | None = None
+) -> list[str]:
+    """Class names from a ``labels.txt`` (one per line, index order) or a folder holding one; local or a URL (a URL
+    not ending in ``.txt`` is a folder)."""
+    location = normalize(path)
+    if is_url(location):
+        if not basename(location).endswith(".txt"):
+            location = join(location, LABELS_FILE)
+    elif os.path.isdir(location):
+        location = os.path.join(location, LABELS_FILE)
+    text = read_bytes(location, _access(storage_options)).decode("utf-8")
+    names = [line.rstrip("\r\n") for line in text.splitlines()]
     while names and not names[-1]:
         names.pop()
     return names
 
 
-def iter_shard(path: str | os.PathLike) -> Iterator[tuple[str, str, bytes, dict[str, Any] | None]]:
-    """Read a shard directly (no ``datasets``): yields ``(key, ext, data, meta)`` in file order.
+def find_label_names(
+    data_files: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    storage_options: Mapping[str, Any] | ShardAccess | None = None,
+) -> tuple[list[str], str | None]:
+    """The class names recorded next to shards: ``labels.txt`` in the folder of the first entry of ``data_files``
+    (a folder, glob, file, or a URL of one), else the ``labels`` of its ``dataset_info.json``.
+
+    Returns:
+        ``(names, where they were read)``, or ``([], None)`` when neither file names any class.
+    """
+    items = [data_files] if isinstance(data_files, str | os.PathLike) else list(data_files)
+    if not items:
+        return [], None
+    folder = _folder_of(expand_braces(normalize(items[0]))[0])
+    if folder is None:
+        return [], None
+    access = _access(storage_options)
+    labels_file = join(folder, LABELS_FILE)
+    try:
+        names = read_labels(labels_file, storage_options=access)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        names = []
+    if names:
+        return names, labels_file
+    names = list((load_dataset_info(folder, storage_options=access) or {}).get("labels") or [])
+    return (names, join(folder, DATASET_INFO_FILE)) if names else ([], None)
+
+
+def iter_shard(
+    path: str | os.PathLike, *, storage_options: Mapping[str, Any] | ShardAccess | None = None
+) -> Iterator[tuple[str, str, bytes, dict[str, Any] | None]]:
+    """Read a shard (a path or URL) directly (no ``datasets``): yields ``(key, ext, data, meta)`` in file order.
 
     ``meta`` is ``None`` when a sample has no (or an unreadable) ``.json`` member; a sample without a
     media member yields ``ext=""`` and ``data=b""``. For inspection and tests; training reads shards
@@ -495,7 +664,8 @@ def iter_shard(path: str | os.PathLike) -> Iterator[tuple[str, str, bytes, dict[
         meta = current.get("json")
         return current["key"], current.get("ext", ""), current.get("data", b""), meta
 
-    with tarfile.open(path, mode="r:") as tar:
+    f, _ = open_shard(path, _access(storage_options))
+    with f, tarfile.open(fileobj=f, mode="r:") as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -538,6 +708,7 @@ class TarSample:
     key: str
     members: dict[str, bytes]
     error: str | None = None
+    reason: str | None = None  # with ``error``: "shard_unavailable" when the storage failed, else None (tar damage)
 
 
 def _next_header(f: Any, start: int, size: int) -> tuple[int | None, bool]:
@@ -579,7 +750,11 @@ def _split_member_name(name: str) -> tuple[str, str] | None:
     return name[: len(name) - len(ext) - 1], ext.lower()
 
 
-def iter_tar_samples(path: str | os.PathLike) -> Iterator[TarSample]:
+def _storage_reason(err: BaseException) -> str | None:
+    return "shard_unavailable" if isinstance(err, ShardUnavailableError) else None
+
+
+def iter_tar_samples(path: str | os.PathLike, access: ShardAccess | None = None) -> Iterator[TarSample]:
     """Read a shard's samples, surviving damage: yields :class:`TarSample` in file order, never raises on bad data.
 
     A sample is a run of consecutive members with the same key (the member name without its last extension, so
@@ -594,17 +769,20 @@ def iter_tar_samples(path: str | os.PathLike) -> Iterator[TarSample]:
     * a sample with two members of the same extension: reported instead of the sample;
     * a file that is not a tar (or cannot be opened): reported as one error.
 
+    ``path`` may be a URL (read through :func:`bevt.data.storage.open_shard` with ``access``: streamed, retried,
+    resumed at the byte). A remote shard that stops answering for good becomes one error with
+    ``reason="shard_unavailable"`` where it stopped (the samples before it are yielded complete, none twice).
+
     Samples before the damage are yielded complete.
     """
-    path = os.fspath(path)
-    name = os.path.basename(path)
+    location = normalize(path)
+    name = basename(location)
     try:
-        f = open(path, "rb")  # noqa: SIM115 - closed in the finally below
+        f, size = open_shard(location, access)
     except OSError as err:
-        yield TarSample(f"<shard {name}>", {}, f"cannot open the shard: {err}")
+        yield TarSample(f"<shard {name}>", {}, f"cannot open the shard: {err}", _storage_reason(err))
         return
     try:
-        size = os.fstat(f.fileno()).st_size
         if size == 0:
             yield TarSample(f"<shard {name}>", {}, "the shard is an empty file (0 bytes), not a tar")
             return
@@ -613,8 +791,8 @@ def iter_tar_samples(path: str | os.PathLike) -> Iterator[TarSample]:
             current: TarSample | None = None
             reading: str | None = None  # key of the member being read
             opened = False
-            f.seek(position)
             try:
+                f.seek(position)
                 with tarfile.open(fileobj=f, mode="r:") as tar:
                     opened = True
                     for member in tar:
@@ -639,25 +817,29 @@ def iter_tar_samples(path: str | os.PathLike) -> Iterator[TarSample]:
                         else:
                             current.members[ext] = data
                     end = tar.offset
+                if current is not None:
+                    yield current
+                    current = None
+                if end >= size:
+                    return
+                f.seek(end)
+                garbage = f.read(_BLOCK).count(0) != min(_BLOCK, size - end)
+                resume, more = _next_header(f, end + _BLOCK, size)
             except (tarfile.TarError, OSError, EOFError) as err:
                 if reading is not None and current is not None and current.key == reading:
                     current = None  # the damaged sample: reported below
                 if current is not None:
                     yield current
-                if not opened:
+                if isinstance(err, ShardUnavailableError):
+                    where = reading or f"<byte {min(f.tell(), size)} of {name}>"
+                    what = "the storage stopped answering here; skipping the rest of that shard"
+                elif not opened:
                     where, what = f"<shard {name}>", "not a readable tar file; skipping that shard"
                 else:
                     where = reading or f"<byte {min(f.tell(), size)} of {name}>"
                     what = "the shard is truncated or corrupt here; skipping the rest of that shard"
-                yield TarSample(where, {}, f"{what} ({type(err).__name__}: {err})")
+                yield TarSample(where, {}, f"{what} ({type(err).__name__}: {err})", _storage_reason(err))
                 return
-            if current is not None:
-                yield current
-            if end >= size:
-                return
-            f.seek(end)
-            garbage = f.read(_BLOCK).count(0) != min(_BLOCK, size - end)
-            resume, more = _next_header(f, end + _BLOCK, size)
             where = f"<byte {end} of {name}>"
             if resume is None:
                 if garbage or more:
@@ -677,7 +859,10 @@ def iter_tar_samples(path: str | os.PathLike) -> Iterator[TarSample]:
                 )
             position = resume
     finally:
-        f.close()
+        try:
+            f.close()
+        except OSError as err:  # e.g. the cache copy could not be renamed into place
+            logger.warning("closing shard %s: %s: %s", location, type(err).__name__, err)
 
 
 # ------------------------------------------------------------------------------------------ label consistency
@@ -687,15 +872,17 @@ class LabelMismatchError(ValueError):
     """Two sources (shard sets, their samples, a list of label names) give a class different label ids."""
 
 
-def iter_sample_metadata(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+def iter_sample_metadata(path: str | os.PathLike, access: ShardAccess | None = None) -> Iterator[tuple[str, Any]]:
     """``(key, metadata)`` of each sample of a shard, in file order, reading only the ``KEY.json`` members.
 
     Media members are skipped by seeking past them (the cost is one tar header per member), so this is cheap even
-    on large shards. ``metadata`` is the parsed JSON (``None`` if it is not valid JSON). A damaged tar stops the
+    on large local shards; a remote shard (a URL, read with ``access``) is streamed through, media included.
+    ``metadata`` is the parsed JSON (``None`` if it is not valid JSON). A damaged (or unavailable) tar stops the
     iteration at the damage, with a warning (the training stream reports the damage itself).
     """
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        f, _ = open_shard(path, access)
+        with f, tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
                 split = _split_member_name(member.name) if member.isfile() else None
                 if split is None or split[1] != "json":
@@ -737,6 +924,7 @@ def check_label_consistency(
     *shard_sets: str | os.PathLike | Sequence[str | os.PathLike],
     label_names: Sequence[str] | str | os.PathLike | None = None,
     scan_samples: bool = True,
+    storage_options: Mapping[str, Any] | ShardAccess | None = None,
 ) -> dict[int, str]:
     """Check that shard sets (e.g. train and validation) and a list of label names agree on every label id.
 
@@ -745,7 +933,9 @@ def check_label_consistency(
     ``label`` / ``label_name`` of each of its samples (read with :func:`iter_sample_metadata`: one pass over the tar
     headers, no media). ``label_names`` (the model's classes in id order, or a file with one per line) is the
     reference: every class named by the shards must be one of them, with the same id. Samples without a
-    ``label_name`` (or without a label) are not compared.
+    ``label_name`` (or without a label) are not compared. Shard sets and ``label_names`` may be URLs
+    (``storage_options`` go to their filesystem); scanning the samples of remote shards reads them whole (pass
+    ``scan_samples=False`` to compare only the ``dataset_info.json`` / ``labels.txt`` next to them).
 
     Returns:
         ``{label id: class name}``: ``label_names`` when given, else everything the shard sets name (empty for
@@ -758,11 +948,13 @@ def check_label_consistency(
         FileNotFoundError / ValueError: a shard set that does not resolve (see :func:`list_shards`).
     """
     hint = "write every split with the same class list (make_shards --labels FILE)"
+    access = _access(storage_options)
     seen = _LabelMap(hint)
     num_names: int | None = None
     if label_names is not None:
         if isinstance(label_names, str | os.PathLike):
-            names_where, names = f"the label names {os.fspath(label_names)}", read_labels(label_names)
+            names_where = f"the label names {normalize(label_names)}"
+            names = read_labels(label_names, storage_options=access)
         else:
             names_where, names = "the label names", list(label_names)
         for i, name in enumerate(names):
@@ -782,18 +974,22 @@ def check_label_consistency(
         seen.add(label, name, where)
 
     for shard_set in shard_sets:
-        files = list_shards(shard_set)
-        for folder in sorted({os.path.dirname(f) for f in files}):
-            info = load_dataset_info(folder) or {}
-            names, source = info.get("labels"), os.path.join(folder, DATASET_INFO_FILE)
-            if names is None and os.path.isfile(os.path.join(folder, LABELS_FILE)):
-                names, source = read_labels(folder), os.path.join(folder, LABELS_FILE)
+        files = list_shards(shard_set, storage_options=access)
+        for folder in sorted({f for f in map(parent, files) if f is not None}):
+            info = load_dataset_info(folder, storage_options=access) or {}
+            names, source = info.get("labels"), join(folder, DATASET_INFO_FILE)
+            if names is None:
+                try:
+                    names = read_labels(join(folder, LABELS_FILE), storage_options=access)
+                    source = join(folder, LABELS_FILE)
+                except (FileNotFoundError, IsADirectoryError):
+                    names = None
             for i, name in enumerate(names or ()):
                 add(i, name, source)
         if scan_samples:
             for path in files:
                 pairs: set[tuple[int, str]] = set()
-                for key, meta in iter_sample_metadata(path):
+                for key, meta in iter_sample_metadata(path, access):
                     if not isinstance(meta, dict):
                         continue
                     label, name = meta.get("label"), meta.get("label_name")

@@ -19,6 +19,13 @@ Pipeline per rank and DataLoader worker::
   again); it never ends the stream and never costs another sample. If more than
   ``max_failure_fraction`` of the samples fail (after ``min_samples_for_check`` attempts), or a whole epoch
   yields nothing, the stream stops with :class:`DataQualityError`.
+* **Remote shards**: shard arguments may be URLs (``hf://datasets/...``, ``https://``, ``s3://``, ``gs://``,
+  ``az://``, any fsspec protocol; see :mod:`bevt.data.storage`). Each rank / worker opens only its own shards
+  and streams them (a few MiB of memory per open shard, no download first; ``cache_dir`` optionally keeps local
+  copies). A dropped connection, a 5xx or a timeout is retried with backoff and the read resumes at the byte
+  where it stopped, so the tar reader sees the same bytes and yields the same samples, none lost or repeated;
+  a shard still failing after ``max_retries`` retries costs the rest of that shard, counted once as
+  ``shard_unavailable``, and the run goes on (or stops past ``max_failure_fraction``).
 * **Ranks**: pass ``rank`` / ``world_size``; the stream applies ``split_dataset_by_node`` itself, so each
   rank reads a disjoint part (whole shards when ``num_shards % world_size == 0``, else every
   ``world_size``-th sample of every shard, which costs each rank the I/O of all shards). Do **not** also let
@@ -74,6 +81,7 @@ from bevt.data.shards import (
     list_shards,
     load_dataset_info,
 )
+from bevt.data.storage import ShardAccess, basename, join, parent
 from bevt.data.transforms import derive_seed
 
 __all__ = [
@@ -101,8 +109,10 @@ FAILURE_REASONS: tuple[str, ...] = (
     "decode_error",  # the decoder failed: corrupt, truncated, not a video / image, no frames
     "transform_error",  # the transform raised
     "shard_error",  # the tar is damaged here: truncated (rest of shard lost), corrupt header (skipped), duplicate
+    "shard_unavailable",  # a remote shard stopped answering (after every retry): the rest of that shard is lost
 )
 
+_SHARD_REASONS = ("shard_error", "shard_unavailable")  # always logged, as errors
 _STATE_FORMAT = "bevt-stream-state/1"
 _STATS_ONLY = "__stats_only__"
 
@@ -120,15 +130,22 @@ def shard_features() -> Any:
     cols.update({ext: Value("binary") for ext in MEDIA_EXTENSIONS})
     cols["json"] = Value("binary")
     cols["__error__"] = Value("string")
+    cols["__reason__"] = Value("string")
     return Features(cols)
 
 
-def _raw_samples(shards: list[str]) -> Iterator[dict[str, Any]]:
+def _raw_samples(shards: list[str], access: ShardAccess | None = None) -> Iterator[dict[str, Any]]:
     """The generator behind :meth:`ShardStream.source`: raw samples of ``shards`` (``datasets`` passes each
-    DataLoader worker / rank its own sub-list). Never raises on damaged data (see ``iter_tar_samples``)."""
+    DataLoader worker / rank its own sub-list; only those shards are opened). Never raises on damaged data or
+    unreachable shards (see ``iter_tar_samples``)."""
     for shard in shards:
-        for sample in iter_tar_samples(shard):
-            row: dict[str, Any] = {"__key__": sample.key, "__url__": shard, "__error__": sample.error}
+        for sample in iter_tar_samples(shard, access):
+            row: dict[str, Any] = {
+                "__key__": sample.key,
+                "__url__": shard,
+                "__error__": sample.error,
+                "__reason__": sample.reason,
+            }
             row.update({ext: sample.members.get(ext) for ext in (*MEDIA_EXTENSIONS, "json")})
             yield row
 
@@ -215,9 +232,12 @@ class ShardStream(IterableDataset):
         min_samples_for_check: int,
         backend: str | None,
         log_limit: int,
+        access: ShardAccess | None = None,
+        dataset_infos: Mapping[str, dict[str, Any] | None] | None = None,
     ) -> None:
         super().__init__()
         self.files = list(files)
+        self.access = access or ShardAccess()
         self.kind = kind
         self.transform = transform
         self._transform_takes_generator = transform is not None and _accepts_generator(transform)
@@ -244,18 +264,16 @@ class ShardStream(IterableDataset):
         self._resume: dict[str, Any] | None = None
         self._logged: set[tuple[str, str]] = set()  # (key, shard) of failures already logged
         self._live: dict[str, Any] | None = None
-        self._shard_counts = self._read_shard_counts()
+        self._shard_counts = self._read_shard_counts(dataset_infos or {})
 
     # ------------------------------------------------------------------------------ description
 
-    def _read_shard_counts(self) -> dict[str, int] | None:
+    def _read_shard_counts(self, known: Mapping[str, dict[str, Any] | None]) -> dict[str, int] | None:
         counts: dict[str, int] = {}
-        for folder in sorted({os.path.dirname(f) for f in self.files}):
-            info = load_dataset_info(folder)
+        for folder in sorted({f for f in map(parent, self.files) if f is not None}):
+            info = known[folder] if folder in known else load_dataset_info(folder, storage_options=self.access)
             if info:
-                counts.update(
-                    {os.path.join(folder, s["file"]): int(s["num_samples"]) for s in info["shards"]}
-                )
+                counts.update({join(folder, s["file"]): int(s["num_samples"]) for s in info["shards"]})
         if not all(f in counts for f in self.files):
             return None
         return {f: counts[f] for f in self.files}
@@ -324,7 +342,7 @@ class ShardStream(IterableDataset):
 
         files = self.epoch_files(self.epoch if epoch is None else epoch)
         ds = HFIterableDataset.from_generator(
-            _raw_samples, features=shard_features(), gen_kwargs={"shards": files}
+            _raw_samples, features=shard_features(), gen_kwargs={"shards": files, "access": self.access}
         )
         if self.world_size > 1:
             ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
@@ -339,7 +357,7 @@ class ShardStream(IterableDataset):
     def fingerprint(self) -> dict[str, Any]:
         """Settings that must match for a saved state to apply."""
         return {
-            "files": derive_seed(*[os.path.basename(f) for f in self.files]),
+            "files": derive_seed(*[basename(f) for f in self.files]),
             "kind": self.kind,
             "seed": self.seed,
             "rank": self.rank,
@@ -403,12 +421,12 @@ class ShardStream(IterableDataset):
         stats.recent.append((key, url, reason, message))
         n = stats.num_failed
         logged = (key, url) not in self._logged and (
-            len(self._logged) < self.log_limit or n % 100 == 0 or reason == "shard_error"
+            len(self._logged) < self.log_limit or n % 100 == 0 or reason in _SHARD_REASONS
         )
         if logged:
             self._logged.add((key, url))
             logger.log(
-                logging.ERROR if reason == "shard_error" else logging.WARNING,
+                logging.ERROR if reason in _SHARD_REASONS else logging.WARNING,
                 "skipping sample %r of shard %s: %s: %s (%s)",
                 key,
                 url,
@@ -467,7 +485,7 @@ class ShardStream(IterableDataset):
     def _process(self, raw: Mapping[str, Any], epoch: int) -> dict[str, Any]:
         key, url = raw.get("__key__") or "?", raw.get("__url__") or "?"
         if raw.get("__error__"):
-            raise _SampleError("shard_error", raw["__error__"])
+            raise _SampleError(raw.get("__reason__") or "shard_error", raw["__error__"])
         data = next((raw[c] for c in self.media_columns if raw.get(c) is not None), None)
         if data is None:
             found = [c for c in MEDIA_EXTENSIONS if raw.get(c) is not None]
@@ -665,12 +683,19 @@ def build_stream(
     min_samples_for_check: int = 100,
     backend: str | None = None,
     log_limit: int = 50,
+    storage_options: Mapping[str, Any] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    max_retries: int = 5,
+    retry_wait: float = 1.0,
+    timeout: float = 60.0,
 ) -> ShardStream:
     """A resumable stream of decoded, transformed samples from bevt shards (see the module docstring).
 
     Args:
-        data_files: shard folder, glob, ``.tar`` path, or a list of them (see
-            :func:`bevt.data.shards.list_shards`).
+        data_files: shard folder, glob, ``.tar`` path, a URL of any of these (``hf://datasets/...``,
+            ``https://``, ``s3://``, ``gs://``, ``az://``...), or a list of them (see
+            :func:`bevt.data.shards.list_shards` and :mod:`bevt.data.storage`). Each rank / DataLoader worker opens
+            only its own shards, streamed (no download first).
         kind: ``"video"`` or ``"image"``; default from ``dataset_info.json`` (else ``"video"``).
         transform: ``transform(media, generator=...)`` (the ``generator`` keyword is optional) returning a
             dict of tensors (or one tensor, stored as ``pixel_values``); media is ``uint8 (T, H, W, 3)``
@@ -694,10 +719,29 @@ def build_stream(
             automatic choice cannot decode is retried with PyAV before it counts as a ``decode_error``).
         log_limit: log each failing sample (once: not again when it fails in a later epoch or pass) up to this
             many samples per worker, then every 100th failure.
+        storage_options: options of the URLs' filesystem (``{"token": ...}`` for ``hf://``, ``{"endpoint_url":
+            ...}`` for ``s3://``, ``{"headers": {...}}`` for ``https://``).
+        cache_dir: keep a local copy of each remote shard read completely, and read it from there in later
+            epochs (optional; keyed by URL).
+        max_retries, retry_wait, timeout: a remote read that fails (dropped connection, 5xx, ``timeout`` seconds
+            without data over HTTP) is retried up to ``max_retries`` times at the same byte, waiting
+            ``retry_wait`` seconds, doubling; after that the rest of the shard counts as one
+            ``shard_unavailable`` failure. Retries never lose or repeat a sample.
     """
-    files = list_shards(data_files)
+    access = ShardAccess(
+        storage_options=storage_options,
+        cache_dir=cache_dir,
+        max_retries=max_retries,
+        retry_wait=retry_wait,
+        timeout=timeout,
+    )
+    files = list_shards(data_files, storage_options=access)
+    infos = {  # each folder's dataset_info.json, read once
+        folder: load_dataset_info(folder, storage_options=access)
+        for folder in dict.fromkeys(f for f in map(parent, files) if f is not None)
+    }
     if kind is None:
-        info = load_dataset_info(files[0])
+        info = infos.get(parent(files[0]) or "")
         kind = (info or {}).get("kind") or "video"
     if kind not in ("video", "image"):
         raise ValueError(f"kind must be 'video' or 'image', got {kind!r}")
@@ -714,10 +758,7 @@ def build_stream(
     ):
         raise ValueError(f"num_labels must be a positive int or None, got {num_labels!r}")
     if num_labels is None:
-        recorded = {
-            (load_dataset_info(folder) or {}).get("num_labels")
-            for folder in {os.path.dirname(f) for f in files}
-        }
+        recorded = {(info or {}).get("num_labels") for info in infos.values()}
         if len(recorded) == 1 and isinstance(next(iter(recorded)), int):
             num_labels = recorded.pop()
     if world_size > 1 and len(files) % world_size:
@@ -751,6 +792,8 @@ def build_stream(
         min_samples_for_check=min_samples_for_check,
         backend=backend,
         log_limit=log_limit,
+        access=access,
+        dataset_infos=infos,
     )
 
 

@@ -27,15 +27,15 @@ from typing import Any
 
 from .shards import (
     IMAGE_EXTENSIONS,
-    LABELS_FILE,
     VIDEO_EXTENSIONS,
+    find_label_names,
     iter_sample_metadata,
     iter_tar_samples,
     list_shards,
     load_dataset_info,
-    read_labels,
     write_shards,
 )
+from .storage import basename, is_url, open_shard
 
 __all__ = [
     "SUBSET_FILE",
@@ -54,14 +54,16 @@ _SUBSET_FORMAT = "bevt-subset/1"
 
 
 def count_samples(path: str | os.PathLike, kind: str | None = None) -> int:
-    """Samples of one shard that have a media member (of `kind`, "video" / "image", when given), from the tar
-    member headers only. A damaged tar is counted up to the damage, with a warning."""
+    """Samples of one shard (a path or URL) that have a media member (of `kind`, "video" / "image", when given),
+    from the tar member headers only (a remote shard is streamed through). A damaged tar is counted up to the
+    damage, with a warning."""
     extensions = {"video": VIDEO_EXTENSIONS, "image": IMAGE_EXTENSIONS}.get(
         kind or "", VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
     )
     keys: set[str] = set()
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        f, _ = open_shard(path)
+        with f, tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
                 base = os.path.basename(member.name)
                 if member.isfile() and "." in base:
@@ -178,7 +180,7 @@ def write_training_subset(
         "fraction": fraction,
         "seed": seed,
         "num_shards": num_shards,
-        "sources": [{"file": os.path.basename(f), "bytes": os.path.getsize(f)} for f in files],
+        "sources": [{"file": basename(f), "bytes": None if is_url(f) else os.path.getsize(f)} for f in files],
     }
     saved = _read_subset_file(folder)
     if saved is not None and saved.get("settings") == settings:  # the same subset: reuse it (resumed runs)
@@ -248,9 +250,6 @@ def _read_subset_file(folder: Path) -> dict[str, Any] | None:
 
 
 def _source_labels(files: Sequence[str]) -> list[str] | None:
-    """The class names next to the source shards (dataset_info.json, else labels.txt), carried into the subset."""
-    folder = os.path.dirname(files[0])
-    names = (load_dataset_info(folder) or {}).get("labels")
-    if names is None and os.path.isfile(os.path.join(folder, LABELS_FILE)):
-        names = read_labels(os.path.join(folder, LABELS_FILE))
-    return list(names) if names else None
+    """The class names next to the source shards (labels.txt, else dataset_info.json), carried into the subset."""
+    names, _ = find_label_names(files)
+    return names or None
