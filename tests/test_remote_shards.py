@@ -43,7 +43,7 @@ from bevt.data.shards import (
 )
 from bevt.data.storage import ShardAccess, cache_path, expand_braces, normalize
 from bevt.data.streaming import DataQualityError, StreamDataLoader, build_stream
-from bevt.pretraining import PretrainingData
+from bevt.pretraining import PretrainingData, PretrainingDataConfig
 
 NUM_SHARDS, PER_SHARD = 3, 4
 LABELS = ["jump", "run", "swim"]
@@ -304,7 +304,7 @@ def test_pretraining_data_over_http_gives_the_local_batches(tmp_path: Path):
     demo = write_demo_pretraining_shards(
         tmp_path / "demo", num_videos=4, num_images=8, num_shards=2, size=32, num_frames=8
     )
-    settings = dict(
+    config = PretrainingDataConfig(
         image_batch_size=4,
         video_batch_size=2,
         image_size=32,
@@ -313,9 +313,10 @@ def test_pretraining_data_over_http_gives_the_local_batches(tmp_path: Path):
         scale_range=(32, 40),
         min_mask_patches=2,
         shuffle_buffer=4,
-        seed=3,
+        num_workers=0,
     )
-    local = PretrainingData(demo.image_shards, demo.video_shards, **settings)
+    settings = {"seed": 3}
+    local = PretrainingData(config, demo.image_shards, demo.video_shards, **settings)
     expected = [local.next_batch() for _ in range(3)]
     local.close()
     with ShardServer(tmp_path, faults={"*": Fault(drop_after=3000, drop_times=1)}) as server:
@@ -324,7 +325,9 @@ def test_pretraining_data_over_http_gives_the_local_batches(tmp_path: Path):
             return [f"{server.url}/{Path(p).relative_to(tmp_path).as_posix()}" for p in paths]
 
         options = {"retry_wait": 0.01, "timeout": 5.0, "cache_dir": str(tmp_path / "cache")}
-        remote = PretrainingData(urls(demo.image_shards), urls(demo.video_shards), **settings, stream_options=options)
+        remote = PretrainingData(
+            config, urls(demo.image_shards), urls(demo.video_shards), **settings, stream_options=options
+        )
         got = [remote.next_batch() for _ in range(3)]
         remote.close()
     for a, b in zip(got, expected, strict=True):
