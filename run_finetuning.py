@@ -212,8 +212,9 @@ def build_train_loader(
             world_size=accelerator.num_processes,
             repeat=True,
             require_label=True,
+            **args.stream_options(),
         )
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError, ImportError) as err:  # missing files, unreachable URLs, a missing fsspec backend
         raise UsageError(f"--train_shards: {err}") from None
     return StreamDataLoader(
         stream,
@@ -242,6 +243,7 @@ def build_evaluator(
         seed=args.seed,
         max_views_per_forward=args.max_eval_views_per_forward,
         details={"image_size": args.image_size, "eval_short_side": args.eval_short_side},
+        stream_options=args.stream_options(),
     )
 
 

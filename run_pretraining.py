@@ -192,8 +192,9 @@ def build_data(
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
             key_log=key_log,
+            stream_options=args.stream_options(),
         )
-    except FileNotFoundError as err:
+    except (OSError, ValueError, ImportError) as err:  # missing files, unreachable URLs, a missing fsspec backend
         raise UsageError(f"--image_shards/--video_shards: {err}") from None
 
 

@@ -170,3 +170,30 @@ def test_tracked_run_never_records_the_hub_token(tmp_path, finetuning_demo_data)
     assert any("events.out.tfevents" in p.name for p in files)
     leaking = [str(p.relative_to(out)) for p in files if SECRET.encode() in p.read_bytes()]
     assert not leaking, leaking
+
+
+def test_remote_shard_flags_reach_the_streams(pretraining, finetuning):
+    args = pretraining.parse_args(
+        ["--image_shards", "https://example.org/in1k/{00000..00003}.tar", "--stage", "image",
+         "--shard_cache_dir", "/tmp/cache", "--shard_max_retries", "2", "--shard_timeout", "5",
+         "--storage_options", '{"anon": true}']
+    )  # fmt: skip
+    assert args.stream_options() == {
+        "cache_dir": "/tmp/cache",
+        "max_retries": 2,
+        "timeout": 5.0,
+        "storage_options": {"anon": True},
+    }
+    assert pretraining.parse_args(["--image_shards", "x.tar", "--stage", "image"]).stream_options()["cache_dir"] is None
+    for argv, message in [
+        (["--storage_options", "anon=true"], "--storage_options must be a JSON object"),
+        (["--shard_timeout", "0"], "--shard_timeout must be > 0 seconds"),
+        (["--shard_max_retries", "-1"], "--shard_max_retries must be"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            pretraining.parse_args(["--image_shards", "x.tar", "--stage", "image", *argv])
+    # a label file may be a URL too (read next to remote shards); a missing local file is still refused early
+    url = finetuning.parse_args(["--train_shards", "hf://datasets/org/k400/train", "--label_names", "hf://datasets/org/k400/labels.txt"])
+    assert url.label_names == "hf://datasets/org/k400/labels.txt"
+    with pytest.raises(SystemExit, match="--label_names must be an existing text file"):
+        finetuning.parse_args(["--train_shards", "x.tar", "--label_names", "/nonexistent/labels.txt"])

@@ -19,6 +19,8 @@ import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +28,7 @@ import fsspec
 import pytest
 import torch
 from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
+from safetensors.torch import load_file
 from shard_server import FakeHub, Fault, ShardServer
 from test_shards import encode_video
 
@@ -589,3 +592,50 @@ def test_location_helpers():
     assert normalize("https:/host/x.tar") == "https://host/x.tar"
     assert normalize("file:///data/x.tar") == "/data/x.tar"
     assert normalize("relative/dir") == "relative/dir"
+
+
+# ----------------------------------------------------------------------------------------------- training script
+
+
+def _pretraining(out: Path, image_shards: str, video_shards: str, kill_at: str | None = None, resume: bool = False):
+    """`run_pretraining.py` with the demo's settings given as flags (so the shards can be URLs), 6 steps."""
+    from bevt.training.faults import KILL_AT_ENV
+
+    command = [
+        sys.executable, str(Path(__file__).resolve().parents[1] / "run_pretraining.py"),
+        "--image_shards", image_shards, "--video_shards", video_shards, "--output_dir", str(out),
+        "--model_preset", "test", "--image_size", "64", "--num_frames", "8", "--frame_interval", "2",
+        "--scale_range", "64", "80", "--min_mask_patches", "2", "--video_batch_size", "2", "--image_batch_size", "4",
+        "--shuffle_buffer", "16", "--num_workers", "0", "--learning_rate", "2e-3", "--max_train_steps", "6",
+        "--checkpointing_steps", "2", "--logging_steps", "1", "--seed", "7",
+        "--shard_cache_dir", str(out / "cache"), "--shard_timeout", "10",
+    ]  # fmt: skip
+    if resume:
+        command += ["--resume_from_checkpoint", "latest"]
+    env = {k: v for k, v in os.environ.items() if k != KILL_AT_ENV} | {"OMP_NUM_THREADS": "1"}
+    if kill_at:
+        env[KILL_AT_ENV] = kill_at
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_pretraining_over_http_killed_mid_run_resumes_to_the_weights_of_a_local_run(
+    tmp_path: Path, pretraining_demo_data: Path
+):
+    """kill -9 of `run_pretraining.py` reading its shards over HTTP (one connection cut mid-shard), then
+    `--resume_from_checkpoint latest`: the same final weights as an uninterrupted run on the same shards as local
+    files."""
+    local = _pretraining(tmp_path / "local", str(pretraining_demo_data / "images"), str(pretraining_demo_data / "videos"))
+    assert local.returncode == 0, local.stderr[-4000:]
+    with ShardServer(pretraining_demo_data, faults={"*": Fault(drop_after=40_000, drop_times=1)}) as server:
+        urls = (f"{server.url}/images", f"{server.url}/videos")
+        out = tmp_path / "http"
+        killed = _pretraining(out, *urls, kill_at="step:3")
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+        resumed = _pretraining(out, *urls, resume=True)
+        assert resumed.returncode == 0, resumed.stderr[-4000:]
+        assert server.range_requests > 0  # the cut connection was resumed at the byte
+    assert "checkpoint-2 at step 2" in resumed.stderr  # killed after step 3: the newest checkpoint was step 2
+    reference, weights = load_file(tmp_path / "local" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert weights.keys() == reference.keys()
+    assert all(torch.equal(weights[k], reference[k]) for k in reference)

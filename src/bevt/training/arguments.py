@@ -229,10 +229,44 @@ class DataLoadingArguments(ArgumentGroup):
     shuffle_buffer: int | None = HfArg(
         default=None, help="Samples in the training stream's shuffle buffer (0: no shuffling)."
     )
+    shard_cache_dir: str | None = HfArg(
+        default=None,
+        help="Shards given as URLs (hf://, https://, s3://...): keep a local copy of each shard read completely "
+        "here, and read it from there in later epochs (default: stream from the URL every time).",
+    )
+    shard_max_retries: int = HfArg(
+        default=5,
+        help="Remote shards: tries after a dropped connection, a 5xx or a timeout (resumed at the byte) before "
+        "the rest of the shard counts as skipped (shard_unavailable).",
+    )
+    shard_timeout: float = HfArg(default=60.0, help="Remote shards over HTTP(S): seconds without data before a retry.")
+    storage_options: str | None = HfArg(
+        default=None,
+        help='Remote shards: fsspec storage options as JSON, e.g. \'{"anon": true}\' for a public S3 bucket '
+        "(credentials otherwise come from the usual environment / config files; hf:// uses your Hub token).",
+    )
 
     def __post_init__(self) -> None:
-        check_non_negative(self, ("shuffle_buffer", "num_workers"))
+        check_non_negative(self, ("shuffle_buffer", "num_workers", "shard_max_retries"))
+        if not self.shard_timeout > 0:
+            fail("--shard_timeout", "> 0 seconds", self.shard_timeout)
+        if self.storage_options is not None:
+            try:
+                options = json.loads(self.storage_options)
+            except ValueError:
+                options = None
+            if not isinstance(options, dict):
+                fail("--storage_options", "a JSON object, e.g. '{\"anon\": true}'", self.storage_options)
         super().__post_init__()
+
+    def stream_options(self) -> dict[str, Any]:
+        """The `build_stream` keywords for shards given as URLs."""
+        return {
+            "cache_dir": self.shard_cache_dir,
+            "max_retries": self.shard_max_retries,
+            "timeout": self.shard_timeout,
+            "storage_options": json.loads(self.storage_options) if self.storage_options else None,
+        }
 
 
 @dataclasses.dataclass

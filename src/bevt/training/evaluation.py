@@ -306,6 +306,7 @@ class MultiViewEvaluator:
         batch_size: videos per forward pass (each with all its views); `max_views_per_forward` splits them.
         num_workers, seed: data loading.
         details: extra fields of the JSON report (e.g. the input size).
+        stream_options: further `build_stream` keywords (remote shards: cache, retries, storage options).
     """
 
     def __init__(
@@ -325,6 +326,7 @@ class MultiViewEvaluator:
         seed: int = 0,
         max_views_per_forward: int | None = None,
         details: Mapping[str, Any] | None = None,
+        stream_options: Mapping[str, Any] | None = None,
     ) -> None:
         from ..metrics import load_video_accuracy
 
@@ -357,8 +359,9 @@ class MultiViewEvaluator:
                 world_size=accelerator.num_processes,
                 repeat=False,
                 require_label=True,
+                **dict(stream_options or {}),
             )
-        except (FileNotFoundError, ValueError) as err:
+        except (OSError, ValueError, ImportError) as err:  # missing files, unreachable URLs, a missing backend
             raise UsageError(f"--validation_shards: {err}") from None
         self.loader = StreamDataLoader(stream, batch_size, num_workers=num_workers, drop_last=False)
 

@@ -24,6 +24,7 @@ from typing import Any, Literal
 from transformers.hf_argparser import HfArg
 
 from ..configuration_bevt import BEVTConfig
+from ..data.storage import is_url
 from ..finetuning import (
     ARCHITECTURE_FIELDS,
     ArchitectureChoice,
@@ -604,7 +605,7 @@ class FinetuningArguments(
             )
         if self.eval_short_side < self.image_size:
             fail("--eval_short_side", f">= --image_size ({self.image_size})", self.eval_short_side)
-        if self.label_names is not None and not os.path.isfile(self.label_names):
+        if self.label_names is not None and not is_url(self.label_names) and not os.path.isfile(self.label_names):
             fail("--label_names", "an existing text file (one class name per line)", self.label_names)
         super().__post_init__()
 
