@@ -25,6 +25,7 @@ _LAZY = {
     "BEVTPretrainingCollator": "collator",
     "PretrainingVideoTransform": "transforms",
     "PretrainingImageTransform": "transforms",
+    "TokenizerTrainingTransform": "transforms",
     "VideoClassificationTrainTransform": "transforms",
     "mixup_cutmix": "transforms",
 }
