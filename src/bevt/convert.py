@@ -717,7 +717,7 @@ def _convert_tokenizer(args: argparse.Namespace) -> str:
     model = convert_tokenizer_files(
         args.format, args.checkpoint, args.output_dir, args.decoder, args.vqgan_norm_groups
     )
-    decoder = " with decoder" if model.config.has_decoder else ""
+    decoder = " with decoder" if getattr(model.config, "has_decoder", False) else ""
     return f"{args.format} -> {type(model).__name__}{decoder} (vocab {model.config.vocab_size})"
 
 

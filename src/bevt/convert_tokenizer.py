@@ -255,11 +255,11 @@ def convert_tokenizer_files(
     vqgan_norm_groups: int = 32,
 ) -> BEVTVisualTokenizer:
     """The command line's conversion: `fmt` is `"dalle-encoder"` or `"vqgan-encoder"`."""
+    decoder_kwargs = {} if decoder is None else {"decoder_path": decoder}
     if fmt == "dalle-encoder":
-        return convert_dalle_encoder(checkpoint, output_dir, decoder_path=decoder)
+        return convert_dalle_encoder(checkpoint, output_dir, **decoder_kwargs)
     if fmt == "vqgan-encoder":
-        return convert_vqgan_encoder(checkpoint, output_dir, decoder_path=decoder,
-                                     vqgan_norm_groups=vqgan_norm_groups)
+        return convert_vqgan_encoder(checkpoint, output_dir, vqgan_norm_groups=vqgan_norm_groups, **decoder_kwargs)
     raise ValueError(f"unknown tokenizer format {fmt!r}; choose dalle-encoder or vqgan-encoder")
 
 
@@ -280,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     args.vqgan_norm_groups)
     config = model.config
     print(
-        f"wrote {config.tokenizer_type} tokenizer{' with decoder' if config.has_decoder else ''} "
+        f"wrote {config.tokenizer_type} tokenizer{' with decoder' if getattr(config, 'has_decoder', False) else ''} "
         f"({sum(p.numel() for p in model.parameters()):,} parameters, vocab {config.vocab_size}, "
         f"{config.downsample_factor}x downsampling) to {args.output_dir}"
     )

@@ -75,10 +75,12 @@ class BEVTDalleResidualBlock(nn.Module):
     ) -> None:
         super().__init__()
         hidden = out_channels // 4
-        widths = (in_channels, hidden, hidden, hidden, out_channels)
+        k1, k2, k3, k4 = kernel_sizes
         self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
-        for i, kernel in enumerate(kernel_sizes):
-            setattr(self, f"conv_{i + 1}", nn.Conv2d(widths[i], widths[i + 1], kernel, padding=kernel // 2))
+        self.conv_1 = nn.Conv2d(in_channels, hidden, k1, padding=k1 // 2)
+        self.conv_2 = nn.Conv2d(hidden, hidden, k2, padding=k2 // 2)
+        self.conv_3 = nn.Conv2d(hidden, hidden, k3, padding=k3 // 2)
+        self.conv_4 = nn.Conv2d(hidden, out_channels, k4, padding=k4 // 2)
         self.post_gain = 1.0 / num_layers**2
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
