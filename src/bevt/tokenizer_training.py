@@ -90,7 +90,7 @@ def tokenizer_config_for_training(
     14x14 ids of a 224 px model input), sized by one `width`.
 
     - `"vqgan"`: widths `width * (1, 1, 2, 2)`, one residual block per level, attention only in the middle block,
-      8-d l2-normalised codes (low-dimensional cosine codebooks are used well: ViT-VQGAN, Yu et al. 2022).
+      GroupNorm groups of 4 channels at the first level (as taming's 128 / 32), 8-d l2-normalised codes (low-dimensional cosine codebooks are used well: ViT-VQGAN, Yu et al. 2022).
     - `"dall-e"`: encoder and decoder `n_hid = width`, one block per group, decoder `n_init = width`.
 
     `overrides` are any other `BEVTVisualTokenizerConfig` fields.
@@ -103,7 +103,7 @@ def tokenizer_config_for_training(
             vqgan_attention_levels=(),
             vqgan_z_channels=2 * width,
             vqgan_embed_dim=8,
-            vqgan_norm_groups=math.gcd(32, max(width // 2, 1)),
+            vqgan_norm_groups=math.gcd(32, max(width // 4, 1)),  # 4 channels per group at width <= 128 (taming)
             vqgan_l2_normalize_codes=True,
         )
     elif tokenizer_type == "dall-e":
