@@ -91,13 +91,17 @@ def test_full_size_dalle_parity_converted_without_dall_e(tmp_path, shared_data, 
     reference = dall_e.Encoder()  # n_hid 256, 2 blocks per group, vocab 8192: BEVT's tokenizer, random weights
     checkpoint = tmp_path / "encoder.pkl"
     torch.save(reference, checkpoint)  # a pickled module, like OpenAI's encoder.pkl
+    # a pickled dall_e.Decoder, like OpenAI's decoder.pkl (narrower than OpenAI's n_hid 256 to keep the test fast)
+    decoder = dall_e.Decoder(n_init=32, n_hid=64, n_blk_per_group=1, vocab_size=8192)
+    torch.save(decoder, tmp_path / "decoder.pkl")
     output = tmp_path / "converted"
 
     result = run_without_dall_e(
         tmp_path, "-m", "bevt.convert_tokenizer", "--format", "dalle-encoder",
-        "--checkpoint", str(checkpoint), "--output-dir", str(output),
+        "--checkpoint", str(checkpoint), "--decoder", str(tmp_path / "decoder.pkl"), "--output-dir", str(output),
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "with decoder" in result.stdout
 
     model = BEVTVisualTokenizer.from_pretrained(output)
     assert model.config.tokenizer_type == "dall-e"
@@ -111,7 +115,11 @@ def test_full_size_dalle_parity_converted_without_dall_e(tmp_path, shared_data, 
     assert logits.shape == (len(images), 8192, 14, 14)
     assert (logits - expected).abs().max().item() <= 1e-5
     # get_codebook_indices == argmax of the logits is checked on small models below (a second full pass is slow)
-    assert torch.equal(logits.argmax(dim=1), expected.argmax(dim=1))
+    ids = expected.argmax(dim=1)
+    assert torch.equal(logits.argmax(dim=1), ids)
+    with torch.no_grad():
+        stats = decoder(F.one_hot(ids[:2], 8192).permute(0, 3, 1, 2).float())
+    assert (model.decode(ids[:2]) - dall_e.unmap_pixels(torch.sigmoid(stats[:, :3]))).abs().max().item() <= 1e-6
 
 
 @pytest.mark.parametrize("file_format", ["state_dict_pt", "safetensors", "module_pickle"])
@@ -502,8 +510,8 @@ def test_dalle_decoder_matches_reference_with_the_same_weights(tmp_path, dall_e)
     assert torch.equal(model.decode(videos), pixels[:2].unsqueeze(1).expand(2, 3, 3, 32, 40))
 
 
-def test_openai_decoder_pickle_converts_without_dall_e(tmp_path, dall_e):
-    """OpenAI's encoder.pkl + decoder.pkl are pickled modules: converted by the CLI with `dall_e` blocked."""
+def test_openai_decoder_pickle_converts(tmp_path, dall_e):
+    """OpenAI's encoder.pkl + decoder.pkl are pickled modules (converted without `dall_e` in the full-size test)."""
     torch.manual_seed(3)
     encoder = dall_e.Encoder(n_hid=64, n_blk_per_group=1, vocab_size=512)
     decoder = dall_e.Decoder(n_init=32, n_hid=64, n_blk_per_group=1, vocab_size=512)
@@ -514,12 +522,10 @@ def test_openai_decoder_pickle_converts_without_dall_e(tmp_path, dall_e):
     with pytest.raises(UnsafeCheckpointError, match=r"dall_e\.decoder\.Decoder"):
         load_checkpoint(tmp_path / "decoder.pkl")  # a module pickle needs explicit permission
 
-    result = run_without_dall_e(
-        tmp_path, "-m", "bevt.convert", "--format", "dalle-encoder", "--checkpoint", str(tmp_path / "encoder.pkl"),
-        "--decoder", str(tmp_path / "decoder.pkl"), "--output-dir", str(tmp_path / "out"),
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "with decoder" in result.stdout
+    from bevt.convert import main as convert_main
+
+    assert convert_main(["--format", "dalle-encoder", "--checkpoint", str(tmp_path / "encoder.pkl"),
+                         "--decoder", str(tmp_path / "decoder.pkl"), "--output-dir", str(tmp_path / "out")]) == 0
     model = BEVTVisualTokenizer.from_pretrained(tmp_path / "out")
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
