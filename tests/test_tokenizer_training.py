@@ -97,11 +97,12 @@ def small_dvae(**kwargs) -> BEVTVisualTokenizerConfig:
 
 @pytest.fixture(scope="module")
 def trained_vqgan(crops):
-    """150 steps of the default method (VQGAN, EMA codebook, l2-normalised 8-d codes, dead-code restarts)."""
+    """200 steps of 8 crops with the default method (VQGAN, EMA codebook, l2-normalised 8-d codes, dead-code
+    restarts)."""
     torch.manual_seed(0)
     args = TokenizerTrainingArguments(ema_decay=0.9, dead_code_restart_steps=10)
     model = TokenizerTrainingModel(small_vqgan(), args)
-    history = train(model, crops["train"], steps=150, batch_size=16, lr=2e-3)
+    history = train(model, crops["train"], steps=200, batch_size=8, lr=2e-3)
     return model.train(False), history
 
 

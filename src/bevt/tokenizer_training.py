@@ -637,13 +637,12 @@ class TokenizerTrainingModel(nn.Module):
     def _sample_latents(self, flat: torch.Tensor, count: int) -> torch.Tensor:
         """`count` random rows of this batch's latents (with replacement if there are fewer; a little noise then
         keeps repeated rows apart), identical on every rank (rank 0's, broadcast)."""
-        index = torch.randint(len(flat), (count,), device=flat.device) if count > len(flat) else (
-            torch.randperm(len(flat), device=flat.device)[:count]
-        )
-        sample = flat[index].clone()
         if count > len(flat):
-            sample += 1e-3 * sample.std() * torch.randn_like(sample)
-        return _broadcast(sample)
+            sample = flat[torch.randint(len(flat), (count,), device=flat.device)]
+            sample = sample + 1e-3 * sample.std() * torch.randn_like(sample)
+        else:
+            sample = flat[torch.randperm(len(flat), device=flat.device)[:count]]
+        return _broadcast(sample.contiguous())
 
     @torch.no_grad()
     def _init_codebook_from(self, flat: torch.Tensor) -> None:
