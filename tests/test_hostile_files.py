@@ -3,7 +3,7 @@
 Each payload, when unpickled the unsafe way, creates a marker file (`os.system("touch ...")`,
 `builtins.eval("open(...)")`, or a `getattr(__import__("os"), "system")` chain written opcode by opcode). Every entry
 point must refuse it (or fail) without the marker appearing: `bevt.safe_loading`, `python -m bevt.convert` for every
-`--format`, `load_swin2d_into`, `from_pretrained` of folders whose weights are a pickle (`pytorch_model.bin`) for the
+`--format` (and for `--decoder`), `load_swin2d_into`, `from_pretrained` of folders whose weights are a pickle (`pytorch_model.bin`) for the
 BEVT models, the Auto classes and the tokenizer, the training scripts' init flags, resuming from a checkpoint folder,
 and pickle members inside data shards. A source scan checks the policy the tests rely on: no unsafe `torch.load`, no
 `pickle.load`, no `eval`/`exec`, and `trust_remote_code` never turned on by our code.
@@ -30,7 +30,12 @@ from bevt.convert import FORMATS, TOKENIZER_FORMATS, convert_checkpoint, load_sw
 from bevt.convert import main as convert_main
 from bevt.convert_tokenizer import convert_dalle_encoder, convert_vqgan_encoder
 from bevt.modeling_tokenizer import BEVTVisualTokenizer
-from bevt.safe_loading import UnsafeCheckpointError, load_checkpoint, load_state_dict_file
+from bevt.safe_loading import (
+    DALL_E_DECODER_CLASSES,
+    UnsafeCheckpointError,
+    load_checkpoint,
+    load_state_dict_file,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEM = f"{os.system.__module__}.system"  # "posix.system" on Linux
@@ -137,6 +142,46 @@ def test_module_pickle_allowlist_does_not_let_a_payload_through(tmp_path: Path, 
     with pytest.raises(UnsafeCheckpointError, match=SYSTEM.replace(".", r"\.")):
         convert_dalle_encoder(tmp_path / "encoder.pkl")
     assert not marker.exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("layout", (*LAYOUTS, "decoder_module_tree"))
+def test_decoder_conversion_refuses_hostile_pickles(tmp_path: Path, marker: Path, layout: str, capsys):
+    """OpenAI's decoder.pkl is read like encoder.pkl: a hostile `--decoder` file is refused without running, after a
+    good encoder, and nothing is written (the library call and the CLI)."""
+    dall_e = pytest.importorskip("dall_e")
+    encoder = tmp_path / "encoder.pkl"
+    torch.save(dall_e.Encoder(n_hid=64, n_blk_per_group=1, vocab_size=512), encoder)
+    hostile = tmp_path / "decoder.pkl"
+    if layout == "decoder_module_tree":  # a real DALL-E decoder module with the payload hidden in its tree
+        decoder = dall_e.Decoder(n_init=32, n_hid=64, n_blk_per_group=1, vocab_size=512)
+        decoder.blocks.group_2.block_1.extra = Payload("os.system", marker)
+        torch.save(decoder, hostile)
+    else:
+        write_hostile(hostile, marker, layout)
+    named = "builtins." if layout == "getattr_chain" else SYSTEM
+    with pytest.raises(UnsafeCheckpointError, match=named.replace(".", r"\.")):
+        convert_dalle_encoder(encoder, tmp_path / "out", decoder_path=hostile)
+    with pytest.raises(UnsafeCheckpointError, match=named.replace(".", r"\.")):
+        load_checkpoint(hostile, allow_module_pickle=True, module_classes=DALL_E_DECODER_CLASSES)
+    code = convert_main(["--format", "dalle-encoder", "--checkpoint", str(encoder), "--decoder", str(hostile),
+                         "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: ") and named in err and "Traceback" not in err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_vqgan_decoder_conversion_refuses_a_hostile_decoder_file(tmp_path: Path, marker: Path):
+    config = BEVTVisualTokenizerConfig(
+        tokenizer_type="vqgan", vqgan_channels=8, vqgan_channel_multipliers=(1, 1), vqgan_num_res_blocks=1,
+        vqgan_attention_levels=(), vqgan_z_channels=4, vqgan_embed_dim=4, vqgan_norm_groups=4, vocab_size=16,
+    )
+    good = tmp_path / "vqgan.ckpt"
+    torch.save({"state_dict": BEVTVisualTokenizer(config).state_dict()}, good)
+    hostile = write_hostile(tmp_path / "decoder.ckpt", marker, "zip")
+    with pytest.raises(UnsafeCheckpointError, match=SYSTEM.replace(".", r"\.")):
+        convert_vqgan_encoder(good, tmp_path / "out", decoder_path=hostile, vqgan_norm_groups=4)
+    assert not marker.exists() and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("fmt", FORMATS + TOKENIZER_FORMATS)

@@ -19,6 +19,17 @@ class BEVTVisualTokenizerConfig(PreTrainedConfig):
       nearest-neighbour codebook of `vocab_size` entries (the PeCo family). Input pixels in [0, 1] are mapped
       linearly to `vqgan_pixel_range` (default [-1, 1]) inside the model.
 
+    With `has_decoder=True` the tokenizer also has a decoder (`BEVTVisualTokenizer.decode(ids) -> pixels`):
+
+    - DALL-E: the dVAE decoder (a 1x1 conv from the `vocab_size` one-hot / probabilities to
+      `dalle_decoder_init_size` channels, 4 groups of `dalle_decoder_num_blocks_per_group` residual blocks of widths
+      `dalle_decoder_hidden_size * (8, 4, 2, 1)` with 2x nearest upsampling after groups 1-3, ReLU, a 1x1 conv to the
+      `2 * num_channels` logit-Laplace parameters; pixels = unmapped sigmoid of the first `num_channels`).
+    - VQGAN: `post_quant_conv` and the taming-transformers decoder, the mirror of the encoder (same widths, levels,
+      residual blocks + 1 per level, attention levels), with nearest 2x upsampling + conv between levels.
+
+    Folders saved before decoders existed have no `has_decoder` field and load as encoder-only tokenizers.
+
     Args:
         tokenizer_type (`str`, defaults to `"dall-e"`): `"dall-e"` or `"vqgan"`.
         num_channels (`int`, defaults to 3): input channels.
@@ -40,6 +51,14 @@ class BEVTVisualTokenizerConfig(PreTrainedConfig):
         vqgan_embed_dim (`int`, defaults to 256): codebook vector size (output of `quant_conv`).
         vqgan_norm_groups (`int`, defaults to 32): GroupNorm groups (taming uses 32).
         vqgan_pixel_range (`tuple[float, float]`, defaults to `(-1.0, 1.0)`): range [0, 1] pixels are mapped to.
+        vqgan_l2_normalize_codes (`bool`, defaults to `False`): l2-normalise the latents and the codebook entries
+            before the nearest-neighbour search (cosine-similarity codes, as in ViT-VQGAN / improved VQGAN).
+        has_decoder (`bool`, defaults to `False`): build the decoder (see above) next to the encoder.
+        dalle_decoder_init_size (`int`, defaults to 128): DALL-E decoder `n_init`, output width of its input conv.
+        dalle_decoder_hidden_size (`int`, *optional*): DALL-E decoder `n_hid` (a multiple of 4); default: the
+            encoder's `dalle_hidden_size`.
+        dalle_decoder_num_blocks_per_group (`int`, *optional*): DALL-E decoder `n_blk_per_group`; default: the
+            encoder's `dalle_num_blocks_per_group`.
         autocast_dtype (`str` or `None`, defaults to `"bfloat16"`): autocast dtype of the convolutional trunk on
             CUDA (`"bfloat16"`, `"float16"`, or `"float32"`/`None` to disable). The last layer (DALL-E output conv,
             VQGAN quantizer) always runs in float32. Ignored on CPU, where everything runs in float32.
@@ -62,6 +81,11 @@ class BEVTVisualTokenizerConfig(PreTrainedConfig):
     vqgan_embed_dim: int = 256
     vqgan_norm_groups: int = 32
     vqgan_pixel_range: tuple[float, float] | list[float] = (-1.0, 1.0)
+    vqgan_l2_normalize_codes: bool = False
+    has_decoder: bool = False
+    dalle_decoder_init_size: int = 128
+    dalle_decoder_hidden_size: int | None = None
+    dalle_decoder_num_blocks_per_group: int | None = None
     autocast_dtype: str | None = "bfloat16"
 
     def __post_init__(self, **kwargs):
@@ -69,6 +93,10 @@ class BEVTVisualTokenizerConfig(PreTrainedConfig):
         self.vqgan_channel_multipliers = tuple(self.vqgan_channel_multipliers)
         self.vqgan_attention_levels = tuple(self.vqgan_attention_levels)
         self.vqgan_pixel_range = tuple(float(v) for v in self.vqgan_pixel_range)
+        if self.dalle_decoder_hidden_size is None:
+            self.dalle_decoder_hidden_size = self.dalle_hidden_size
+        if self.dalle_decoder_num_blocks_per_group is None:
+            self.dalle_decoder_num_blocks_per_group = self.dalle_num_blocks_per_group
         self._check_values()
         super().__post_init__(**kwargs)
 
@@ -89,10 +117,15 @@ class BEVTVisualTokenizerConfig(PreTrainedConfig):
             raise ValueError(f"`tokenizer_type` must be one of {TOKENIZER_TYPES}, got {self.tokenizer_type!r}")
         for name in ("num_channels", "vocab_size", "image_size", "dalle_hidden_size", "dalle_num_blocks_per_group",
                      "vqgan_channels", "vqgan_num_res_blocks", "vqgan_z_channels", "vqgan_embed_dim",
-                     "vqgan_norm_groups"):
+                     "vqgan_norm_groups", "dalle_decoder_init_size", "dalle_decoder_hidden_size",
+                     "dalle_decoder_num_blocks_per_group"):
             positive(name)
-        if self.dalle_hidden_size % 4:
-            raise ValueError(f"`dalle_hidden_size` must be a multiple of 4, got {self.dalle_hidden_size}")
+        for name in ("dalle_hidden_size", "dalle_decoder_hidden_size"):
+            if getattr(self, name) % 4:
+                raise ValueError(f"`{name}` must be a multiple of 4, got {getattr(self, name)}")
+        for name in ("has_decoder", "vqgan_l2_normalize_codes"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}")
         if self.vocab_size < 2:
             raise ValueError(f"`vocab_size` must be at least 2, got {self.vocab_size}")
         if not 0.0 <= self.logit_laplace_eps < 0.5:

@@ -13,7 +13,8 @@ Formats (the architecture is always read from the tensors):
 - `swin2d-image`: a 2D Swin image checkpoint (BEVT's image-stream stage-1 model, a plain image Swin, SimMIM, ...),
   inflated to 3D as the official code does -> `BEVTForMaskedVideoModeling` (`--task base`: `BEVTModel`).
 - `torchvision-swin3d`: a state dict of torchvision's `swin3d_t/s/b` -> `BEVTForVideoClassification`.
-- `dalle-encoder`, `vqgan-encoder`: visual tokenizers, handled by `bevt.convert_tokenizer`.
+- `dalle-encoder`, `vqgan-encoder`: visual tokenizers, handled by `bevt.convert_tokenizer` (`--decoder PATH` also
+  converts the decoder: OpenAI's `decoder.pkl`, or the taming checkpoint's `decoder.*`).
 
 Conversion is strict: every source tensor is mapped to a parameter or dropped for a stated reason (index buffers,
 the tokenizer, an image classification head, `--drop-keys`), and every parameter of the target model comes from
@@ -700,17 +701,24 @@ def _parser() -> argparse.ArgumentParser:
         help="drop source tensors whose key matches REGEX (repeatable); reported in the summary",
     )
     parser.add_argument("--vqgan-norm-groups", type=int, default=32, help="GroupNorm groups (vqgan-encoder only)")
+    parser.add_argument(
+        "--decoder",
+        type=Path,
+        help="tokenizer formats only: also convert the decoder (decode(ids) -> pixels): OpenAI's decoder.pkl for "
+        "dalle-encoder; for vqgan-encoder a taming checkpoint with post_quant_conv.* and decoder.* (usually the "
+        "--checkpoint file itself)",
+    )
     return parser
 
 
 def _convert_tokenizer(args: argparse.Namespace) -> str:
-    from .convert_tokenizer import convert_dalle_encoder, convert_vqgan_encoder
+    from .convert_tokenizer import convert_tokenizer_files
 
-    if args.format == "dalle-encoder":
-        model = convert_dalle_encoder(args.checkpoint, args.output_dir)
-    else:
-        model = convert_vqgan_encoder(args.checkpoint, args.output_dir, vqgan_norm_groups=args.vqgan_norm_groups)
-    return f"{args.format} -> {type(model).__name__} (vocab {model.config.vocab_size})"
+    model = convert_tokenizer_files(
+        args.format, args.checkpoint, args.output_dir, args.decoder, args.vqgan_norm_groups
+    )
+    decoder = " with decoder" if getattr(model.config, "has_decoder", False) else ""
+    return f"{args.format} -> {type(model).__name__}{decoder} (vocab {model.config.vocab_size})"
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -729,6 +737,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--vqgan-norm-groups must be a positive integer, got {args.vqgan_norm_groups}")
     if args.id2label is not None and not args.id2label.is_file():
         parser.error(f"--id2label: file not found: {args.id2label}")
+    if args.decoder is not None and args.format not in TOKENIZER_FORMATS:
+        parser.error(f"--decoder is for the tokenizer formats ({', '.join(TOKENIZER_FORMATS)}), not {args.format}")
     for pattern in args.drop_keys:
         try:
             re.compile(pattern)

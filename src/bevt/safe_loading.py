@@ -6,10 +6,11 @@ Nothing here executes code taken from a file:
 - Every other file (`.pt`, `.pth`, `.bin`, `.ckpt`, `.pkl`, ...) is read with `torch.load(weights_only=True)`,
   PyTorch's restricted unpickler: only tensors, storages and plain containers can be rebuilt. A file that needs
   any other global is refused with an `UnsafeCheckpointError` naming the global(s).
-- Pickled *modules* (OpenAI's DALL-E `encoder.pkl` is a pickled `dall_e.encoder.Encoder`) are read only when asked
-  (`allow_module_pickle=True`). The pickle's globals are first listed statically (nothing is unpickled) and must
-  all be on a short allowlist: tensor/storage rebuild functions, `collections.OrderedDict`, `set`,
-  `torch.device`, and the known module classes (`DALL_E_ENCODER_CLASSES` by default). The module classes are
+- Pickled *modules* (OpenAI's DALL-E `encoder.pkl` / `decoder.pkl` are pickled `dall_e.encoder.Encoder` /
+  `dall_e.decoder.Decoder` modules) are read only when asked (`allow_module_pickle=True`). The pickle's globals are
+  first listed statically (nothing is unpickled) and must all be on a short allowlist: tensor/storage rebuild
+  functions, `collections.OrderedDict`, `set`, `torch.device`, and the known module classes
+  (`DALL_E_ENCODER_CLASSES` by default, `DALL_E_DECODER_CLASSES` for the decoder). The module classes are
   *not imported*: each one is replaced by an inert `PickledRecord` that only stores the pickled attributes, so
   neither `dall_e` nor `torch.nn` code runs. The parameters and persistent buffers of the record tree are then
   returned as a flat state dict, with the usual dotted `state_dict()` keys.
@@ -35,6 +36,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "DALL_E_DECODER_CLASSES",
     "DALL_E_ENCODER_CLASSES",
     "PickledRecord",
     "UnsafeCheckpointError",
@@ -55,6 +57,19 @@ DALL_E_ENCODER_CLASSES: frozenset[str] = frozenset(
         "torch.nn.modules.activation.ReLU",
         "torch.nn.modules.linear.Identity",
         "torch.nn.modules.pooling.MaxPool2d",
+    }
+)
+
+# Module classes found in `torch.save(dall_e.Decoder(...))` (and in OpenAI's decoder.pkl).
+DALL_E_DECODER_CLASSES: frozenset[str] = frozenset(
+    {
+        "dall_e.decoder.Decoder",
+        "dall_e.decoder.DecoderBlock",
+        "dall_e.utils.Conv2d",
+        "torch.nn.modules.container.Sequential",
+        "torch.nn.modules.activation.ReLU",
+        "torch.nn.modules.linear.Identity",
+        "torch.nn.modules.upsampling.Upsample",
     }
 )
 

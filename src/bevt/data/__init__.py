@@ -22,6 +22,7 @@ _LAZY = {
     "PretrainingImageTransform": "bevt.data.transforms",
     "VideoClassificationTrainTransform": "bevt.data.transforms",
     "mixup_cutmix": "bevt.data.transforms",
+    "TokenizerTrainingTransform": "bevt.data.transforms",
 }
 
 __all__ = sorted(_LAZY)

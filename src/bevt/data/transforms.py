@@ -14,6 +14,11 @@ Fine-tuning:
   all frames).
 * :func:`mixup_cutmix`: batch-level mixup / cutmix with label smoothing -> soft targets.
 
+Tokenizer training (:mod:`bevt.tokenizer_training`):
+
+* :class:`TokenizerTrainingTransform`: random resized crops at the tokenizer's input size in ``[0, 1]``, from an
+  image or from every frame of a clip.
+
 Randomness: every transform takes ``generator=`` (a ``torch.Generator``); ``None`` uses torch's global RNG.
 :func:`derive_seed` / :func:`seeded_generator` make per-sample generators from stable ids (the streaming
 layer seeds each sample from ``(seed, epoch, key)``, so a resumed run reproduces the same augmentations and
@@ -40,6 +45,7 @@ __all__ = [
     "IMAGENET_STD",
     "PretrainingImageTransform",
     "PretrainingVideoTransform",
+    "TokenizerTrainingTransform",
     "VideoClassificationTrainTransform",
     "derive_seed",
     "lanczos_resize",
@@ -596,3 +602,68 @@ def mixup_cutmix(
     else:
         mixed = pixel_values * lam + flipped * (1.0 - lam)
     return mixed, targets * lam + targets.flip(0) * (1.0 - lam)
+
+
+# ------------------------------------------------------------------------------------------ tokenizer training
+
+
+class TokenizerTrainingTransform:
+    """Tokenizer-sized training crops in ``[0, 1]`` from images or from the frames of a clip.
+
+    Per image (or per frame, each with its own draw): a random resized crop box (area fraction uniform in
+    ``scale``, log-uniform aspect ratio in ``ratio``, mmaction/torchvision style), resized to ``size`` x ``size``
+    (antialiased bicubic, rounded to uint8 levels like the pretraining tokenizer copy), horizontal flip with
+    probability ``flip``. BEVT's tokenizer sees 112 px Lanczos copies of 224 crops of frames rescaled to a short side
+    of 256-320, i.e. boxes of ~50-75% of the short side: the default ``scale`` covers that and more.
+
+    Args:
+        size: output side ``S`` (the tokenizer's ``image_size``; a multiple of its downsampling factor).
+        scale: inclusive range of the crop area as a fraction of the frame area, within ``(0, 1]``.
+        ratio: range of the crop aspect ratio (width / height).
+        flip: horizontal flip probability.
+
+    Call: ``transform(image uint8 (H, W, 3), generator=None)`` -> ``{"pixel_values": float32 (3, S, S)}``;
+    ``transform(clip uint8 (T, H, W, 3), generator=None)`` -> ``{"pixel_values": float32 (T, 3, S, S)}`` (the stream's
+    ``clip_len`` / ``frame_interval`` choose the frames; batches of clips are ``(B, T, 3, S, S)``, which the tokenizer
+    training model flattens to frames).
+    """
+
+    def __init__(
+        self,
+        size: int = 112,
+        scale: tuple[float, float] = (0.25, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        flip: float = 0.5,
+    ) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be a positive integer, got {size!r}")
+        low, high = (float(v) for v in scale)
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"scale must satisfy 0 < low <= high <= 1 (area fractions), got {tuple(scale)}")
+        r_low, r_high = (float(v) for v in ratio)
+        if not 0.0 < r_low <= r_high:
+            raise ValueError(f"ratio must satisfy 0 < low <= high, got {tuple(ratio)}")
+        if not 0.0 <= flip <= 1.0:
+            raise ValueError(f"flip probability must be in [0, 1], got {flip}")
+        self.size, self.scale, self.ratio, self.flip = size, (low, high), (r_low, r_high), float(flip)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, flip={self.flip})"
+
+    def _crop(self, frame: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """uint8 ``(3, H, W)`` -> float32 ``(3, S, S)`` in ``[0, 1]``."""
+        top, left, h, w = _random_resized_box(frame.shape[-2], frame.shape[-1], self.scale, self.ratio, generator)
+        do_flip = bool(torch.rand((), generator=generator) < self.flip)
+        box = frame[:, top : top + h, left : left + w].unsqueeze(0).to(torch.float32)
+        out = F.interpolate(box, size=(self.size, self.size), mode="bicubic", align_corners=False, antialias=True)
+        out = out[0].clamp_(0, 255).round_().div_(255.0)
+        return out.flip(-1) if do_flip else out
+
+    def __call__(
+        self, frames: torch.Tensor, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        ndim = 4 if isinstance(frames, torch.Tensor | np.ndarray) and np.ndim(frames) == 4 else 3
+        frames = _check_frames(frames, ndim, type(self).__name__).movedim(-1, -3)  # (..., 3, H, W)
+        if ndim == 3:
+            return {"pixel_values": self._crop(frames, generator)}
+        return {"pixel_values": torch.stack([self._crop(frame, generator) for frame in frames])}
