@@ -167,6 +167,37 @@ def test_classifier_is_kept_only_for_the_same_labels(tmp_path, pretrained):
         load_model_for_finetuning(pretrained, ["a", "a"])
 
 
+def test_every_encoder_tensor_of_a_pretraining_folder_is_loaded_none_reinitialised(tmp_path):
+    """All backbone weights and buffers come from the folder (Transformers' loading report is silenced there, so a
+    renamed key would otherwise be re-initialised without a word); the final norm is the pretraining heads' norm, as
+    the official fine-tuning reuses it; the image-stream patch embedding and the mask token are loaded and frozen;
+    only the classifier is new (zero bias, truncated normal of std `initializer_range`)."""
+    torch.manual_seed(0)
+    source = BEVTForMaskedVideoModeling(BEVTConfig.from_preset("test"))
+    with torch.no_grad():
+        for param in source.parameters():  # away from every initial value (zeros, ones, small normals)
+            param.add_(torch.rand_like(param) + 1.0)
+    source.save_pretrained(tmp_path)
+    model, report = load_model_for_finetuning(tmp_path, ["a", "b", "c"])
+    expected, loaded = source.bevt.state_dict(), model.bevt.state_dict()
+    assert loaded.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(loaded[key], value), key
+    classifier = {"classifier.weight", "classifier.bias"}
+    assert set(model.state_dict()) == {f"bevt.{k}" for k in expected} | classifier
+    assert torch.equal(model.bevt.layernorm.weight, source.bevt.layernorm.weight)  # the heads' `norm`
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    image_stream = {
+        f"bevt.embeddings.patch_embeddings.image_{m}.{p}"
+        for m in ("projection", "norm")
+        for p in ("weight", "bias")
+    }
+    assert frozen == set(report.frozen) == {"bevt.embeddings.mask_token", *image_stream}
+    assert report.classifier == "new" and torch.all(model.classifier.bias == 0)
+    std = float(model.classifier.weight.detach().std())
+    assert 0.7 * model.config.initializer_range < std < 1.3 * model.config.initializer_range
+
+
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
