@@ -29,7 +29,13 @@ from bevt.data.transforms import (
     lanczos_resize,
     seeded_generator,
 )
-from bevt.pretraining import PretrainingData, build_mask_generators, model_inputs, random_tokenizer
+from bevt.pretraining import (
+    PretrainingData,
+    PretrainingDataConfig,
+    build_mask_generators,
+    model_inputs,
+    random_tokenizer,
+)
 
 SIZE, TOKENIZER_SIZE, FRAMES = (
     64,
@@ -103,7 +109,7 @@ def _distinct_frames(rng: np.random.Generator, frames: int, height: int, width: 
 def test_video_labels_are_the_tokenizer_on_each_frame_of_the_same_crop(flip):
     rng = np.random.default_rng(0)
     transform = PretrainingVideoTransform(
-        SIZE, scale_range=(64, 96), tokenizer_size=TOKENIZER_SIZE, flip=flip
+        SIZE, scale_range=(64, 96), tokenizer_size=TOKENIZER_SIZE, flip_prob=flip
     )
     tube, block = build_mask_generators(SIZE, FRAMES, min_mask_patches=2)
     collator = BEVTPretrainingCollator(tube, block)
@@ -139,7 +145,7 @@ def test_video_flip_reaches_the_model_input_and_the_targets_identically():
     clip = torch.from_numpy(_distinct_frames(np.random.default_rng(1), FRAMES, 80, 100))
     views = {}
     for flip in (0.0, 1.0):  # same seed: the same rescale and crop, flipped or not
-        transform = PretrainingVideoTransform(SIZE, (64, 96), TOKENIZER_SIZE, flip=flip)
+        transform = PretrainingVideoTransform(SIZE, (64, 96), TOKENIZER_SIZE, flip_prob=flip)
         views[flip] = transform(clip, generator=seeded_generator(5))
     assert torch.equal(views[1.0]["pixel_values"], views[0.0]["pixel_values"].flip(-1))
     # The tokenizer copy: mirror-symmetric Lanczos taps summed in another order, so a rare pixel rounds the other way
@@ -153,7 +159,7 @@ def test_video_flip_reaches_the_model_input_and_the_targets_identically():
 
 def test_image_labels_are_the_tokenizer_on_the_same_crop_flip_and_colour_jitter():
     rng = np.random.default_rng(2)
-    transform = PretrainingImageTransform(SIZE, (64, 96), TOKENIZER_SIZE, flip=0.5, color_jitter=0.4)
+    transform = PretrainingImageTransform(SIZE, (64, 96), TOKENIZER_SIZE, flip_prob=0.5, color_jitter=0.4)
     _, block = build_mask_generators(SIZE, FRAMES, min_mask_patches=2)
     collator = BEVTPretrainingCollator(image_mask_generator=block)
     tokenizer = random_tokenizer(vocab_size=64, image_size=TOKENIZER_SIZE, seed=0)
@@ -188,9 +194,7 @@ def test_streamed_clips_give_the_tokenizer_the_same_frames_as_the_model(tmp_path
         (f"image_{i}", "jpg", encode_jpeg(_distinct_frames(rng, 1, 80, 80)[0]), {"label": None})
         for i in range(2)
     ]
-    data = PretrainingData(
-        write_shards(images, tmp_path / "images"),
-        write_shards(videos, tmp_path / "videos"),
+    config = PretrainingDataConfig(
         image_batch_size=2,
         video_batch_size=3,
         image_size=SIZE,
@@ -199,7 +203,9 @@ def test_streamed_clips_give_the_tokenizer_the_same_frames_as_the_model(tmp_path
         scale_range=(64, 80),
         min_mask_patches=2,
         shuffle_buffer=0,
+        num_workers=0,
     )
+    data = PretrainingData(config, write_shards(images, tmp_path / "images"), write_shards(videos, tmp_path / "videos"))
     try:
         batch = data.next_batch()
     finally:
@@ -357,7 +363,7 @@ def train_and_evaluate(
     model = BEVTForMaskedVideoModeling(BEVTConfig.from_preset("test", vocab_size=quantiser.vocab_size))
     tube, block = build_mask_generators(SIZE, FRAMES, min_mask_patches=2, tube_range=(0.25, 0.5))  # 1-2 of 4
     collator = BEVTPretrainingCollator(tube, block)
-    transform = PretrainingVideoTransform(SIZE, (SIZE, SIZE), TOKENIZER_SIZE, flip=0.5)
+    transform = PretrainingVideoTransform(SIZE, (SIZE, SIZE), TOKENIZER_SIZE, flip_prob=0.5)
 
     def batch(
         kind: str, rng: np.random.Generator, generator: torch.Generator, step: int
