@@ -43,6 +43,8 @@ from bevt.data.streaming import StreamDataLoader, build_stream, counted_examples
 from bevt.data.subsets import write_training_subset
 from bevt.data.transforms import VideoClassificationTrainTransform, mixup_cutmix, seeded_generator
 from bevt.finetuning import (
+    check_label_ids,
+    check_shards_exist,
     find_label_names,
     folded_classifier,
     freeze_backbone,
@@ -107,6 +109,8 @@ class Shards:
 def data_shards(args: FinetuningArguments, accelerator: Accelerator) -> Shards:
     """The flags' shards, or the demo's (written once under `<output_dir>/demo_data`)."""
     if not args.demo:
+        flags = {"--train_shards": args.train_shards, "--validation_shards": args.validation_shards}
+        check_shards_exist(flags, args.stream_options()["storage_options"])
         return Shards(args.train_shards, args.validation_shards, args.label_names)
     from bevt.data.demo_finetuning import write_demo_shards
 
@@ -121,10 +125,13 @@ def resolve_label_names(
     args: FinetuningArguments, shards: Shards, model_config: BEVTConfig | None = None
 ) -> list[str]:
     """Class names: --label_names, else the model's (eval only), else labels.txt / dataset_info.json of the shards;
-    warns when the recipe's dataset has another number of classes."""
+    refuses shards whose label ids disagree with them; warns when the recipe's dataset has another number of classes."""
     names = find_label_names(
         shards.label_names, shards.train or shards.validation, model_config if args.do_eval_only else None
     )
+    if not args.do_eval_only:  # (evaluation compares ids with the model's classes, whatever their names)
+        sets = {"--train_shards": shards.train, "--validation_shards": shards.validation}
+        check_label_ids(names, sets, args.stream_options()["storage_options"])
     expected = args.active_recipe.num_labels
     if not args.demo and not args.do_eval_only and expected and len(names) != expected:
         logger.warning(
@@ -330,7 +337,11 @@ class Exporter:
             datasets=[dataset] if dataset else (),
             base_model=args.base_model or (None if local else args.model_name_or_path),
             eval_results=metrics,
-            eval_dataset=EvalDataset(DATASET_DISPLAY_NAMES.get(dataset, dataset), dataset, "validation")
+            eval_dataset=(
+                EvalDataset(DATASET_DISPLAY_NAMES.get(dataset, dataset), dataset, "validation")
+                if dataset
+                else EvalDataset("the run's validation shards (no --dataset_name given)", None)
+            )
             if metrics
             else None,
             num_views=self.num_views,
@@ -402,6 +413,8 @@ class ValidationDuringTraining:
 
 def evaluate_only(args: FinetuningArguments, accelerator: Accelerator) -> int:
     """Evaluate --model_name_or_path on --validation_shards; write the JSON report and the confusion matrix."""
+    storage_options = args.stream_options()["storage_options"]
+    check_shards_exist({"--validation_shards": args.validation_shards}, storage_options)
     try:
         model = BEVTForVideoClassification.from_pretrained(args.model_name_or_path)
     except (OSError, ValueError, pickle.UnpicklingError) as err:

@@ -8,7 +8,8 @@
 - `freeze_unused_video_parameters`: the image-stream patch embedding and the mask token, unused for videos.
 - `freeze_backbone` / `folded_classifier`: head-only training and the linear probe (BatchNorm + linear on frozen
   features), exported as a plain classifier.
-- `find_label_names`: the class names of a run (a label file, a model's `id2label`, or the files next to the shards).
+- `find_label_names`: the class names of a run (a label file, a model's `id2label`, or the files next to the shards);
+  `check_shards_exist` / `check_label_ids`: the shards exist and agree with the class names, checked before training.
 
 The training side (layer-wise lr decay, EMA, multi-view evaluation, the loop) is in `bevt.training`.
 """
@@ -34,6 +35,8 @@ __all__ = [
     "FINETUNING_CONFIG_FIELDS",
     "LoadReport",
     "RecipeChange",
+    "check_label_ids",
+    "check_shards_exist",
     "find_label_names",
     "folded_classifier",
     "freeze_backbone",
@@ -401,3 +404,45 @@ def find_label_names(
     if len(set(names)) != len(names):
         fail("--label_names", "a file of unique class names", source)
     return names
+
+
+def check_shards_exist(flags: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> None:
+    """Each `{flag: shards}` that is given resolves to shard files (a folder of `.tar`, a glob, files, URLs), else a
+    `UsageError` naming the flag; checked before anything reads labels or builds a model."""
+    from .data.shards import list_shards
+    from .training.arguments import UsageError
+
+    for flag, shards in flags.items():
+        if not shards:
+            continue
+        try:
+            list_shards(shards, storage_options=storage_options)
+        except (OSError, ValueError, ImportError) as err:
+            raise UsageError(f"{flag}: {err}") from None
+
+
+def check_label_ids(
+    label_names: Sequence[str],
+    shard_sets: Mapping[str, Any],
+    storage_options: Mapping[str, Any] | None = None,
+) -> None:
+    """Before training: the shard sets (`{flag: shards}`, e.g. train and validation) and the run's class names give
+    every class the same id, and no label id lies beyond the names (`check_label_consistency`). The samples of
+    local shards are read too (tar headers and `.json` members only); remote shards are compared through the
+    `dataset_info.json` / `labels.txt` next to them. A mismatch is a `UsageError` that names the class, both ids and
+    where each was seen."""
+    from .data.shards import LabelMismatchError, check_label_consistency
+    from .data.storage import is_url
+    from .training.arguments import UsageError
+
+    given = {flag: shards for flag, shards in shard_sets.items() if shards}
+    files = [str(f) for s in given.values() for f in ([s] if isinstance(s, str | Path) else s)]
+    try:
+        check_label_consistency(
+            *given.values(),
+            label_names=list(label_names),
+            scan_samples=not any(is_url(f) for f in files),
+            storage_options=storage_options,
+        )
+    except LabelMismatchError as err:
+        raise UsageError(f"{' / '.join(given)} and the class names disagree: {err}") from None

@@ -85,10 +85,11 @@ _TEMPLATE = """---
 
 @dataclass(frozen=True)
 class EvalDataset:
-    """The dataset the evaluation results were measured on (for `model-index`)."""
+    """The dataset the evaluation results were measured on (for `model-index`). `type=None`: a dataset the run cannot
+    name (e.g. the user's own shards): the results are shown under `name`, without a `model-index` entry."""
 
     name: str
-    type: str
+    type: str | None
     split: str | None = None
     config: str | None = None
 
@@ -284,6 +285,8 @@ def build_model_card(
             )
             for key, value in eval_results.items()
         ]
+        if eval_dataset.type is None:  # no dataset to index the results under
+            eval_entries = None
     all_tags = list(dict.fromkeys(["bevt", "video", "video-swin", *tags]))
     card_data = ModelCardData(
         model_name=model_name,

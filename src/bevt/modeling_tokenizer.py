@@ -633,6 +633,7 @@ class BEVTVisualTokenizer(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):  # noqa: D102 - Transformers' doc
+        _check_saved_model_type(pretrained_model_name_or_path)
         _check_saved_vocab_size(pretrained_model_name_or_path, kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
@@ -712,6 +713,21 @@ class BEVTVisualTokenizer(PreTrainedModel):
 
 # Tensors whose size along one axis is the number of token ids, with that axis.
 _VOCAB_TENSORS = {"quantize.embedding.weight": 0, "encoder.output_conv.weight": 0, "decoder.input_conv.weight": 1}
+
+
+def _check_saved_model_type(path: str | os.PathLike) -> None:
+    """A local folder of another model type (e.g. a BEVT classifier) is refused by name: Transformers would only
+    warn, and build a tokenizer whose weights are all newly initialised (random targets)."""
+    try:
+        found = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # not a local folder, or Transformers reports the broken config itself
+    if found != BEVTVisualTokenizerConfig.model_type:
+        raise ValueError(
+            f"{path} holds a model of type {found!r}, not a BEVT visual tokenizer (model_type "
+            f"{BEVTVisualTokenizerConfig.model_type!r}): loading it would give a tokenizer with every weight newly "
+            "initialised. Pass a tokenizer folder (`python -m bevt.convert --format dalle-encoder ...`)"
+        )
 
 
 def _check_saved_vocab_size(path: str | os.PathLike, kwargs: dict) -> None:

@@ -933,7 +933,8 @@ def check_label_consistency(
     ``label`` / ``label_name`` of each of its samples (read with :func:`iter_sample_metadata`: one pass over the tar
     headers, no media). ``label_names`` (the model's classes in id order, or a file with one per line) is the
     reference: every class named by the shards must be one of them, with the same id. Samples without a
-    ``label_name`` (or without a label) are not compared. Shard sets and ``label_names`` may be URLs
+    ``label_name`` are only checked to have a label id in range of ``label_names``; samples without a label are
+    not compared. Shard sets and ``label_names`` may be URLs
     (``storage_options`` go to their filesystem); scanning the samples of remote shards reads them whole (pass
     ``scan_samples=False`` to compare only the ``dataset_info.json`` / ``labels.txt`` next to them).
 
@@ -993,7 +994,14 @@ def check_label_consistency(
                     if not isinstance(meta, dict):
                         continue
                     label, name = meta.get("label"), meta.get("label_name")
-                    if isinstance(label, bool) or not isinstance(label, int) or not isinstance(name, str):
+                    if isinstance(label, bool) or not isinstance(label, int):
+                        continue
+                    if not isinstance(name, str):  # an id without a name: only its range can be checked
+                        if num_names is not None and not 0 <= label < num_names:
+                            raise LabelMismatchError(
+                                f"label {label} of sample {key!r} of {path} is outside the {num_names} label names "
+                                f"({names_where}); {hint}"
+                            )
                         continue
                     if (label, name) not in pairs:
                         pairs.add((label, name))

@@ -51,6 +51,7 @@ __all__ = [
     "TrackingArguments",
     "UsageError",
     "arguments_dict",
+    "check_model_folder",
     "check_non_negative",
     "check_positive_ints",
     "check_unit_interval",
@@ -83,6 +84,32 @@ class UsageError(SystemExit):
 def fail(flag: str, expected: str, got: Any) -> NoReturn:
     """Raise `UsageError("<flag> must be <expected>, got <value>")`."""
     raise UsageError(f"{flag} must be {expected}, got {got!r}")
+
+
+def check_model_folder(flag: str, name_or_path: str, model_type: str, what: str) -> None:
+    """`name_or_path` of a `from_pretrained` flag: an existing local folder must hold a `config.json` of `model_type`
+    (else `UsageError` naming the flag, what the folder is and what was expected); a name that cannot be a Hub repo
+    id (an absolute or `./` path, more than one `/`) must exist. Hub ids are left to `from_pretrained`."""
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(name_or_path)
+        except HFValidationError:
+            raise UsageError(f"{flag} {name_or_path}: no such folder (and not a Hub repo id)") from None
+        return
+    config = path / "config.json"
+    if not config.is_file():
+        raise UsageError(f"{flag} {name_or_path}: not {what} (no config.json in it)")
+    try:
+        found = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as err:
+        raise UsageError(f"{flag} {name_or_path}: unreadable config.json ({err})") from None
+    if found != model_type:
+        raise UsageError(
+            f"{flag} {name_or_path}: a folder of model_type {found!r}, expected {what} (model_type {model_type!r})"
+        )
 
 
 def check_positive_ints(args: Any, names: Iterable[str]) -> None:
@@ -215,6 +242,8 @@ class ModelArguments(ArgumentGroup):
     def __post_init__(self) -> None:
         if self.drop_path_rate is not None and not 0 <= self.drop_path_rate < 1:
             fail("--drop_path_rate", "in [0, 1)", self.drop_path_rate)
+        if self.model_name_or_path:
+            check_model_folder("--model_name_or_path", self.model_name_or_path, "bevt", "a BEVT model folder")
         super().__post_init__()
 
 
@@ -228,6 +257,11 @@ class DataLoadingArguments(ArgumentGroup):
     )
     shuffle_buffer: int | None = HfArg(
         default=None, help="Samples in the training stream's shuffle buffer (0: no shuffling)."
+    )
+    max_bad_sample_fraction: float = HfArg(
+        default=0.1,
+        help="Stop the run (DataQualityError) when more than this fraction of the samples read fail to load "
+        "(checked after the first 100); each bad sample is skipped, counted and logged.",
     )
     shard_cache_dir: str | None = HfArg(
         default=None,
@@ -248,6 +282,7 @@ class DataLoadingArguments(ArgumentGroup):
 
     def __post_init__(self) -> None:
         check_non_negative(self, ("shuffle_buffer", "num_workers", "shard_max_retries"))
+        check_unit_interval(self, ("max_bad_sample_fraction",))
         if not self.shard_timeout > 0:
             fail("--shard_timeout", "> 0 seconds", self.shard_timeout)
         if self.storage_options is not None:
@@ -260,8 +295,10 @@ class DataLoadingArguments(ArgumentGroup):
         super().__post_init__()
 
     def stream_options(self) -> dict[str, Any]:
-        """The `build_stream` keywords for shards given as URLs."""
+        """The `build_stream` keywords of every stream: the bad-sample threshold and, for shards given as URLs, the
+        cache, retries, timeout and storage options."""
         return {
+            "max_failure_fraction": self.max_bad_sample_fraction,
             "cache_dir": self.shard_cache_dir,
             "max_retries": self.shard_max_retries,
             "timeout": self.shard_timeout,
@@ -374,6 +411,11 @@ class TrackingArguments(ArgumentGroup):
 
     def __post_init__(self) -> None:
         check_positive_ints(self, ("logging_steps",))
+        from accelerate.utils import LoggerType
+
+        trackers = [t.value for t in LoggerType]
+        if self.report_to not in trackers:
+            fail("--report_to", f"one of {', '.join(trackers)}", self.report_to)
         super().__post_init__()
 
 
@@ -386,6 +428,18 @@ class HubArguments(ArgumentGroup):
     )
     hub_model_id: str | None = HfArg(default=None, help="Hub repository (default: the output folder's name).")
     hub_token: str | None = HfArg(default=None, help="Hub token (default: the logged-in one).")
+
+    def __post_init__(self) -> None:
+        if self.push_to_hub:  # checked before training, not after hours of it
+            from huggingface_hub import constants, get_token
+
+            if constants.HF_HUB_OFFLINE:
+                fail("--push_to_hub", "used online (HF_HUB_OFFLINE is set: the upload would fail after training)",
+                     True)  # fmt: skip
+            if not (self.hub_token or get_token()):
+                fail("--push_to_hub", "given a Hub token: log in (`hf auth login`), set HF_TOKEN or pass --hub_token",
+                     True)  # fmt: skip
+        super().__post_init__()
 
 
 @dataclasses.dataclass

@@ -134,6 +134,20 @@ class CheckpointManager:
         if not path.is_dir():
             raise FileNotFoundError(f"--resume_from_checkpoint: {path} is not a folder (or use 'latest')")
         if not (path / COMPLETE_MARKER).is_file():
+            looks_like_checkpoint = (path / TRAINER_STATE_NAME).is_file() or "checkpoint-" in path.name
+            if not looks_like_checkpoint:
+                inside = sorted(p.name for p in path.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file())
+                saved_model = (path / "config.json").is_file()
+                what = "a saved model (config.json)" if saved_model else "not a checkpoint folder"
+                hint = (
+                    f"its checkpoints: {', '.join(inside)} (or 'latest' with --output_dir {path})"
+                    if inside
+                    else "a checkpoint-<step> folder of a run's --output_dir, or 'latest'"
+                )
+                raise ValueError(
+                    f"--resume_from_checkpoint: {path} is {what}, not a training checkpoint (no "
+                    f"{TRAINER_STATE_NAME}); pass {hint}"
+                )
             raise ValueError(
                 f"--resume_from_checkpoint: {path} is not a complete checkpoint (no {COMPLETE_MARKER}); it may "
                 "have been interrupted while saving. Use another checkpoint or 'latest'."

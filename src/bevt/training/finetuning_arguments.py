@@ -47,6 +47,7 @@ from .arguments import (
     ScheduleArguments,
     TrackingArguments,
     UsageError,
+    check_model_folder,
     check_non_negative,
     check_positive_ints,
     check_unit_interval,
@@ -113,7 +114,7 @@ class FinetuningRecipe(Recipe):
     eval_num_clips: int
     eval_num_crops: int
     per_device_eval_batch_size: int
-    dataset_name: str
+    dataset_name: str | None  # None: the card names no dataset unless --dataset_name is given
     output_dir: str
     checkpointing_steps: int
     logging_steps: int
@@ -157,7 +158,7 @@ K400 = FinetuningRecipe(
     eval_num_clips=4,
     eval_num_crops=3,
     per_device_eval_batch_size=1,
-    dataset_name="kinetics400",
+    dataset_name=None,
     output_dir="bevt-finetuned-k400",
     checkpointing_steps=1000,
     logging_steps=50,
@@ -192,7 +193,7 @@ SSV2 = dataclasses.replace(
     gradient_accumulation_steps=8,
     max_grad_norm=0.0,
     eval_num_clips=1,
-    dataset_name="something-something-v2",
+    dataset_name=None,
     output_dir="bevt-finetuned-ssv2",
 )
 # Diving48 (48 dive classes; like SSv2, telling them apart needs the order of the frames). The official repository
@@ -209,7 +210,7 @@ DIVING48 = dataclasses.replace(
         )
         for name, change in SSV2.pretrained_changes.items()
     },
-    dataset_name="diving48",
+    dataset_name=None,
     output_dir="bevt-finetuned-diving48",
 )
 # No data flags: a tiny model learns the synthetic temporal classes of bevt.data.demo_finetuning on a CPU.
@@ -477,7 +478,9 @@ class ModelCardArguments(ArgumentGroup):
     _argument_group_name = "hub"
 
     dataset_name: str | None = HfArg(
-        default=None, help="Dataset id shown in the model card (`datasets`, `model-index`)."
+        default=None,
+        help="Dataset id the model card claims (`datasets`, `model-index`), e.g. kinetics400, "
+        "something-something-v2, diving48. Not given: the card names no dataset (recipes do not claim one).",
     )
     base_model: str | None = HfArg(
         default=None,
@@ -497,6 +500,7 @@ def _parse_randaug(values: list[str]) -> tuple[int, int] | None:
 
 def pretrained_config(name_or_path: str) -> BEVTConfig:
     """The config of the `--model_name_or_path` folder (its architecture is kept), or a clear error."""
+    check_model_folder("--model_name_or_path", name_or_path, BEVTConfig.model_type, "a BEVT model folder")
     try:
         config = BEVTConfig.from_pretrained(name_or_path)
     except (OSError, ValueError, TypeError) as err:
@@ -535,7 +539,7 @@ class FinetuningArguments(
     architecture: dict[str, ArchitectureChoice] = field(default_factory=dict, init=False, repr=False)
     skipped_recipe_changes: list[str] = field(default_factory=list, init=False, repr=False)
 
-    none_display = {"torch_threads": "torch's choice"}
+    none_display = {"torch_threads": "torch's choice", "dataset_name": "none (no dataset claimed)"}
     help_overrides = {
         "model_name_or_path": "Start from a BEVT folder: run_pretraining.py output, a converted checkpoint, a "
         "fine-tuned model.",
@@ -584,6 +588,11 @@ class FinetuningArguments(
         # the architecture: a pretrained model's own unless given (evaluation takes the folder's model as it is)
         pretrained = pretrained_config(self.model_name_or_path) if self.model_name_or_path else None
         if self.do_eval_only:
+            saved_as = pretrained.architectures or []
+            if saved_as and "BEVTForVideoClassification" not in saved_as:
+                fail("--model_name_or_path", "a video classifier (BEVTForVideoClassification) with --do_eval_only: "
+                     f"{self.model_name_or_path} is a {saved_as[0]} without a classifier (fine-tune it first)",
+                     self.model_name_or_path)  # fmt: skip
             pretrained = None
         self.architecture = resolve_architecture(
             pretrained, flags, recipe.values(), recipe.pretrained_changes, recipe_name=recipe.name
@@ -655,11 +664,19 @@ class FinetuningArguments(
             crop_size={"height": self.image_size, "width": self.image_size},
         )
 
+    def card_start(self) -> str:
+        """What the run started from, for the card: a Hub id, or a local folder by its name (no local paths)."""
+        if not self.model_name_or_path:
+            return f"scratch ({self.model_preset} preset)"
+        if os.path.exists(self.model_name_or_path):
+            return f"a local folder `{Path(self.model_name_or_path).resolve().name}`"
+        return self.model_name_or_path
+
     def card_hyperparameters(self, schedule: Any, num_processes: int) -> dict[str, Any]:
         """The training hyperparameters the model card lists."""
         total_batch = self.per_device_train_batch_size * num_processes * self.gradient_accumulation_steps
         return {
-            "start": self.model_name_or_path or f"scratch ({self.model_preset} preset)",
+            "start": self.card_start(),
             "clip": f"{self.num_frames} frames, {self.sampling} sampling"
             + (f", interval {self.frame_interval}" if self.sampling == "dense" else ""),
             "optimizer": f"AdamW lr {self.learning_rate:g}, betas ({self.adam_beta1}, {self.adam_beta2}), "
