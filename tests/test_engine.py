@@ -28,6 +28,7 @@ from bevt.training.arguments import (
     RunControlArguments,
     ScheduleArguments,
     TrackingArguments,
+    UsageError,
 )
 
 WEIGHTS = torch.tensor([[1.0], [-2.0], [0.5]])
@@ -76,13 +77,13 @@ class Evaluations:
         self.steps = list(state["steps"])
 
 
-def _train(output_dir, resume: str | None = None, max_steps: int = 6):
+def _train(output_dir, resume: str | None = None, max_steps: int = 6, extra: tuple[str, ...] = ()):
     argv = ["--output_dir", str(output_dir), "--learning_rate", "0.4", "--weight_decay", "0", "--max_grad_norm", "0",
             "--gradient_accumulation_steps", "2", "--max_train_steps", str(max_steps), "--checkpointing_steps", "3",
             "--logging_steps", "2", "--lr_scheduler_type", "constant_with_warmup"]  # fmt: skip
     if resume:
         argv += ["--resume_from_checkpoint", resume]
-    args = BEVTArgumentParser(ToyArguments).parse(argv)
+    args = BEVTArgumentParser(ToyArguments).parse([*argv, *extra])  # a repeated flag: the last one wins
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=args.gradient_accumulation_steps)
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1, bias=False)
@@ -188,3 +189,28 @@ def test_stop_signal_is_agreed_through_the_accelerator_trigger():
         assert bystander.should_stop(_Ranks(other_rank_triggered=True))
         assert bystander.exit_code == 128 + signal.SIGTERM
         assert bystander.describe() == "another rank received a stop signal"
+
+
+def test_resume_refuses_changed_hyperparameters_and_names_them(tmp_path, caplog):
+    """Issue 17: a resumed run silently ignored a changed --learning_rate (identical losses). The checkpoint keeps the
+    run's arguments; batch sizes, lr, schedule, seed and model may not change (an error naming each, both values),
+    steps / logging / checkpointing may (nothing said), anything else is taken with a warning naming it."""
+    _train(tmp_path / "run", max_steps=3)
+    checkpoint = str(tmp_path / "run" / "checkpoint-3")
+    with pytest.raises(UsageError) as info:
+        _train(tmp_path / "a", resume=checkpoint, extra=("--learning_rate", "0.01", "--lr_scheduler_type", "cosine"))  # fmt: skip
+    message = str(info.value)
+    assert message.startswith(f"error: --resume_from_checkpoint {checkpoint}: the run was saved with other")
+    assert "--learning_rate 0.4 -> 0.01" in message
+    assert "--lr_scheduler_type 'constant_with_warmup' -> 'cosine'" in message
+    with pytest.raises(UsageError, match=r"--gradient_accumulation_steps 2 -> 1"):
+        _train(tmp_path / "b", resume=checkpoint, extra=("--gradient_accumulation_steps", "1"))
+
+    # more steps, other logging: fine; another clipping norm: taken, with a warning
+    extra = ("--logging_steps", "1", "--max_grad_norm", "1.0")
+    with caplog.at_level("WARNING"):
+        code, start, engine, *_ = _train(tmp_path / "c", resume=checkpoint, max_steps=5, extra=extra)
+    assert code == 0 and start == 3 and engine.state.step == 5
+    changed = [r.getMessage() for r in caplog.records if "changed argument" in r.getMessage()]
+    assert len(changed) == 1, changed
+    assert changed[0].endswith(f"resuming {checkpoint} with a changed argument: --max_grad_norm 0.0 -> 1.0")

@@ -23,7 +23,7 @@ import difflib
 import json
 import sys
 import types
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NoReturn, Union, get_args, get_origin, get_type_hints
 
@@ -51,6 +51,7 @@ __all__ = [
     "TrackingArguments",
     "UsageError",
     "arguments_dict",
+    "check_resumed_arguments",
     "check_model_folder",
     "check_non_negative",
     "check_positive_ints",
@@ -634,6 +635,53 @@ def arguments_dict(args: Any) -> dict[str, Any]:
             value = MASKED
         out[f.name] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+# Resuming: the arguments that may differ from the checkpoint's (how long, how often to log / save / evaluate, where
+# the data and outputs are, workers, tracking, the Hub) and those that may not (a resumed run with another batch
+# size, learning rate, schedule, seed or starting model is not the run that was saved). Any other change is allowed
+# with a warning that names it.
+RESUME_MAY_CHANGE = frozenset({
+    "max_train_steps", "num_train_epochs", "logging_steps", "checkpointing_steps", "save_total_limit",
+    "resume_from_checkpoint", "output_dir", "config", "with_tracking", "report_to", "push_to_hub", "hub_model_id",
+    "hub_token", "num_workers", "torch_threads", "eval_steps", "eval_every_epochs", "per_device_eval_batch_size",
+    "max_eval_views_per_forward", "shard_cache_dir", "shard_max_retries", "shard_timeout", "storage_options",
+    "max_bad_sample_fraction", "max_nonfinite_steps", "dataset_name", "base_model", "log_sample_keys",
+})  # fmt: skip
+RESUME_MUST_MATCH = frozenset({
+    "per_device_train_batch_size", "video_batch_size", "image_batch_size", "gradient_accumulation_steps",
+    "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "lr_scheduler_type",
+    "num_warmup_steps", "warmup_ratio", "warmup_epochs", "layer_decay", "backbone_lr_multiplier", "ema_decay", "seed",
+    "stage", "model_name_or_path", "model_preset", "linear_probe", "freeze_backbone", "max_train_samples",
+    "train_fraction",
+})  # fmt: skip
+
+
+def check_resumed_arguments(
+    saved: Mapping[str, Any], current: Mapping[str, Any], checkpoint: str
+) -> list[str]:
+    """Compare the arguments saved in a checkpoint (`arguments_dict` at save time) with the resumed run's.
+
+    Raises `UsageError` naming every `RESUME_MUST_MATCH` flag that differs (with both values); returns one line per
+    other changed flag outside `RESUME_MAY_CHANGE` (for a warning)."""
+    def normal(value: Any) -> Any:
+        return json.loads(json.dumps(value, default=str))
+
+    changed = {
+        name: (normal(saved[name]), normal(value))
+        for name, value in current.items()
+        if name in saved and name not in RESUME_MAY_CHANGE and normal(saved[name]) != normal(value)
+    }
+    refused = [f"--{n} {old!r} -> {new!r}" for n, (old, new) in changed.items() if n in RESUME_MUST_MATCH]
+    if refused:
+        raise UsageError(
+            f"--resume_from_checkpoint {checkpoint}: the run was saved with other values of "
+            + ", ".join(refused)
+            + " (saved -> given). A resumed run must keep its batch sizes, learning rate, schedule, seed and model; "
+            "pass the saved values (its training_args.json works as --config), or start a new run in another "
+            "--output_dir"
+        )
+    return [f"--{n} {old!r} -> {new!r}" for n, (old, new) in changed.items()]
 
 
 def save_training_args(args: Any, output_dir: str | Path) -> Path:

@@ -34,6 +34,7 @@ with JSON `state_dict()` / `load_state_dict()` carried in the checkpoints (e.g. 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -46,7 +47,7 @@ from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
 from ..data.streaming import DataQualityError
-from .arguments import UsageError, tracker_config
+from .arguments import UsageError, arguments_dict, check_resumed_arguments, tracker_config
 from .checkpoints import CheckpointManager
 from .faults import kill_if_requested
 from .guards import GracefulExit, NonFiniteLossError, NonFiniteLossGuard
@@ -301,6 +302,10 @@ class TrainingEngine:
         try:
             path = self.manager.resolve(wanted)
             resumed = self.manager.load(self.accelerator, path)
+            saved_arguments = resumed.extra_state.get("arguments")
+            if saved_arguments is not None and dataclasses.is_dataclass(self.args):
+                for line in check_resumed_arguments(saved_arguments, arguments_dict(self.args), str(path)):
+                    logger.warning(f"resuming {path} with a changed argument: {line}")
             if resumed.data_state is not None:
                 self.train_data.load_state_dict(resumed.data_state)
         except (FileNotFoundError, ValueError) as err:  # the messages name the folder and what differs
@@ -327,6 +332,8 @@ class TrainingEngine:
             **self.state.to_dict(),
             "states": {name: obj.state_dict() for name, obj in self.states.items()},
         }
+        if dataclasses.is_dataclass(self.args):  # compared when the run is resumed (tokens masked)
+            extra["arguments"] = arguments_dict(self.args)
         path = self.manager.save(
             self.accelerator, self.state.step, extra_state=extra, data_state=self.train_data.state_dict()
         )
