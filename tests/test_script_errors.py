@@ -272,3 +272,29 @@ def test_training_args_json_keeps_the_new_flags(finetuning, tmp_path):
     args = finetuning.parse_args(["--train_shards", "x.tar", "--max_bad_sample_fraction", "0.3"])
     saved = json.loads(save_training_args(args, tmp_path).read_text())
     assert saved["max_bad_sample_fraction"] == 0.3 and saved["dataset_name"] is None
+
+
+def test_min_mask_patches_beyond_the_masked_count_is_capped_as_documented():
+    """README: the smallest block is capped at the number of masked patches (one block of all of them)."""
+    from bevt.pretraining import build_mask_generators
+
+    tube, block = build_mask_generators(64, 8, mask_ratio=0.5, min_mask_patches=10_000)  # 4x4 grid: 8 masked
+    assert block.min_num_patches == block.num_masking_patches == 8 and tube.block.min_num_patches == 8
+    generator = torch.Generator().manual_seed(0)
+    assert int(block(generator).sum()) == 8 and int(tube(generator).sum(dim=(1, 2)).max()) == 8
+
+
+def test_resumed_batch_size_change_names_the_flag():
+    """A resumed run with another --video_batch_size is refused by name, before the data position is restored (it
+    used to fail there with "state saved with batch_size=2, loader has 3")."""
+    from bevt.training.arguments import check_resumed_arguments
+
+    saved = {"video_batch_size": 2, "image_batch_size": 16, "logging_steps": 10, "color_jitter": 0.4}
+    with pytest.raises(
+        UsageError, match=r"--resume_from_checkpoint ck: .* --video_batch_size 2 -> 3 \(saved"
+    ):
+        check_resumed_arguments(saved, {**saved, "video_batch_size": 3}, "ck")
+    assert check_resumed_arguments(saved, {**saved, "logging_steps": 1}, "ck") == []
+    assert check_resumed_arguments(saved, {**saved, "color_jitter": 0.2}, "ck") == [
+        "--color_jitter 0.4 -> 0.2"
+    ]
