@@ -298,3 +298,32 @@ def test_resumed_batch_size_change_names_the_flag():
     assert check_resumed_arguments(saved, {**saved, "color_jitter": 0.2}, "ck") == [
         "--color_jitter 0.4 -> 0.2"
     ]
+
+
+def test_cli_flags_take_the_training_scripts_underscore_spelling(tmp_path, capsys):
+    """`python -m bevt.data.make_shards` / `bevt.convert` take `--output_dir` as well as `--output-dir` (the training
+    scripts take both spellings too, through HfArgumentParser): one flag, one meaning, either spelling."""
+    from bevt.convert import _parser as convert_parser
+    from bevt.data.make_shards import main
+
+    parser = convert_parser()
+    required = ["--format", "video-swin", "--checkpoint", "c.pth"]
+    dashed = parser.parse_args(
+        [*required, "--output-dir", "o", "--window-size", "2", "7", "7", "--num-frames", "8"]
+    )
+    for spelling in (
+        ["--output_dir", "o", "--window_size", "2", "7", "7", "--num_frames", "8"],
+        ["--output_dir=o", "--window_size", "2", "7", "7", "--num_frames=8"],
+        ["--out", "o", "--window-size", "2", "7", "7", "--num-f", "8"],  # unique prefixes still work
+    ):
+        assert vars(parser.parse_args([*required, *spelling])) == vars(dashed), spelling
+    assert "--output_dir" not in parser.format_help()  # one name in --help
+    root = tmp_path / "media" / "cat"
+    root.mkdir(parents=True)
+    for i in range(3):
+        (root / f"{i}.jpg").write_bytes(encode_jpeg(seed=i))
+    out = tmp_path / "out"
+    argv = ["--root", str(tmp_path / "media"), "--output_dir", str(out), "--num_shards", "2", "--no_shuffle"]
+    assert main(argv) == 0, capsys.readouterr().err
+    info = json.loads((out / "dataset_info.json").read_text())
+    assert [s["num_samples"] for s in info["shards"]] == [2, 1]

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from .cli import CLIArgumentParser
 from .configuration_bevt import BEVTConfig
 from .conversion_swin import (
     DEFAULT_TEMPORAL_PATCH,
@@ -660,7 +661,7 @@ def load_swin2d_into(
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CLIArgumentParser(
         prog="python -m bevt.convert",
         description="Convert original BEVT / Video Swin / Swin / torchvision checkpoints into bevt model folders.",
     )

@@ -60,6 +60,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from bevt.cli import CLIArgumentParser
 from bevt.data.shards import (
     DATASET_INFO_FILE,
     LABELS_FILE,
@@ -776,7 +777,7 @@ def make_shards(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CLIArgumentParser(
         prog="python -m bevt.data.make_shards",
         description="Write WebDataset .tar shards (media + json per sample) for bevt training.",
     )
