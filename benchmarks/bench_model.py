@@ -14,8 +14,11 @@ of the peak resident set size (VmHWM) of a fresh subprocess over one step (CPU h
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import os
+import platform
 import re
 import resource
 import statistics
@@ -86,8 +89,87 @@ def timed(fn, *args) -> float:
     return CLOCK() - start
 
 
-def alternate(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call, running the candidates in turn so drift hits all of them alike."""
+def machine_info(threads: int) -> dict[str, object]:
+    """What the numbers were measured on: CPU model, instruction sets (from /proc/cpuinfo flags and torch's own
+    dispatch level), threads, load average."""
+    info: dict[str, object] = {"cpu_model": platform.processor() or platform.machine()}
+    flags: set[str] = set()
+    try:
+        fields = {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if ":" not in line:
+                if fields:
+                    break  # first processor only
+                continue
+            key, value = (s.strip() for s in line.split(":", 1))
+            fields.setdefault(key, value)
+        info["cpu_model"] = fields.get("model name", info["cpu_model"])
+        info["cpu_id"] = (
+            f"{fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+        )
+        flags = set(fields.get("flags", "").split())
+    except OSError:
+        pass
+    isa = [name for name, flag in ISA_FLAGS if flag in flags]
+    info["isa"] = isa or ["unknown (no /proc/cpuinfo flags)"]
+    info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    info["threads"] = threads
+    info["logical_cpus"] = os.cpu_count()
+    info["torch"] = torch.__version__
+    info["load_average_at_start"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return info
+
+
+# (printed name, /proc/cpuinfo flag)
+ISA_FLAGS = [
+    ("AVX2", "avx2"),
+    ("AVX-512", "avx512f"),
+    ("AVX512-BF16", "avx512_bf16"),
+    ("AMX-BF16", "amx_bf16"),
+]
+
+
+def precision_context(precision: str) -> contextlib.AbstractContextManager:
+    """float32, or bfloat16 autocast on CPU (what `--mixed_precision bf16` does in the scripts)."""
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def gemm_rate(precision: str, m: int, k: int, n: int, repeats: int) -> float:
+    """GFLOP/s of one large (m, k) @ (k, n) product (bf16: under CPU autocast, as the model runs): the median of
+    `repeats` calls after a warm-up. The machine's practical limit for the model's dense work."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+    with precision_context(precision):
+        for _ in range(3):  # warm-up: the first bf16 calls set up AMX tiles and oneDNN primitives
+            torch.matmul(a, b)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.matmul(a, b)
+            times.append(time.perf_counter() - start)
+    return 2 * m * k * n / statistics.median(times) / 1e9
+
+
+def count_flops(fn) -> int:
+    """FLOPs of one call of `fn` (matmuls, convolutions, attention) as torch's FlopCounterMode counts them. Under the
+    counter our fused paths run the standard aten ops (see kernels_bevt), so every product is seen."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def spread(times: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+
+
+def alternate(fns: dict, repeats: int, warmup: int = 1) -> dict[str, dict[str, float]]:
+    """Seconds per call (median, min, max), running the candidates in turn (A, B, A, B, ...) so that drift and other
+    jobs on the machine hit all of them alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -95,7 +177,7 @@ def alternate(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
     for _ in range(repeats):
         for name, fn in fns.items():
             times[name].append(timed(fn))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: spread(t) for name, t in times.items()}
 
 
 def torchvision_swin3d_t_from(model: BEVTForVideoClassification) -> torch.nn.Module:
@@ -166,8 +248,13 @@ def memory_of(kind: str, args) -> float:
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
 
+SMOKE = {"preset": "test", "frames": 8, "size": 64, "images": 2, "repeats": 1, "gemm_size": 256}
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="tiny", help="model size preset (default: tiny = Swin-T dims)")
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--size", type=int, default=224)
@@ -176,9 +263,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per candidate (median reported)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument(
+        "--precisions",
+        default="fp32,bf16",
+        help="comma-separated: fp32 and/or bf16 (bfloat16 autocast on CPU, as --mixed_precision bf16 runs)",
+    )
+    parser.add_argument(
+        "--gemm-size",
+        type=int,
+        default=1024,
+        help="the GEMM-rate probe multiplies (4*S, S) @ (S, S) (default 1024: 4096x1024 @ 1024x1024)",
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
-        help="also time torch.compile'd inference and a training step with the encoder compiled",
+        help="also time torch.compile'd inference and a training step with the encoder compiled (fp32)",
     )
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument(
@@ -186,84 +284,223 @@ def main() -> None:
         action="store_true",
         help="time with process CPU time instead of wall time (use on a machine shared with other jobs)",
     )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a seconds-long check that every part runs (preset test, 8x64 clips, 1 repeat, small GEMM, no memory)",
+    )
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--measure-memory", choices=["ours", "ref"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure_memory:
         measure_memory(args.measure_memory, args)
         return
+    if args.smoke:
+        for key, value in SMOKE.items():
+            setattr(args, key, value)
+        args.skip_memory = True
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if not precisions or set(precisions) - {"fp32", "bf16"}:
+        parser.error(f"--precisions takes fp32 and/or bf16, got {args.precisions!r}")
     torch.set_num_threads(args.threads)
     global CLOCK
     if args.cpu_time:
         CLOCK = time.process_time
     results: dict[str, object] = {
-        "threads": args.threads,
+        "machine": machine_info(args.threads),
         "preset": args.preset,
+        "inputs": f"{args.videos} video(s) {args.frames}x{args.size} + {args.images} image(s) {args.size}",
         "clock": "process CPU time" if args.cpu_time else "wall",
     }
+    s = args.gemm_size
+    gemm_repeats = 3 if args.smoke else 10
+    rates = {p: [gemm_rate(p, 4 * s, s, s, gemm_repeats)] for p in precisions}  # again at the end (drift)
 
     model = build_model(args.preset)
     inputs = build_inputs(args.frames, args.size, args.images, model.config.vocab_size, videos=args.videos)
-    with torch.no_grad():
-        ours_loss = model(**inputs).loss
-        ref_loss = reference_pretraining_loss(model, **inputs)[0]
-    results["train_loss_abs_diff"] = abs(ours_loss.item() - ref_loss.item())
-    assert results["train_loss_abs_diff"] < 1e-3, results
+    results["train_loss_abs_diff"] = {}
+    for p in precisions:
+        with torch.no_grad(), precision_context(p):
+            ours_loss = model(**inputs).loss
+            ref_loss = reference_pretraining_loss(model, **inputs)[0]
+        results["train_loss_abs_diff"][p] = diff = abs(ours_loss.item() - ref_loss.item())
+        # float32: same math (summation order only); bf16: both round their products to 8 mantissa bits
+        assert diff < (1e-3 if p == "fp32" else 5e-2), (p, ours_loss.item(), ref_loss.item())
 
     def zero():
         model.zero_grad(set_to_none=True)
 
-    candidates = {
-        "ours": lambda: (zero(), ours_step(model, inputs)),
-        "reference": lambda: (zero(), reference_step(model, inputs)),
+    def step(fn, precision):
+        def run():
+            zero()
+            with precision_context(precision):
+                loss = (
+                    model(**inputs).loss
+                    if fn is ours_step
+                    else reference_pretraining_loss(model, **inputs)[0]
+                )
+            loss.backward()  # outside autocast, as Accelerate runs it
+
+        return run
+
+    results["train_gflop"] = {
+        "ours": count_flops(step(ours_step, "fp32")) / 1e9,
+        "reference": count_flops(step(reference_step, "fp32")) / 1e9,
     }
+    candidates = {}
+    for p in precisions:
+        candidates[f"ours_{p}"] = step(ours_step, p)
+        candidates[f"reference_{p}"] = step(reference_step, p)
     if args.compile:  # the encoder compiled in place, as run_pretraining.py --torch_compile does
         compiled_model = copy.deepcopy(model)
         compiled_model.bevt.encoder.compile(dynamic=False)
         start = time.perf_counter()
         ours_step(compiled_model, inputs)
         results["train_compile_s"] = time.perf_counter() - start
-        candidates["ours_compiled"] = lambda: (
+        candidates["ours_compiled_fp32"] = lambda: (
             compiled_model.zero_grad(set_to_none=True),
             ours_step(compiled_model, inputs),
         )
     train = alternate(candidates, args.repeats)
     results["train_step_s"] = train
-    results["train_speedup_vs_reference"] = train["reference"] / train["ours"]
-    if "ours_compiled" in train:
-        results["train_speedup_ours_compiled_vs_reference"] = train["reference"] / train["ours_compiled"]
+    for p in precisions:
+        results[f"train_speedup_vs_reference_{p}"] = (
+            train[f"reference_{p}"]["median"] / train[f"ours_{p}"]["median"]
+        )
+    if "bf16" in precisions and "fp32" in precisions:
+        results["train_speedup_ours_bf16_vs_reference_fp32"] = (
+            train["reference_fp32"]["median"] / train["ours_bf16"]["median"]
+        )
+    if "ours_compiled_fp32" in train:
+        results["train_speedup_ours_compiled_vs_reference"] = (
+            train["reference_fp32"]["median"] / train["ours_compiled_fp32"]["median"]
+        )
     print(json.dumps(results, indent=1), flush=True)
 
     classifier = BEVTForVideoClassification(BEVTConfig.from_preset(args.preset, num_labels=400)).eval()
     classifier.bevt.load_state_dict(model.bevt.state_dict())
     clip = inputs["pixel_values"]
+
+    def infer(module, precision, layout=lambda x: x):
+        def run():
+            with torch.no_grad(), precision_context(precision):
+                module(layout(clip))
+
+        return run
+
+    # FLOPs with the eager attention (same math): the counter has no formula for SDPA's fused CPU kernel
+    classifier.config._attn_implementation = "eager"
+    results["inference_gflop"] = {"ours": count_flops(infer(classifier, "fp32")) / 1e9}
+    classifier.config._attn_implementation = "sdpa"
     candidates = {}
+    tv = None
     if args.preset == "tiny":
         tv = torchvision_swin3d_t_from(classifier)
         with torch.no_grad():
             diff = (tv(clip.transpose(1, 2)) - classifier(clip).logits).abs().max().item()
         results["inference_max_abs_diff_vs_torchvision"] = diff
-        candidates["torchvision_swin3d_t"] = lambda: tv(clip.transpose(1, 2))
-    candidates["ours"] = lambda: classifier(clip)
+        results["inference_gflop"]["torchvision_swin3d_t"] = (
+            count_flops(infer(tv, "fp32", lambda x: x.transpose(1, 2))) / 1e9
+        )
+    for p in precisions:
+        if tv is not None:
+            candidates[f"torchvision_swin3d_t_{p}"] = infer(tv, p, lambda x: x.transpose(1, 2))
+        candidates[f"ours_{p}"] = infer(classifier, p)
     if args.compile:
         compiled = torch.compile(classifier)
         start = time.perf_counter()
         with torch.no_grad():
             compiled(clip)
         results["compile_s"] = time.perf_counter() - start
-        candidates["ours_compiled"] = lambda: compiled(clip)
-    with torch.no_grad():
-        infer = alternate(candidates, args.repeats)
-    results["inference_s"] = infer
-    if "torchvision_swin3d_t" in infer:
-        for name in infer:
+        candidates["ours_compiled_fp32"] = infer(compiled, "fp32")
+    inference = alternate(candidates, args.repeats)
+    results["inference_s"] = inference
+    if tv is not None:
+        for name in inference:
             if name.startswith("ours"):
-                results[f"inference_speedup_{name}_vs_torchvision"] = infer["torchvision_swin3d_t"] / infer[name]
+                p = name.rsplit("_", 1)[1]
+                results[f"inference_speedup_{name}_vs_torchvision_{p}"] = (
+                    inference[f"torchvision_swin3d_t_{p}"]["median"] / inference[name]["median"]
+                )
+
+    for p in precisions:
+        rates[p].append(gemm_rate(p, 4 * s, s, s, gemm_repeats))
+    results["gemm"] = {
+        "shape": f"({4 * s}, {s}) @ ({s}, {s})",
+        **{f"{p}_gflops": {"start": r[0], "end": r[1], "mean": sum(r) / 2} for p, r in rates.items()},
+    }
+    # utilisation: the candidate's own FLOPs per second over the machine's GEMM rate in that precision
+    utilisation: dict[str, float] = {}
+    for kind, times, flops in (
+        ("train", train, results["train_gflop"]),
+        ("inference", inference, results["inference_gflop"]),
+    ):
+        for name, t in times.items():
+            base, p = name.rsplit("_", 1)
+            base = base.removesuffix("_compiled")
+            if base in flops:
+                utilisation[f"{kind}_{name}"] = (
+                    flops[base] / t["median"] / results["gemm"][f"{p}_gflops"]["mean"]
+                )
+    results["utilisation_of_gemm_rate"] = utilisation
 
     if not args.skip_memory:
         ours_mem, ref_mem = memory_of("ours", args), memory_of("ref", args)
         results["train_peak_mib"] = {"ours": ours_mem, "reference": ref_mem}
         results["train_memory_ratio_vs_reference"] = ours_mem / ref_mem if ref_mem > 0 else None
+    results["machine"]["load_average_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(json.dumps(results, indent=1))
+    print(summary(results, precisions))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+def summary(results: dict, precisions: list[str]) -> str:
+    """A Markdown table of the run: machine, GEMM rates, then per precision ours / peer / ratio / utilisation."""
+    m = results["machine"]
+    gemm = results["gemm"]
+    lines = [
+        f"CPU: {m['cpu_model']} ({m.get('cpu_id', '?')}); ISA: {', '.join(m['isa'])}; torch CPU capability "
+        f"{m['torch_cpu_capability']}; {m['threads']} threads of {m['logical_cpus']} logical CPUs; torch {m['torch']}; "
+        f"load average {m['load_average_at_start']:.2f} -> {m['load_average_at_end']:.2f}; clock: {results['clock']}",
+        f"GEMM {gemm['shape']}: "
+        + ", ".join(
+            f"{p} {gemm[f'{p}_gflops']['mean']:.0f} GFLOP/s (start {gemm[f'{p}_gflops']['start']:.0f}, "
+            f"end {gemm[f'{p}_gflops']['end']:.0f})"
+            for p in precisions
+        ),
+        f"FLOPs (FlopCounterMode): training step ours {results['train_gflop']['ours']:.4g} GFLOP, reference "
+        f"{results['train_gflop']['reference']:.4g}; inference ours {results['inference_gflop']['ours']:.4g}"
+        + (
+            f", torchvision {results['inference_gflop']['torchvision_swin3d_t']:.4g}"
+            if "torchvision_swin3d_t" in results["inference_gflop"]
+            else ""
+        ),
+        "",
+        "| measure | precision | ours s (min-max) | peer s (min-max) | ratio | ours util. | peer util. |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    util = results["utilisation_of_gemm_rate"]
+    for kind, peer, times in (
+        ("train", "reference", results["train_step_s"]),
+        ("inference", "torchvision_swin3d_t", results["inference_s"]),
+    ):
+        for p in precisions:
+            ours, other = times[f"ours_{p}"], times.get(f"{peer}_{p}")
+            cells = [f"{ours['median']:.3f} ({ours['min']:.3f}-{ours['max']:.3f})"]
+            if other is not None:
+                cells += [
+                    f"{other['median']:.3f} ({other['min']:.3f}-{other['max']:.3f}) {peer}",
+                    f"{other['median'] / ours['median']:.2f}x",
+                ]
+            else:
+                cells += ["-", "-"]
+            cells += [
+                f"{100 * util[f'{kind}_ours_{p}']:.0f}%" if f"{kind}_ours_{p}" in util else "-",
+                f"{100 * util[f'{kind}_{peer}_{p}']:.0f}%" if f"{kind}_{peer}_{p}" in util else "-",
+            ]
+            lines.append(f"| {kind} | {p} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,9 @@ def test_reference_matches_model_loss_and_gradients():
     torch.testing.assert_close(ours.logits, video_logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ours.image_logits, image_logits, atol=1e-4, rtol=1e-4)
     for name, grad in ours_grads.items():
-        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-4, rtol=1e-3, msg=name)
+        torch.testing.assert_close(
+            dict(model.named_parameters())[name].grad, grad, atol=1e-4, rtol=1e-3, msg=name
+        )
 
 
 def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path):
@@ -56,3 +58,40 @@ def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path):
     assert report["inference"]["clips_per_s"] > 0
     versus = report["train_vs_reference"]  # same math: the bf16 losses agree to bf16 precision
     assert versus["speedup_vs_reference"] > 0 and versus["loss_abs_diff"] < 0.05
+
+
+def test_bench_model_smoke_reports_machine_rates_flops_and_utilisation(tmp_path):
+    out = tmp_path / "model.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_model.py"), "--smoke", "--threads", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    machine = report["machine"]
+    assert machine["cpu_model"] and machine["isa"] and machine["threads"] == 1
+    assert machine["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    for p in ("fp32", "bf16"):
+        assert report["gemm"][f"{p}_gflops"]["mean"] > 0
+        assert (
+            report["train_step_s"][f"ours_{p}"]["median"] > 0
+            and report["inference_s"][f"ours_{p}"]["median"] > 0
+        )
+        assert 0 < report["utilisation_of_gemm_rate"][f"train_ours_{p}"]
+    assert report["train_loss_abs_diff"]["fp32"] < 1e-3 and report["train_loss_abs_diff"]["bf16"] < 5e-2
+    # the reference projects every position onto the vocabulary, ours only the masked ones
+    assert report["train_gflop"]["reference"] > report["train_gflop"]["ours"] > 0
+    assert report["inference_gflop"]["ours"] > 0
+    assert "| train | bf16 |" in result.stdout and "ISA:" in result.stdout
+
+
+def test_bench_model_flop_count_matches_a_hand_count():
+    """The FLOPs that the benchmark divides by come from FlopCounterMode: for one BEVTLinear under autograd (the
+    oneDNN path steps aside for the counter) they are the 3 products of forward and backward."""
+    from bench_model import count_flops
+
+    from bevt.kernels_bevt import BEVTLinear
+
+    layer = BEVTLinear(64, 32)
+    hidden = torch.randn(10, 64, requires_grad=True)
+    assert count_flops(lambda: layer(hidden).sum().backward()) == 3 * 2 * 10 * 64 * 32

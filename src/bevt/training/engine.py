@@ -35,6 +35,7 @@ with JSON `state_dict()` / `load_state_dict()` carried in the checkpoints (e.g. 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -449,6 +450,7 @@ class TrainingEngine:
                     return stopper.exit_code
         if evaluate is not None and state.last_eval_step != state.step:
             self._evaluate(evaluate)
+        check_replicas(accelerator, self.model)
         return 0
 
     def _stack(self, metrics: Mapping[str, torch.Tensor | float]) -> torch.Tensor:
@@ -535,3 +537,33 @@ class TrainingEngine:
             f"Model saved to {self.args.output_dir}",
         ]
         return "\n".join(lines)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of every parameter and buffer of `model` (names, shapes, dtypes and bytes), as hex."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_replicas(accelerator: Any, model: torch.nn.Module) -> list[str] | None:
+    """At the end of a data-parallel run (DDP, one or many machines) every rank should hold the same weights: each
+    rank logs the digest of its own copy, the main process compares them all and warns if any differs. Returns the
+    digests (by rank); None when not applicable (one process, or sharded FSDP / DeepSpeed weights)."""
+    from accelerate.utils import gather_object
+
+    # DDP on any device type (MULTI_CPU, MULTI_GPU, ...): every rank holds the whole model
+    replicated = str(getattr(accelerator.distributed_type, "value", "")).startswith("MULTI_")
+    if accelerator.num_processes < 2 or not replicated:
+        return None
+    own = weights_digest(accelerator.unwrap_model(model))
+    logger.info(f"final weights of rank {accelerator.process_index}: sha256 {own}", main_process_only=False)
+    digests = gather_object([own])
+    if len(set(digests)) == 1:
+        logger.info(f"final weights identical on all {len(digests)} ranks (sha256 {own[:16]})")
+    else:
+        logger.warning(f"final weights DIFFER between ranks: {dict(enumerate(digests))}")
+    return digests
