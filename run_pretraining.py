@@ -118,9 +118,11 @@ def resolve_target(args: PretrainingArguments) -> str:
 
 
 def build_model(
-    args: PretrainingArguments, vocab_size: int | None, target: str = "tokenizer"
+    args: PretrainingArguments, vocab_size: int | None, target: str | None = None
 ) -> BEVTForMaskedVideoModeling:
-    """From `--model_name_or_path`, or a new model from `--model_preset` (+ overrides, + `--swin2d_checkpoint`)."""
+    """From `--model_name_or_path`, or a new model from `--model_preset` (+ overrides, + `--swin2d_checkpoint`),
+    predicting `target` (default `args.target`)."""
+    target = target or args.target
     if args.model_name_or_path:
         try:
             updates = {"drop_path_rate": args.drop_path_rate} if args.drop_path_rate_given else {}
