@@ -390,6 +390,7 @@ def _small_run(tmp_path: Path) -> list[str]:
     argv = ["--video_shards", str(tmp_path / "videos"), "--image_shards", str(tmp_path / "images")]
     argv += ["--model_preset", "test", "--image_size", "64", "--num_frames", "8", "--frame_interval", "2"]
     argv += ["--scale_range", "64", "80", "--tokenizer_size", "32", "--min_mask_patches", "2"]
+    argv += ["--random_tokenizer"]  # token targets (the recipe's) need a tokenizer
     argv += [
         "--video_batch_size",
         "2",

@@ -302,6 +302,22 @@ def test_help_documents_every_flag_with_its_default(script):
         (["--save_total_limit", "0"], "--save_total_limit must be a positive integer"),
         (["--swin2d_checkpoint", "missing.pth"], "--swin2d_checkpoint must be an existing file"),
         (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be a positive integer"),
+        (
+            ["--target", "hog", "--tokenizer_name_or_path", "tok"],
+            "--tokenizer_name_or_path is a tokenizer flag: it cannot be combined with --target hog",
+        ),
+        (
+            ["--target", "pixel", "--random_tokenizer"],
+            "--random_tokenizer is a tokenizer flag: it cannot be combined with --target pixel",
+        ),
+        (
+            ["--target", "hog", "--tokenizer_size", "32"],
+            "--tokenizer_size is a tokenizer flag: it cannot be combined with --target hog",
+        ),
+        (
+            ["--random_tokenizer", "--tokenizer_name_or_path", "tok"],
+            "--random_tokenizer and --tokenizer_name_or_path are exclusive",
+        ),
     ],
 )
 def test_bad_flags_name_the_flag_and_the_expected_value(script, argv, message):
@@ -313,8 +329,13 @@ def test_bad_flags_name_the_flag_and_the_expected_value(script, argv, message):
 def test_demo_defaults_and_recipe_defaults(script):
     demo = script.parse_args([])
     assert demo.demo and demo.image_size == 64 and demo.tokenizer_size == 32 and demo.max_train_steps == 120
+    assert demo.target == "pixel" and not demo.target_given  # informative targets, nothing to download
     recipe = script.parse_args(["--image_shards", "i.tar", "--video_shards", "v.tar"])
     assert not recipe.demo and recipe.image_size == 224 and recipe.tokenizer_size == 112
+    assert recipe.target == "tokenizer"  # the paper's
+    # a tokenizer flag alone selects the tokenizer target (e.g. the demo data with a real tokenizer)
+    assert script.parse_args(["--tokenizer_name_or_path", "tok"]).target == "tokenizer"
+    assert script.parse_args(["--random_tokenizer"]).target == "tokenizer"
     assert (recipe.video_batch_size, recipe.image_batch_size, recipe.learning_rate) == (8, 64, 5e-4)
     assert (recipe.num_frames, recipe.frame_interval, recipe.max_grad_norm, recipe.weight_decay) == (
         16,
@@ -322,6 +343,25 @@ def test_demo_defaults_and_recipe_defaults(script):
         3.0,
         0.05,
     )
+
+
+def test_tokenizer_target_without_a_tokenizer_says_how_to_get_one(script, tmp_path, tiny_pretrained_folder):
+    out = tmp_path / "run"
+    recipe = ["--image_shards", "i.tar", "--video_shards", "v.tar", "--output_dir", str(out)]
+    with pytest.raises(SystemExit) as err:
+        script.main(recipe)
+    message = str(err.value)
+    assert err.value.code == 2 and "--target tokenizer needs --tokenizer_name_or_path" in message
+    assert "python -m bevt.convert" in message and "run_tokenizer_training.py" in message
+    assert "--target hog / --target pixel" in message
+    assert not out.exists()  # refused before anything was written
+    # a --model_name_or_path model keeps its own target; another --target is refused, naming both
+    with pytest.raises(SystemExit, match="--target hog does not match --model_name_or_path"):
+        script.main(
+            ["--model_name_or_path", str(tiny_pretrained_folder), "--target", "hog", "--output_dir", str(out)]
+        )
+    with pytest.raises(SystemExit, match="--target tokenizer needs"):  # its target is token ids
+        script.main(["--model_name_or_path", str(tiny_pretrained_folder), "--output_dir", str(out)])
 
 
 # ------------------------------------------------------------------------------------------------- end to end
@@ -339,26 +379,29 @@ def _run(
 
 @pytest.mark.slow
 def test_demo_loss_falls_and_resume_gives_identical_weights(tmp_path, demo_data):
+    """The demo (no flags: pixel targets) learns what is under the masks, and resumes to the same weights."""
     out = tmp_path / "run"
     args = ["--max_train_steps", "30", "--checkpointing_steps", "20", "--logging_steps", "10"]
     launcher = [str(BIN / "accelerate"), "launch", "--num_processes", "1"]
     first = _run(args, out, demo_data, launcher=launcher, timeout=420)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "RANDOM weights" in first.stderr
+    assert "RANDOM weights" not in first.stderr and "targets: pixels" in first.stderr
     results = json.loads((out / "training_results.json").read_text())
     start, end = results["first"], results["final_window"]
-    assert end["loss"] < start["loss"] - 1.0, results
-    assert end["video_mask_accuracy"] > start["video_mask_accuracy"] + 0.1, results
-    assert end["image_mask_accuracy"] > start["image_mask_accuracy"] + 0.1, results
+    assert results["target"] == "pixel" and "tokenizer" not in results
+    assert end["loss"] < start["loss"] - 0.1, results
+    assert end["video_mask_r2"] > start["video_mask_r2"] + 0.1, results
+    assert end["image_mask_r2"] > start["image_mask_r2"] + 0.1, results
     assert (out / "checkpoint-20" / "checkpoint_complete.json").is_file()
 
     from transformers import AutoModelForPreTraining, AutoVideoProcessor
 
     model = AutoModelForPreTraining.from_pretrained(out)
-    assert isinstance(model, BEVTForMaskedVideoModeling)
+    assert isinstance(model, BEVTForMaskedVideoModeling) and model.config.target_type == "pixel"
     assert AutoVideoProcessor.from_pretrained(out).num_frames == 8
     card = (out / "README.md").read_text()
     assert "BEVTForMaskedVideoModeling" in card and "run_pretraining.py" in card
+    assert "video_mask_r2" in card and "masked-patch R^2" in card and "normalised pixels" in card
     uninterrupted = load_file(out / "model.safetensors")
 
     resume = [*args, "--resume_from_checkpoint", str(out / "checkpoint-20")]
@@ -373,6 +416,45 @@ def test_demo_loss_falls_and_resume_gives_identical_weights(tmp_path, demo_data)
         if not torch.equal(t, resumed[n])
     }
     assert not different, different
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("flags", "target", "quality"),
+    [(["--target", "hog"], "hog", "mask_r2"), (["--random_tokenizer"], "tokenizer", "mask_accuracy")],
+)
+def test_each_target_trains_saves_reloads_and_resumes_exactly(
+    tmp_path, demo_data, script, flags, target, quality
+):
+    """`--target hog` and `--target tokenizer` (here with the random tokenizer) on the demo data, 4 tiny steps: the
+    saved folder keeps the target, a run resumed at step 2 ends on the same weights, and a later run from the
+    folder keeps its target."""
+    out = tmp_path / "run"
+    args = [*flags, "--max_train_steps", "4", "--checkpointing_steps", "2", "--logging_steps", "2"]
+    args += ["--video_batch_size", "2", "--image_batch_size", "4"]
+    first = _run(args, out, demo_data, timeout=300)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert ("RANDOM weights" in first.stderr) == (target == "tokenizer")
+    results = json.loads((out / "training_results.json").read_text())
+    assert results["target"] == target and results["steps"] == 4
+    expected = {"loss", "video_loss", "image_loss", f"video_{quality}", f"image_{quality}"}
+    assert set(results["final_window"]) == expected
+    assert np.isfinite(list(results["final_window"].values())).all()
+    model = BEVTForMaskedVideoModeling.from_pretrained(out)
+    assert model.config.target_type == target
+    assert model.head.lm_head.out_features == (108 if target == "hog" else model.config.vocab_size)
+    uninterrupted = load_file(out / "model.safetensors")
+
+    second = _run([*args, "--resume_from_checkpoint", str(out / "checkpoint-2")], out, demo_data, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "at step 2" in second.stderr
+    resumed = load_file(out / "model.safetensors")
+    assert uninterrupted.keys() == resumed.keys()
+    assert all(torch.equal(uninterrupted[n], resumed[n]) for n in uninterrupted)
+    # the folder as --model_name_or_path (the next stage): its target, without --target
+    later = script.parse_args(["--model_name_or_path", str(out), "--output_dir", str(tmp_path / "next")])
+    later.random_tokenizer = target == "tokenizer"
+    assert script.resolve_target(later) == target
 
 
 @pytest.mark.slow

@@ -598,7 +598,8 @@ def test_location_helpers():
 
 
 def _pretraining(out: Path, image_shards: str, video_shards: str, kill_at: str | None = None, resume: bool = False):
-    """`run_pretraining.py` with the demo's settings given as flags (so the shards can be URLs), 6 steps."""
+    """`run_pretraining.py` with the demo's settings given as flags (so the shards can be URLs), 6 steps (token
+    targets of the random tokenizer: the recipe's target, which needs a tokenizer)."""
     from bevt.training.faults import KILL_AT_ENV
 
     command = [
@@ -607,7 +608,7 @@ def _pretraining(out: Path, image_shards: str, video_shards: str, kill_at: str |
         "--model_preset", "test", "--image_size", "64", "--num_frames", "8", "--frame_interval", "2",
         "--scale_range", "64", "80", "--min_mask_patches", "2", "--video_batch_size", "2", "--image_batch_size", "4",
         "--shuffle_buffer", "16", "--num_workers", "0", "--learning_rate", "2e-3", "--max_train_steps", "6",
-        "--checkpointing_steps", "2", "--logging_steps", "1", "--seed", "7",
+        "--checkpointing_steps", "2", "--logging_steps", "1", "--seed", "7", "--random_tokenizer",
         "--shard_cache_dir", str(out / "cache"), "--shard_timeout", "10",
     ]  # fmt: skip
     if resume:
