@@ -50,7 +50,13 @@ from bevt.training import (
     resolve_schedule,
 )
 from bevt.training.arguments import UsageError
-from bevt.training.runtime import HUB_IGNORE_PATTERNS, push_to_hub, run_script, start_run, write_demo_data_once
+from bevt.training.runtime import (
+    HUB_IGNORE_PATTERNS,
+    push_to_hub,
+    run_script,
+    start_run,
+    write_demo_data_once,
+)
 from bevt.training.tokenizer_arguments import TokenizerArguments
 
 logger = get_logger(__name__)
@@ -88,8 +94,12 @@ def data_shards(args: TokenizerArguments, accelerator: Accelerator) -> dict[str,
         return args.streams
     from bevt.data.demo_pretraining import write_demo_pretraining_shards
 
-    logger.info("No --image_shards/--video_shards given: running the built-in demo (synthetic images, tiny tokenizer).")
-    demo = write_demo_data_once(accelerator, Path(args.output_dir) / "demo_data", write_demo_pretraining_shards)
+    logger.info(
+        "No --image_shards/--video_shards given: running the built-in demo (synthetic images, tiny tokenizer)."
+    )
+    demo = write_demo_data_once(
+        accelerator, Path(args.output_dir) / "demo_data", write_demo_pretraining_shards
+    )
     return {"image": demo.image_shards}
 
 
@@ -104,10 +114,16 @@ def held_out_samples(args: TokenizerArguments, shards: dict[str, Any]) -> dict[s
     for kind, files in shards.items():
         try:
             held = load_held_out(files, kind, args.held_out_samples, args.image_size, args.stream_options())
-        except (OSError, ValueError, ImportError) as err:  # no shards, unreachable URLs, a missing fsspec backend
+        except (
+            OSError,
+            ValueError,
+            ImportError,
+        ) as err:  # no shards, no images in them, unreachable URLs, ...
             raise UsageError(f"{shard_flag(kind, args)}: {err}") from None
         if not held.keys:
-            raise UsageError(f"{shard_flag(kind, args)}: no {kind}s found in {files} (no sample could be read)")
+            raise UsageError(
+                f"{shard_flag(kind, args)}: no {kind} found in {files} (the shards hold no sample)"
+            )
         if held.exhausted:
             fail(
                 "--held_out_samples",
@@ -132,11 +148,23 @@ def build_model(args: TokenizerArguments, max_train_steps: int) -> TokenizerTrai
         raise UsageError(f"--tokenizer_name_or_path {args.tokenizer_name_or_path}: {err}") from None
     config = tokenizer.config
     if not config.has_decoder:
-        fail("--tokenizer_name_or_path", "a tokenizer folder with a decoder (training reconstructs pixels)", config)
+        fail(
+            "--tokenizer_name_or_path",
+            "a tokenizer folder with a decoder (training reconstructs pixels)",
+            config,
+        )
     if config.tokenizer_type != args.tokenizer_type:
-        fail("--tokenizer_type", f"{config.tokenizer_type!r}, the --tokenizer_name_or_path folder's", args.tokenizer_type)
+        fail(
+            "--tokenizer_type",
+            f"{config.tokenizer_type!r}, the --tokenizer_name_or_path folder's",
+            args.tokenizer_type,
+        )
     if args.image_size % config.downsample_factor:
-        fail("--image_size", f"a multiple of the folder's {config.downsample_factor}x downsampling", args.image_size)
+        fail(
+            "--image_size",
+            f"a multiple of the folder's {config.downsample_factor}x downsampling",
+            args.image_size,
+        )
     config.image_size = args.image_size
     return TokenizerTrainingModel(None, objective, tokenizer=tokenizer)
 
@@ -161,7 +189,9 @@ class HeldOutEvaluation:
     """`evaluate(state)` for the engine: reconstruction and codebook use on the held-out images (main process), logged
     and kept in `results` (the last evaluation) for `training_results.json`."""
 
-    def __init__(self, accelerator: Accelerator, model: torch.nn.Module, held_out: dict[str, HeldOut]) -> None:
+    def __init__(
+        self, accelerator: Accelerator, model: torch.nn.Module, held_out: dict[str, HeldOut]
+    ) -> None:
         self.accelerator, self.model = accelerator, model
         self.images = torch.cat([held.images for held in held_out.values()])
         self.results: dict[str, float] = {}
@@ -230,7 +260,8 @@ def save_final_tokenizer(
             "held_out": {
                 **evaluation.results,
                 "images": {kind: len(held.keys) for kind, held in held_out.items()},
-                "psnr_margin_over_mean_colour": evaluation.results["psnr"] - evaluation.results["mean_colour_psnr"],
+                "psnr_margin_over_mean_colour": evaluation.results["psnr"]
+                - evaluation.results["mean_colour_psnr"],
             },
             "first": state.first_metrics,
             "final_window": state.last_window,
@@ -270,8 +301,10 @@ def write_model_card(
         f"{model.config.vocab_size} |\n| codes used | {held['codes_used']} ({100 * held['codebook_usage']:.1f}%) |\n\n"
         f"`{PICTURE_FILE}`: held-out originals (odd rows) above their reconstructions."
     )
-    data = "built-in synthetic demo images" if args.demo else "; ".join(
-        f"{kind}s {files}" for kind, files in args.streams.items()
+    data = (
+        "built-in synthetic demo images"
+        if args.demo
+        else "; ".join(f"{kind}s {files}" for kind, files in args.streams.items())
     )
     hyperparameters = {
         "data": data,
@@ -371,7 +404,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{accelerator.unwrap_model(model).config.vocab_size} codes used",
                 f"Reconstructions: {Path(args.output_dir) / PICTURE_FILE}",
             ]
-            names = [n for n in ("loss", "reconstruction_loss", "psnr", "perplexity") if n in engine.state.first_metrics]
+            names = [
+                n
+                for n in ("loss", "reconstruction_loss", "psnr", "perplexity")
+                if n in engine.state.first_metrics
+            ]
             print(engine.summary("Tokenizer training done", names, extra_lines=lines), flush=True)
             if args.push_to_hub:
                 push_to_hub(

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .streaming import StreamDataLoader, build_stream, counted_examples
+from .streaming import DataQualityError, StreamDataLoader, build_stream, counted_examples
 from .transforms import TokenizerTrainingTransform
 
 __all__ = ["HeldOut", "TokenizerTrainingData", "load_held_out"]
@@ -39,7 +39,12 @@ def load_held_out(
     stream_options: Mapping[str, Any] | None = None,
 ) -> HeldOut:
     """The first `count` samples of `shards` in their listed order, as `size` px centre squares (videos: the middle
-    frame), with their keys. Reads one sample more to tell whether any is left for training."""
+    frame), with their keys. Reads one sample more to tell whether any is left for training.
+
+    Raises:
+        ValueError: no sample of `kind` could be read (e.g. video shards given as images).
+        FileNotFoundError, ImportError: see `build_stream`.
+    """
     stream = build_stream(
         shards,
         kind=kind,
@@ -51,17 +56,23 @@ def load_held_out(
         shuffle_buffer=0,
         shuffle_shards=False,
         repeat=False,
+        log_limit=3,
         **dict(stream_options or {}),
     )
     images: list[torch.Tensor] = []
     keys: list[str] = []
     exhausted = True
-    for sample in stream:
-        if len(images) == count:
-            exhausted = False
-            break
-        images.append(sample["pixel_values"].reshape(3, size, size))
-        keys.append(sample["__key__"])
+    try:
+        for sample in stream:
+            if len(images) == count:
+                exhausted = False
+                break
+            images.append(sample["pixel_values"].reshape(3, size, size))
+            keys.append(sample["__key__"])
+    except DataQualityError:  # not one sample of this kind could be read
+        raise ValueError(
+            f"no {kind} found in {stream.num_shards} shard(s): {stream.stats.summary()}"
+        ) from None
     empty = torch.empty(0, 3, size, size)
     return HeldOut(torch.stack(images) if images else empty, keys, exhausted)
 
@@ -149,7 +160,9 @@ class TokenizerTrainingData:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         missing = set(self.loaders) - set(state)
         if missing:
-            raise ValueError(f"the saved data position has no {sorted(missing)} stream (were the shard flags changed?)")
+            raise ValueError(
+                f"the saved data position has no {sorted(missing)} stream (were the shard flags changed?)"
+            )
         for kind, loader in self.loaders.items():
             loader.load_state_dict(state[kind])
 

@@ -45,7 +45,13 @@ VQGAN_ONLY = (
     "ema_decay", "commitment_weight", "dead_code_threshold", "dead_code_restart_steps", "perceptual_weight",
     "perceptual_weights",
 )  # fmt: skip
-DALLE_ONLY = ("temperature_start", "temperature_end", "temperature_anneal_steps", "kl_weight", "kl_warmup_steps")
+DALLE_ONLY = (
+    "temperature_start",
+    "temperature_end",
+    "temperature_anneal_steps",
+    "kl_weight",
+    "kl_warmup_steps",
+)
 
 
 @dataclass(frozen=True)
@@ -144,12 +150,15 @@ TOKENIZER_DEMO = TokenizerRecipe(
 class TokenizerDataArguments(ArgumentGroup):
     _argument_group_name = "data"
 
-    image_shards: list[str] | None = HfArg(default=None, help="Image .tar shards: globs, folders, files or URLs.")
+    image_shards: list[str] | None = HfArg(
+        default=None, help="Image .tar shards: globs, folders, files or URLs."
+    )
     video_shards: list[str] | None = HfArg(
         default=None, help="Video .tar shards (frames sampled from clips): globs, folders, files or URLs."
     )
     image_size: int | None = HfArg(
-        default=None, help="Tokenizer input size (a multiple of its downsampling; BEVT: half the model's input)."
+        default=None,
+        help="Tokenizer input size (a multiple of its downsampling; BEVT: half the model's input).",
     )
     num_frames: int | None = HfArg(
         default=None, aliases=["--clip_len"], help="Frames sampled from each clip (dense sampling)."
@@ -169,7 +178,8 @@ class TokenizerDataArguments(ArgumentGroup):
         "of the shards in listed order (centre squares; videos: the middle frame).",
     )
     eval_steps: int | None = HfArg(
-        default=None, help="Evaluate on the held-out samples every N optimizer steps (default: only at the end)."
+        default=None,
+        help="Evaluate on the held-out samples every N optimizer steps (default: only at the end).",
     )
 
     def __post_init__(self) -> None:
@@ -202,7 +212,8 @@ class TokenizerModelArguments(ArgumentGroup):
     )
     codebook_dim: int = HfArg(default=8, help="VQGAN: dimension of the codes.")
     l2_normalize_codes: bool = HfArg(
-        default=True, help="VQGAN: compare latents and codes on the unit sphere (--no_l2_normalize_codes: off)."
+        default=True,
+        help="VQGAN: compare latents and codes on the unit sphere (--no_l2_normalize_codes: off).",
     )
 
     def __post_init__(self) -> None:
@@ -327,8 +338,14 @@ class TokenizerArguments(
         wrong = VQGAN_ONLY if self.tokenizer_type == "dall-e" else DALLE_ONLY
         for name in wrong:
             value = getattr(self, name)
-            if value != defaults[name] and (name not in TOKENIZER_DEMO.values() or value != self.recipe.values()[name]):
-                fail(f"--{name}", f"left out with --tokenizer_type {self.tokenizer_type} (it is not used)", value)
+            if value != defaults[name] and (
+                name not in TOKENIZER_DEMO.values() or value != self.recipe.values()[name]
+            ):
+                fail(
+                    f"--{name}",
+                    f"left out with --tokenizer_type {self.tokenizer_type} (it is not used)",
+                    value,
+                )
         factor = self.downsample_factor
         if self.tokenizer_name_or_path is None and self.image_size % factor:
             expected = f"a multiple of {factor} (the {factor}x downsampling of --tokenizer_type {self.tokenizer_type})"
@@ -347,7 +364,11 @@ class TokenizerArguments(
                 vqgan_l2_normalize_codes=self.l2_normalize_codes,
             )
         return tokenizer_config_for_training(
-            self.tokenizer_type, vocab_size=self.vocab_size, image_size=self.image_size, width=self.width, **extra
+            self.tokenizer_type,
+            vocab_size=self.vocab_size,
+            image_size=self.image_size,
+            width=self.width,
+            **extra,
         )
 
     def objective(self, max_train_steps: int) -> TokenizerTrainingArguments:
