@@ -558,6 +558,11 @@ class BEVTArgumentParser(HfArgumentParser):
             kwargs["default"] = field.default
         group.add_argument(f"--{field.name}", f"--{field.name.replace('_', '-')}", **kwargs)
 
+    def error(self, message: str) -> NoReturn:
+        """A malformed command line (unknown flag, invalid choice, missing value): one `error:` line and exit status 2,
+        like a `UsageError`, instead of argparse's full usage text."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
     def parse(self, argv: Sequence[str] | None = None) -> Any:
         """Parse `--config FILE` (if given) then `argv` (flags there win) into the arguments dataclass."""
         argv = list(sys.argv[1:] if argv is None else argv)
