@@ -270,3 +270,17 @@ def test_the_dalle_dvae_demo_default_trains_and_saves(script, tmp_path, pretrain
         and results["held_out"]["num_images"] == 8
     )
     assert set(results["final_window"]) >= {"nll", "kl", "temperature", "kl_weight", "psnr"}
+
+
+def test_held_out_keys_never_reach_the_training_stream(pretraining_demo_data):
+    """The held-out samples (first N in listed order) are skipped by the training stream, and nothing else is."""
+    from bevt.data.streaming import build_stream
+
+    shards = write_demo_pretraining_shards(pretraining_demo_data).image_shards  # reuses the complete folder
+    held_out = load_held_out(shards, "image", 8, 32)
+    everything = [s["__key__"] for s in build_stream(shards, kind="image", shuffle_buffer=4)]
+    assert len(set(held_out.keys)) == 8 and set(held_out.keys) < set(everything)
+    stream = build_stream(shards, kind="image", shuffle_buffer=4, exclude_keys=held_out.keys)
+    trained = [s["__key__"] for s in stream]
+    assert sorted(trained) == sorted(set(everything) - set(held_out.keys))
+    assert stream.stats.num_failed == 0  # skipped, not counted as failures
