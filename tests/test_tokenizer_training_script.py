@@ -284,3 +284,21 @@ def test_held_out_keys_never_reach_the_training_stream(pretraining_demo_data):
     trained = [s["__key__"] for s in stream]
     assert sorted(trained) == sorted(set(everything) - set(held_out.keys))
     assert stream.stats.num_failed == 0  # skipped, not counted as failures
+
+
+def test_training_continues_from_a_tokenizer_folder(script, tmp_path, demo_run, pretraining_demo_data):
+    """`--tokenizer_name_or_path`: the folder's weights are the start (its input size kept), and the run moves them."""
+    out = tmp_path / "continued"
+    args = ["--tokenizer_name_or_path", str(demo_run), "--tokenizer_type", "vqgan", "--max_train_steps", "1",
+            "--checkpointing_steps", "0", *ARGS[4:]]  # fmt: skip
+    assert run_in_process(script, out, args, pretraining_demo_data) == 0
+    start, end = load_file(demo_run / "model.safetensors"), load_file(out / "model.safetensors")
+    assert start.keys() == end.keys() and not torch.equal(
+        start["decoder.conv_out.weight"], end["decoder.conv_out.weight"]
+    )
+    assert (
+        BEVTVisualTokenizer.from_pretrained(out).config.to_diff_dict()
+        == BEVTVisualTokenizer.from_pretrained(demo_run).config.to_diff_dict()
+    )
+    with pytest.raises(SystemExit, match="--tokenizer_type must be 'vqgan'"):
+        script.main([*args[:2], "--tokenizer_type", "dall-e", "--output_dir", str(tmp_path / "wrong")])

@@ -338,7 +338,11 @@ class TokenizerArguments(
 
     def __post_init__(self) -> None:
         self.demo = self.image_shards is None and self.video_shards is None
-        self.fill_from(self.recipe)
+        given = self.fill_from(self.recipe)
+        if self.tokenizer_name_or_path is not None and "image_size" not in given:
+            self.image_size = (
+                self._folder_image_size()
+            )  # a folder keeps its input size unless --image_size is given
         if self.gradient_checkpointing:
             fail("--gradient_checkpointing", "off (tokenizer training does not support it)", True)
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
@@ -358,6 +362,17 @@ class TokenizerArguments(
             expected = f"a multiple of {factor} (the {factor}x downsampling of --tokenizer_type {self.tokenizer_type})"
             fail("--image_size", expected, self.image_size)
         super().__post_init__()
+
+    def _folder_image_size(self) -> int:
+        path = self.tokenizer_name_or_path
+        if not os.path.isdir(path):
+            fail("--tokenizer_name_or_path", "an existing tokenizer folder", path)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            fail("--tokenizer_name_or_path", "a tokenizer folder (with config.json)", path)
+        try:
+            return BEVTVisualTokenizerConfig.from_pretrained(path).image_size
+        except (OSError, ValueError) as err:
+            fail("--tokenizer_name_or_path", f"a BEVTVisualTokenizer folder ({err})", path)
 
     # -- what the library takes ---------------------------------------------------------------------------------
 
