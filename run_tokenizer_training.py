@@ -114,11 +114,8 @@ def held_out_samples(args: TokenizerArguments, shards: dict[str, Any]) -> dict[s
     for kind, files in shards.items():
         try:
             held = load_held_out(files, kind, args.held_out_samples, args.image_size, args.stream_options())
-        except (
-            OSError,
-            ValueError,
-            ImportError,
-        ) as err:  # no shards, no images in them, unreachable URLs, ...
+        # no shards, no sample of the kind in them, unreachable URLs, a missing fsspec backend
+        except (OSError, ValueError, ImportError) as err:
             raise UsageError(f"{shard_flag(kind, args)}: {err}") from None
         if not held.keys:
             raise UsageError(
