@@ -114,11 +114,8 @@ def held_out_samples(args: TokenizerArguments, shards: dict[str, Any]) -> dict[s
     for kind, files in shards.items():
         try:
             held = load_held_out(files, kind, args.held_out_samples, args.image_size, args.stream_options())
-        except (
-            OSError,
-            ValueError,
-            ImportError,
-        ) as err:  # no shards, no images in them, unreachable URLs, ...
+        # no shards, no sample of the kind in them, unreachable URLs, a missing fsspec backend
+        except (OSError, ValueError, ImportError) as err:
             raise UsageError(f"{shard_flag(kind, args)}: {err}") from None
         if not held.keys:
             raise UsageError(
@@ -310,7 +307,7 @@ def write_model_card(
         "data": data,
         "samples seen": ", ".join(f"{v} {k}s" for k, v in results["samples"].items()),
         "crops": f"{args.image_size} px, area {args.crop_scale[0]}-{args.crop_scale[1]}, flip {args.flip_prob}",
-        "objective": json.dumps(model.args.to_dict()),
+        "objective": ", ".join(f"{k} {v}" for k, v in objective_settings(model).items()),
         "batch per device": f"{args.image_batch_size} images"
         + (f" + {args.video_batch_size} clips x {args.num_frames} frames" if "video" in args.streams else "")
         + f", accumulation {args.gradient_accumulation_steps}",
@@ -328,6 +325,22 @@ def write_model_card(
         repo_id=args.hub_model_id,
     )
     card.save(Path(args.output_dir) / "README.md")
+
+
+def objective_settings(model: TokenizerTrainingModel) -> dict[str, Any]:
+    """The objective's settings that this method uses (and whether the perceptual loss really ran)."""
+    dalle = {
+        "temperature_start",
+        "temperature_end",
+        "temperature_anneal_steps",
+        "kl_weight",
+        "kl_warmup_steps",
+    }
+    is_dalle = model.config.tokenizer_type == "dall-e"
+    settings = {k: v for k, v in model.args.to_dict().items() if (k in dalle) == is_dalle}
+    if not is_dalle and model.args.perceptual_weight > 0 and not model.perceptual_enabled:
+        settings["perceptual_weight"] = "0 (skipped: no local VGG16 weights)"
+    return settings
 
 
 def log_run_header(args: TokenizerArguments, engine: TrainingEngine, model: TokenizerTrainingModel) -> None:

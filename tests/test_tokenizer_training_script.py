@@ -88,9 +88,10 @@ def test_help_documents_every_flag_with_its_default(script):
 
 def test_demo_and_recipe_defaults_map_onto_the_library(script):
     demo = script.parse_args([])
-    assert demo.demo and (demo.image_size, demo.vocab_size, demo.tokenizer_type) == (32, 64, "vqgan")
+    assert demo.demo and (demo.image_size, demo.vocab_size, demo.tokenizer_type) == (32, 64, "dall-e")
     config = demo.tokenizer_config()
     assert config.downsample_factor == 8 and config.image_size // config.downsample_factor == 4  # 4x4 ids
+    assert script.parse_args(["--image_shards", "i.tar"]).tokenizer_type == "vqgan"
     recipe = script.parse_args(["--image_shards", "i.tar", "--tokenizer_type", "dall-e", "--kl_weight", "2"])
     assert not recipe.demo and (recipe.image_size, recipe.vocab_size, recipe.learning_rate) == (
         112,
@@ -115,12 +116,18 @@ def test_demo_and_recipe_defaults_map_onto_the_library(script):
     [
         (["--vocab_size", "1"], "--vocab_size must be an integer >= 2"),
         (["--image_size", "36"], "--image_size must be a multiple of 8"),
-        (["--channel_multipliers", "1", "2", "--image_size", "33"], "--image_size must be a multiple of 2"),
+        (
+            ["--tokenizer_type", "vqgan", "--channel_multipliers", "1", "2", "--image_size", "33"],
+            "--image_size must be a multiple of 2",
+        ),
         (
             ["--tokenizer_type", "dall-e", "--codebook_update", "straight-through"],
             "--codebook_update must be left out",
         ),
-        (["--kl_weight", "1"], "--kl_weight must be left out with --tokenizer_type vqgan"),
+        (
+            ["--tokenizer_type", "vqgan", "--kl_weight", "1"],
+            "--kl_weight must be left out with --tokenizer_type vqgan",
+        ),
         (["--crop_scale", "0", "1"], "--crop_scale must be LOW HIGH"),
         (["--gradient_checkpointing"], "--gradient_checkpointing must be off"),
         (["--tokenizer_name_or_path", "missing-folder"], "--tokenizer_name_or_path must be an existing"),
@@ -137,10 +144,11 @@ def test_bad_input_is_one_error_line_with_exit_status_2(script, tmp_path, pretra
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--tokenizer_type", "nonsense"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.splitlines() == [
-        "run_tokenizer_training.py: error: argument --tokenizer_type/--tokenizer-type: invalid choice: 'nonsense' "
+    (line,) = capsys.readouterr().err.splitlines()  # one line, no usage text
+    assert line.endswith(
+        ": error: argument --tokenizer_type/--tokenizer-type: invalid choice: 'nonsense' "
         "(choose from 'vqgan', 'dall-e') (see --help)"
-    ]
+    )
     video_shards = write_demo_pretraining_shards(
         pretraining_demo_data
     ).video_shards  # reuses the complete folder
@@ -262,3 +270,35 @@ def test_the_dalle_dvae_demo_default_trains_and_saves(script, tmp_path, pretrain
         and results["held_out"]["num_images"] == 8
     )
     assert set(results["final_window"]) >= {"nll", "kl", "temperature", "kl_weight", "psnr"}
+
+
+def test_held_out_keys_never_reach_the_training_stream(pretraining_demo_data):
+    """The held-out samples (first N in listed order) are skipped by the training stream, and nothing else is."""
+    from bevt.data.streaming import build_stream
+
+    shards = write_demo_pretraining_shards(pretraining_demo_data).image_shards  # reuses the complete folder
+    held_out = load_held_out(shards, "image", 8, 32)
+    everything = [s["__key__"] for s in build_stream(shards, kind="image", shuffle_buffer=4)]
+    assert len(set(held_out.keys)) == 8 and set(held_out.keys) < set(everything)
+    stream = build_stream(shards, kind="image", shuffle_buffer=4, exclude_keys=held_out.keys)
+    trained = [s["__key__"] for s in stream]
+    assert sorted(trained) == sorted(set(everything) - set(held_out.keys))
+    assert stream.stats.num_failed == 0  # skipped, not counted as failures
+
+
+def test_training_continues_from_a_tokenizer_folder(script, tmp_path, demo_run, pretraining_demo_data):
+    """`--tokenizer_name_or_path`: the folder's weights are the start (its input size kept), and the run moves them."""
+    out = tmp_path / "continued"
+    args = ["--tokenizer_name_or_path", str(demo_run), "--tokenizer_type", "vqgan", "--max_train_steps", "1",
+            "--checkpointing_steps", "0", *ARGS[4:]]  # fmt: skip
+    assert run_in_process(script, out, args, pretraining_demo_data) == 0
+    start, end = load_file(demo_run / "model.safetensors"), load_file(out / "model.safetensors")
+    assert start.keys() == end.keys() and not torch.equal(
+        start["decoder.conv_out.weight"], end["decoder.conv_out.weight"]
+    )
+    assert (
+        BEVTVisualTokenizer.from_pretrained(out).config.to_diff_dict()
+        == BEVTVisualTokenizer.from_pretrained(demo_run).config.to_diff_dict()
+    )
+    with pytest.raises(SystemExit, match="--tokenizer_type must be 'vqgan'"):
+        script.main([*args[:2], "--tokenizer_type", "dall-e", "--output_dir", str(tmp_path / "wrong")])

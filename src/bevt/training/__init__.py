@@ -8,8 +8,8 @@
 - `optimization`: parameter groups, layer-wise lr decay, AdamW, the schedule.
 - `ema`: `ModelEMA`. `evaluation`: multi-view evaluation and reports. `guards`, `meters`: the loop's parts.
 - `runtime`: Accelerator, logging, output folder, demo data, Hub upload, the scripts' entry point.
-- `pretraining_arguments`, `finetuning_arguments`: the arguments and recipes of `run_pretraining.py` and
-  `run_finetuning.py`.
+- `pretraining_arguments`, `finetuning_arguments`, `tokenizer_arguments`: the arguments and recipes of
+  `run_pretraining.py`, `run_finetuning.py` and `run_tokenizer_training.py`.
 """
 
 from .arguments import BEVTArgumentParser, UsageError, fail, save_training_args, tracker_config
