@@ -51,7 +51,7 @@ from bevt.finetuning import (
     freeze_unused_video_parameters,
     load_model_for_finetuning,
 )
-from bevt.modelcard import EvalDataset, build_model_card, count_flops_per_view
+from bevt.modelcard import build_model_card, count_flops_per_view
 from bevt.training import (
     BEVTArgumentParser,
     ModelEMA,
@@ -68,7 +68,7 @@ from bevt.training import (
 )
 from bevt.training.arguments import UsageError
 from bevt.training.evaluation import MultiViewEvaluator, is_better, write_eval_outputs, write_json
-from bevt.training.finetuning_arguments import DATASET_DISPLAY_NAMES, METRICS, FinetuningArguments
+from bevt.training.finetuning_arguments import METRICS, FinetuningArguments
 from bevt.training.runtime import (
     HUB_IGNORE_PATTERNS,
     compile_encoder,
@@ -327,23 +327,16 @@ class Exporter:
         args.video_processor().save_pretrained(out)
         if report is not None:
             write_eval_outputs(out, report, self.label_names, f"{out.name}")
-        dataset = args.dataset_name
         local = args.model_name_or_path and os.path.exists(args.model_name_or_path)
         card = build_model_card(
             model_name=Path(args.hub_model_id or out.resolve().name).name,
             config=model.config,
             pipeline_tag="video-classification",
             tags=["video-classification", "bevt-finetuned"] + (["demo"] if args.demo else []),
-            datasets=[dataset] if dataset else (),
+            datasets=[args.dataset_name] if args.dataset_name else (),
             base_model=args.base_model or (None if local else args.model_name_or_path),
             eval_results=metrics,
-            eval_dataset=(
-                EvalDataset(DATASET_DISPLAY_NAMES.get(dataset, dataset), dataset, "validation")
-                if dataset
-                else EvalDataset("the run's validation shards (no --dataset_name given)", None)
-            )
-            if metrics
-            else None,
+            eval_dataset=args.card_eval_dataset() if metrics else None,
             num_views=self.num_views,
             flops_per_view=self.flops(model),
             num_parameters=sum(p.numel() for p in model.parameters()),

@@ -640,3 +640,31 @@ def test_pretraining_over_http_killed_mid_run_resumes_to_the_weights_of_a_local_
     reference, weights = load_file(tmp_path / "local" / "model.safetensors"), load_file(out / "model.safetensors")
     assert weights.keys() == reference.keys()
     assert all(torch.equal(weights[k], reference[k]) for k in reference)
+
+
+def test_each_rank_and_worker_reads_only_its_own_shards_once(root: Path):
+    """Issue 19: each rank (and each DataLoader worker) opens only its own shards, and streams each one once, front to
+    back: the server sees requests for that shard only, and exactly its bytes (nothing downloaded ahead, no other
+    shard touched)."""
+    names = _shard_names(root)
+    sizes = {name: (root / name).stat().st_size for name in names}
+    seen: dict[str, int] = {}
+    with ShardServer(root) as server:
+        for rank in range(NUM_SHARDS):  # one shard per rank
+            server.reset_counters()
+            stream = build_stream(f"{server.url}/ds/train", **STREAM, **FAST, rank=rank, world_size=NUM_SHARDS)
+            keys = sorted(s[0] for s in _samples(stream))
+            read = [name for name in names if server.requests[name]]
+            assert len(read) == 1 and server.bytes_sent[read[0]] == sizes[read[0]], (rank, dict(server.requests))
+            first = int(read[0][-9:-4]) * PER_SHARD  # shard-0000k.tar holds v(4k) .. v(4k+3)
+            assert keys == [f"v{i:02d}" for i in range(first, first + PER_SHARD)]
+            seen[read[0]] = rank
+        assert sorted(seen) == names  # every shard read by exactly one rank
+
+        server.reset_counters()  # one rank, three workers: one shard each, each shard's bytes sent once
+        stream = build_stream(f"{server.url}/ds/train", **STREAM, **FAST)
+        loader = StreamDataLoader(stream, batch_size=2, num_workers=3)
+        keys = sorted(k for batch in loader for k in batch["__key__"])
+        assert keys == [f"v{i:02d}" for i in range(NUM_SHARDS * PER_SHARD)]
+        assert {name: server.bytes_sent[name] for name in names} == sizes
+        assert all(server.requests[name] == 1 for name in names), dict(server.requests)

@@ -717,7 +717,16 @@ _VOCAB_TENSORS = {"quantize.embedding.weight": 0, "encoder.output_conv.weight": 
 
 def _check_saved_model_type(path: str | os.PathLike) -> None:
     """A local folder of another model type (e.g. a BEVT classifier) is refused by name: Transformers would only
-    warn, and build a tokenizer whose weights are all newly initialised (random targets)."""
+    warn, and build a tokenizer whose weights are all newly initialised (random targets). A path that cannot be a
+    Hub repo id (absolute, `./`, more than one `/`) must exist."""
+    if not Path(path).exists():
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(str(path))
+        except HFValidationError:
+            raise ValueError(f"{path}: no such folder (and not a Hub repo id)") from None
+        return
     try:
         found = json.loads((Path(path) / "config.json").read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):

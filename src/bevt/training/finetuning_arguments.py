@@ -672,6 +672,15 @@ class FinetuningArguments(
             return f"a local folder `{Path(self.model_name_or_path).resolve().name}`"
         return self.model_name_or_path
 
+    def card_eval_dataset(self) -> Any:
+        """The card's evaluation dataset: `--dataset_name`, or, not given, the run's shards without a dataset claim."""
+        from ..modelcard import EvalDataset
+
+        if self.dataset_name:
+            name = DATASET_DISPLAY_NAMES.get(self.dataset_name, self.dataset_name)
+            return EvalDataset(name, self.dataset_name, "validation")
+        return EvalDataset("the run's validation shards (no --dataset_name given)", None)
+
     def card_hyperparameters(self, schedule: Any, num_processes: int) -> dict[str, Any]:
         """The training hyperparameters the model card lists."""
         total_batch = self.per_device_train_batch_size * num_processes * self.gradient_accumulation_steps
