@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """BEVT pretraining (masked image + masked video modeling) with 🤗 Accelerate.
 
-    accelerate launch run_pretraining.py                      # built-in demo: tiny model, synthetic shards, HOG
+    accelerate launch run_pretraining.py                      # built-in demo: tiny model, synthetic shards, pixels
     accelerate launch run_pretraining.py --stage image --image_shards "imagenet/train-*.tar" ...
     accelerate launch run_pretraining.py --stage joint --model_name_or_path stage1_output \\
         --video_shards "k400/train-*.tar" --image_shards "imagenet/train-*.tar" \\
@@ -98,12 +98,18 @@ def parse_args(argv: list[str] | None = None) -> PretrainingArguments:
 
 def resolve_target(args: PretrainingArguments) -> str:
     """The run's `--target`: the flag, else a `--model_name_or_path` model's own `target_type`, else the recipe's
-    (demo: hog, recipe: tokenizer). `--target tokenizer` needs a tokenizer (or `--random_tokenizer`, for tests)."""
+    (demo: pixel, recipe: tokenizer). `--target tokenizer` needs a tokenizer (or `--random_tokenizer`, for tests)."""
     if args.model_name_or_path:
         try:
             saved = BEVTConfig.from_pretrained(args.model_name_or_path).target_type
         except (OSError, ValueError) as err:
             raise UsageError(f"--model_name_or_path {args.model_name_or_path}: {err}") from None
+        tokenizer_flag = "--tokenizer_name_or_path" if args.tokenizer_name_or_path else "--random_tokenizer"
+        if saved != "tokenizer" and (args.tokenizer_name_or_path or args.random_tokenizer):
+            raise UsageError(
+                f"{tokenizer_flag} gives token targets, but --model_name_or_path {args.model_name_or_path} was "
+                f"pretrained with target_type {saved!r}: drop {tokenizer_flag} (or start a new model)"
+            )
         if args.target_given and args.target != saved:
             raise UsageError(
                 f"--target {args.target} does not match --model_name_or_path {args.model_name_or_path}, pretrained "
@@ -479,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     image_shards, video_shards = data_shards(args, accelerator)
     set_seed(args.seed)  # the same initial weights on every rank
 
-    tokenizer = load_tokenizer(args) if args.tokenizer_name_or_path else None
+    tokenizer = load_tokenizer(args) if args.target == "tokenizer" and args.tokenizer_name_or_path else None
     model = build_model(args, tokenizer.config.vocab_size if tokenizer is not None else None, args.target)
     targets = tokenizer if tokenizer is not None else build_targets(args, model)
     if isinstance(targets, BEVTVisualTokenizer):

@@ -476,6 +476,9 @@ def test_each_target_trains_saves_reloads_and_resumes_exactly(
     later = script.parse_args(["--model_name_or_path", str(out), "--output_dir", str(tmp_path / "next")])
     later.random_tokenizer = target == "tokenizer"
     assert script.resolve_target(later) == target
+    if target == "hog":  # a tokenizer flag cannot turn it into a token model
+        with pytest.raises(SystemExit, match="--random_tokenizer gives token targets.*target_type 'hog'"):
+            script.resolve_target(script.parse_args(["--model_name_or_path", str(out), "--random_tokenizer"]))
 
 
 @pytest.mark.slow
