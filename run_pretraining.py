@@ -285,7 +285,8 @@ class StreamPictures:
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
-        with torch.no_grad():
+        # eager even under --torch_compile: an eval-mode call would otherwise compile the encoder once more
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             output = model(**self.inputs, return_logits=True)
         model.train(was_training)
         self.folder.mkdir(parents=True, exist_ok=True)
