@@ -367,8 +367,8 @@ def main() -> None:
         type=int,
         default=0,
         metavar="N",
-        help="also profile our training step per precision (torch.profiler, 2 interleaved rounds): top N ops by self "
-        "CPU time and the share of each op category",
+        help="also profile the training steps (ours and the reference, per precision; torch.profiler, 2 interleaved "
+        "rounds): top N ops by self CPU time and the share of each op category",
     )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--measure-memory", choices=["ours", "ref"], help=argparse.SUPPRESS)
@@ -459,7 +459,9 @@ def main() -> None:
     print(json.dumps(results, indent=1), flush=True)
     if args.profile:
         results["train_profile"] = profile_steps(
-            {f"ours_{p}": candidates[f"ours_{p}"] for p in precisions}, rounds=2, top=args.profile
+            {f"{who}_{p}": candidates[f"{who}_{p}"] for p in precisions for who in ("ours", "reference")},
+            rounds=2,
+            top=args.profile,
         )
 
     classifier = BEVTForVideoClassification(BEVTConfig.from_preset(args.preset, num_labels=400)).eval()
