@@ -1,7 +1,15 @@
 """Model speed and memory: our BEVT against a straightforward reference and torchvision's swin3d_t.
 
-    python benchmarks/bench_model.py                # Swin-T dims, 1 video 16x224 + 4 images 224, CPU
+    python benchmarks/bench_model.py                # Swin-T dims, 1 video 16x224 + 4 images 224, CPU, fp32 + bf16
     python benchmarks/bench_model.py --repeats 7 --compile  # + compiled inference and training (slow to compile)
+    python benchmarks/bench_model.py --threads 1 --cpu-time --profile 15  # on a shared machine; + where time goes
+    python benchmarks/bench_model.py --precisions fp32  # the fp32 columns only (as the first AMD table)
+    python benchmarks/bench_model.py --smoke        # seconds: every part runs (tests)
+
+Each run prints the machine (CPU model, AVX2 / AVX-512 / AMX from /proc/cpuinfo flags, torch's CPU capability,
+threads, load average), the fp32 and bf16 (AMX where present) GEMM rates measured in the run, the FLOPs of every
+candidate (`FlopCounterMode`), and a table with fp32 and bf16 (`torch.autocast("cpu", bfloat16)`) columns: seconds
+(median and range of interleaved runs), the ratio ours / peer, and the utilisation (FLOP/s over the GEMM rate).
 
 Training step = forward + backward of a BEVT joint pretraining step (video + image streams, masked-token loss).
 Our model and the reference (benchmarks/reference_bevt.py: unfused attention, bias gather and shift masks built
