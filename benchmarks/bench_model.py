@@ -580,8 +580,11 @@ def summary(results: dict, precisions: list[str]) -> str:
         ("train", "reference", results["train_step_s"]),
         ("inference", "torchvision_swin3d_t", results["inference_s"]),
     ):
-        for p in precisions:
-            ours, other = times[f"ours_{p}"], times.get(f"{peer}_{p}")
+        rows = [(f"ours_{p}", p, p) for p in precisions]
+        if "ours_compiled_fp32" in times:  # --compile
+            rows.append(("ours_compiled_fp32", "fp32", "fp32, compiled"))
+        for name, p, label in rows:
+            ours, other = times[name], times.get(f"{peer}_{p}")
             cells = [f"{ours['median']:.3f} ({ours['min']:.3f}-{ours['max']:.3f})"]
             if other is not None:
                 cells += [
@@ -591,10 +594,10 @@ def summary(results: dict, precisions: list[str]) -> str:
             else:
                 cells += ["-", "-"]
             cells += [
-                f"{100 * util[f'{kind}_ours_{p}']:.0f}%" if f"{kind}_ours_{p}" in util else "-",
+                f"{100 * util[f'{kind}_{name}']:.0f}%" if f"{kind}_{name}" in util else "-",
                 f"{100 * util[f'{kind}_{peer}_{p}']:.0f}%" if f"{kind}_{peer}_{p}" in util else "-",
             ]
-            lines.append(f"| {kind} | {p} | " + " | ".join(cells) + " |")
+            lines.append(f"| {kind} | {label} | " + " | ".join(cells) + " |")
     for name, prof in results.get("train_profile", {}).items():
         lines += ["", f"Profile of the training step, {name} (self CPU time shares, mean of 2 rounds):"]
         lines.append(
