@@ -1,7 +1,15 @@
 """Model speed and memory: our BEVT against a straightforward reference and torchvision's swin3d_t.
 
-    python benchmarks/bench_model.py                # Swin-T dims, 1 video 16x224 + 4 images 224, CPU
+    python benchmarks/bench_model.py                # Swin-T dims, 1 video 16x224 + 4 images 224, CPU, fp32 + bf16
     python benchmarks/bench_model.py --repeats 7 --compile  # + compiled inference and training (slow to compile)
+    python benchmarks/bench_model.py --threads 1 --cpu-time --profile 15  # on a shared machine; + where time goes
+    python benchmarks/bench_model.py --precisions fp32  # the fp32 columns only (as the first AMD table)
+    python benchmarks/bench_model.py --smoke        # seconds: every part runs (tests)
+
+Each run prints the machine (CPU model, AVX2 / AVX-512 / AMX from /proc/cpuinfo flags, torch's CPU capability,
+threads, load average), the fp32 and bf16 (AMX where present) GEMM rates measured in the run, the FLOPs of every
+candidate (`FlopCounterMode`), and a table with fp32 and bf16 (`torch.autocast("cpu", bfloat16)`) columns: seconds
+(median and range of interleaved runs), the ratio ours / peer, and the utilisation (FLOP/s over the GEMM rate).
 
 Training step = forward + backward of a BEVT joint pretraining step (video + image streams, masked-token loss).
 Our model and the reference (benchmarks/reference_bevt.py: unfused attention, bias gather and shift masks built
@@ -146,9 +154,7 @@ def gemm_rate(precision: str, m: int, k: int, n: int, repeats: int) -> float:
             torch.matmul(a, b)
         times = []
         for _ in range(repeats):
-            start = time.perf_counter()
-            torch.matmul(a, b)
-            times.append(time.perf_counter() - start)
+            times.append(timed(torch.matmul, a, b))  # the same clock as the model timings
     return 2 * m * k * n / statistics.median(times) / 1e9
 
 
@@ -178,6 +184,81 @@ def alternate(fns: dict, repeats: int, warmup: int = 1) -> dict[str, dict[str, f
         for name, fn in fns.items():
             times[name].append(timed(fn))
     return {name: spread(t) for name, t in times.items()}
+
+
+# op name -> category by substring, first match wins (the profile's summary: where the step time goes besides GEMMs)
+OP_CATEGORIES = [
+    ("LayerNorm", ("layer_norm",)),
+    ("softmax", ("softmax",)),
+    ("GELU", ("gelu",)),
+    ("GEMM", ("mm", "linear", "matmul", "conv")),
+    ("index / masked", ("index", "masked", "nonzero", "gather", "scatter", "where", "embedding")),
+    (
+        "copies / layout / allocation",
+        (
+            "copy",
+            "clone",
+            "contiguous",
+            "cat",
+            "pad",
+            "roll",
+            "stack",
+            "to_mkldnn",
+            "fill",
+            "empty",
+            "zero",
+            "as_strided",
+            "permute",
+            "transpose",
+            "view",
+            "reshape",
+        ),
+    ),  # fmt: skip
+    (
+        "elementwise / reductions / loss",
+        ("add", "mul", "sub", "div", "neg", "exp", "sum", "mean", "nll", "loss"),
+    ),
+]
+
+
+def op_category(name: str) -> str:
+    op = name.split("::", 1)[-1]
+    for category, keys in OP_CATEGORIES:
+        if any(k in op for k in keys):
+            return category
+    return "other"
+
+
+def profile_steps(fns: dict, rounds: int, top: int) -> dict[str, dict]:
+    """torch.profiler over one call of each candidate, in turn (A, B, A, B, ...), `rounds` times: per candidate the
+    top ops by self CPU time (mean share over rounds) and the shares of op categories (GEMM, softmax, ...)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    shares: dict[str, list[dict[str, float]]] = {name: [] for name in fns}
+    calls: dict[str, dict[str, int]] = {name: {} for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                fn()
+            events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+            total = sum(e.self_cpu_time_total for e in events)
+            shares[name].append({e.key: e.self_cpu_time_total / total for e in events})
+            calls[name] = {e.key: e.count for e in events}
+    report = {}
+    for name, per_round in shares.items():
+        ops = {op for r in per_round for op in r}
+        mean = {op: sum(r.get(op, 0.0) for r in per_round) / len(per_round) for op in ops}
+        categories: dict[str, float] = {}
+        for op, share in mean.items():
+            categories[op_category(op)] = categories.get(op_category(op), 0.0) + share
+        ranked = sorted(mean.items(), key=lambda kv: -kv[1])[:top]
+        report[name] = {
+            "top_ops": [
+                {"op": op, "self_cpu_share": share, "calls": calls[name].get(op, 0)} for op, share in ranked
+            ],
+            "categories": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
+        }
+    return report
 
 
 def torchvision_swin3d_t_from(model: BEVTForVideoClassification) -> torch.nn.Module:
@@ -289,6 +370,14 @@ def main() -> None:
         action="store_true",
         help="a seconds-long check that every part runs (preset test, 8x64 clips, 1 repeat, small GEMM, no memory)",
     )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also profile the training steps (ours and the reference, per precision; torch.profiler, 2 interleaved "
+        "rounds): top N ops by self CPU time and the share of each op category",
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--measure-memory", choices=["ours", "ref"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -376,6 +465,12 @@ def main() -> None:
             train["reference_fp32"]["median"] / train["ours_compiled_fp32"]["median"]
         )
     print(json.dumps(results, indent=1), flush=True)
+    if args.profile:
+        results["train_profile"] = profile_steps(
+            {f"{who}_{p}": candidates[f"{who}_{p}"] for p in precisions for who in ("ours", "reference")},
+            rounds=2,
+            top=args.profile,
+        )
 
     classifier = BEVTForVideoClassification(BEVTConfig.from_preset(args.preset, num_labels=400)).eval()
     classifier.bevt.load_state_dict(model.bevt.state_dict())
@@ -485,8 +580,11 @@ def summary(results: dict, precisions: list[str]) -> str:
         ("train", "reference", results["train_step_s"]),
         ("inference", "torchvision_swin3d_t", results["inference_s"]),
     ):
-        for p in precisions:
-            ours, other = times[f"ours_{p}"], times.get(f"{peer}_{p}")
+        rows = [(f"ours_{p}", p, p) for p in precisions]
+        if "ours_compiled_fp32" in times:  # --compile
+            rows.append(("ours_compiled_fp32", "fp32", "fp32, compiled"))
+        for name, p, label in rows:
+            ours, other = times[name], times.get(f"{peer}_{p}")
             cells = [f"{ours['median']:.3f} ({ours['min']:.3f}-{ours['max']:.3f})"]
             if other is not None:
                 cells += [
@@ -496,10 +594,18 @@ def summary(results: dict, precisions: list[str]) -> str:
             else:
                 cells += ["-", "-"]
             cells += [
-                f"{100 * util[f'{kind}_ours_{p}']:.0f}%" if f"{kind}_ours_{p}" in util else "-",
+                f"{100 * util[f'{kind}_{name}']:.0f}%" if f"{kind}_{name}" in util else "-",
                 f"{100 * util[f'{kind}_{peer}_{p}']:.0f}%" if f"{kind}_{peer}_{p}" in util else "-",
             ]
-            lines.append(f"| {kind} | {p} | " + " | ".join(cells) + " |")
+            lines.append(f"| {kind} | {label} | " + " | ".join(cells) + " |")
+    for name, prof in results.get("train_profile", {}).items():
+        lines += ["", f"Profile of the training step, {name} (self CPU time shares, mean of 2 rounds):"]
+        lines.append(
+            "  categories: " + ", ".join(f"{c} {100 * v:.1f}%" for c, v in prof["categories"].items())
+        )
+        lines += [
+            f"  {100 * o['self_cpu_share']:5.1f}%  {o['op']} ({o['calls']} calls)" for o in prof["top_ops"]
+        ]
     return "\n".join(lines)
 
 

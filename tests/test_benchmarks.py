@@ -63,7 +63,8 @@ def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path):
 def test_bench_model_smoke_reports_machine_rates_flops_and_utilisation(tmp_path):
     out = tmp_path / "model.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_model.py"), "--smoke", "--threads", "1", "--json", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / "bench_model.py"), "--smoke", "--threads", "1", "--profile", "5",
+         "--json", str(out)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -83,6 +84,10 @@ def test_bench_model_smoke_reports_machine_rates_flops_and_utilisation(tmp_path)
     assert report["train_gflop"]["reference"] > report["train_gflop"]["ours"] > 0
     assert report["inference_gflop"]["ours"] > 0
     assert "| train | bf16 |" in result.stdout and "ISA:" in result.stdout
+    for p in ("fp32", "bf16"):  # the profile: top ops and category shares of our step
+        profile = report["train_profile"][f"ours_{p}"]
+        assert len(profile["top_ops"]) == 5 and profile["categories"]["GEMM"] > 0
+        assert abs(sum(profile["categories"].values()) - 1) < 1e-6
 
 
 def test_bench_model_flop_count_matches_a_hand_count():

@@ -104,3 +104,86 @@ def test_two_machine_ranks_read_disjoint_samples_and_end_with_identical_weights(
     assert weights_digest(saved) == digests[0]
     fresh = BEVTForMaskedVideoModeling(saved.config)
     assert weights_digest(fresh) != digests[0]  # it trained
+
+
+def _fake_accelerator(kind: str, processes: int, plugin=None):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    return SimpleNamespace(
+        num_processes=processes,
+        distributed_type=DistributedType[kind],
+        device=torch.device("cpu"),
+        state=SimpleNamespace(deepspeed_plugin=plugin),
+    )
+
+
+def test_launch_without_a_process_group_is_refused_and_ignored_sharding_is_said(monkeypatch, caplog):
+    """On a CPU-only host Accelerate 1.16 forms no process group for `--multi_gpu`/FSDP/DeepSpeed launches without
+    ACCELERATE_USE_CPU=1 (each process: 1 process), and with it runs plain DDP for FSDP configs."""
+    from accelerate import PartialState
+
+    from bevt.training.arguments import UsageError
+    from bevt.training.runtime import check_launch
+
+    PartialState()  # the warning goes through Accelerate's logger (single process, set up before WORLD_SIZE=2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match=r"WORLD_SIZE=2 .* no process group .* ACCELERATE_USE_CPU=1"):
+        check_launch(_fake_accelerator("DEEPSPEED", 1))
+    check_launch(_fake_accelerator("MULTI_CPU", 2))  # a real group: fine
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with caplog.at_level("WARNING"):
+        check_launch(_fake_accelerator("MULTI_CPU", 2))
+    assert "asks for FSDP, but Accelerate runs MULTI_CPU on cpu" in caplog.text
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_launch(_fake_accelerator("NO", 1))
+
+
+def test_deepspeed_micro_batch_is_set_from_the_per_device_batch():
+    from types import SimpleNamespace
+
+    from bevt.training.runtime import set_deepspeed_micro_batch
+
+    class Plugin:
+        def __init__(self, value):
+            self.deepspeed_config = {"train_micro_batch_size_per_gpu": value}
+
+        def is_auto(self, key):
+            return self.deepspeed_config[key] == "auto"
+
+    cases = [
+        (SimpleNamespace(stage="joint", video_batch_size=8, image_batch_size=64), "auto", 8),
+        (SimpleNamespace(stage="image", video_batch_size=8, image_batch_size=64), "auto", 64),
+        (SimpleNamespace(per_device_train_batch_size=6), "auto", 6),
+        (SimpleNamespace(per_device_train_batch_size=6), 3, 3),  # an explicit value is kept
+    ]
+    for args, value, expected in cases:
+        plugin = Plugin(value)
+        set_deepspeed_micro_batch(_fake_accelerator("DEEPSPEED", 2, plugin), args)
+        assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == expected
+    set_deepspeed_micro_batch(_fake_accelerator("MULTI_CPU", 2), cases[0][0])  # no plugin: nothing to do
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only launch")
+def test_cpu_multi_process_launch_without_accelerate_use_cpu_stops_with_one_error(
+    tmp_path, pretraining_demo_data
+):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(pretraining_demo_data, out / "demo_data")
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    command = [
+        str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--main_process_port", str(free_port()), str(REPO / "run_pretraining.py"), "--output_dir", str(out),
+        "--max_train_steps", "1",
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode != 0
+    assert "error: this process was launched as one of WORLD_SIZE=2 processes" in result.stderr
+    assert "Traceback" not in result.stderr.split("error: this process", 1)[0][-2000:]
+    assert not (out / "model.safetensors").exists()

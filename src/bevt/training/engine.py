@@ -4,7 +4,8 @@
 whose loss or gradient norm is NaN/inf on any rank is skipped on every rank; too many in a row stop the run),
 SIGTERM/SIGINT (a checkpoint, then exit status 128 + signal, on every rank), logging and tracker scalars, the
 progress bar, the evaluation and checkpoint cadence, exact resume (model, optimizer, schedule, EMA, RNG of every
-rank, data position of every rank, the loop's counters and any registered state) and the end-of-run summary.
+rank, data position of every rank, the loop's counters and any registered state), the end-of-run summary and, in
+data-parallel runs, a check that every rank ends with the same weights (`check_replicas`).
 
 A step function gets one micro-batch and returns the loss to back-propagate plus the scalars to log; it runs under
 `accelerator.autocast()` inside `accelerator.accumulate(model)`. Anything with a step works, e.g. training the

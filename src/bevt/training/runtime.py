@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -66,7 +67,54 @@ def build_accelerator(args: Any) -> Accelerator:
     )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         logger.warning("--mixed_precision fp16 has no effect on CPU (Accelerate ignores it); use bf16 or no.")
+    check_launch(accelerator)
+    set_deepspeed_micro_batch(accelerator, args)
     return accelerator
+
+
+def check_launch(accelerator: Accelerator) -> None:
+    """Stop a launch whose processes did not form one group, and say when a requested FSDP / DeepSpeed is not used.
+
+    - `accelerate launch --num_processes 2` on a CPU-only host without `ACCELERATE_USE_CPU=1`: Accelerate 1.16 starts
+      two processes that each train alone (`Num processes: 1`) and write the same `--output_dir`. Refused.
+    - An FSDP config with `ACCELERATE_USE_CPU=1`: Accelerate enables FSDP only for GPU-like devices and runs plain DDP
+      on CPU (the weights are replicated, not sharded). A warning.
+    """
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1 and accelerator.num_processes == 1:
+        hint = (
+            " On CPU, launch with ACCELERATE_USE_CPU=1 (see the README's multi-process commands); FSDP and DeepSpeed "
+            "configs need GPUs with this Accelerate."
+            if accelerator.device.type == "cpu"
+            else ""
+        )
+        raise UsageError(
+            f"this process was launched as one of WORLD_SIZE={world} processes, but Accelerate formed no process group "
+            f"(distributed type {accelerator.distributed_type.value}, 1 process): every process would train alone and "
+            f"write the same --output_dir.{hint}"
+        )
+    for env, wanted in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
+        if os.environ.get(env, "false").lower() == "true" and accelerator.distributed_type.value != wanted:
+            logger.warning(
+                f"the Accelerate config asks for {wanted}, but Accelerate runs {accelerator.distributed_type.value} "
+                f"on {accelerator.device.type} (FSDP and DeepSpeed are enabled only on GPU-like devices by this "
+                "Accelerate): the weights are not sharded."
+            )
+
+
+def set_deepspeed_micro_batch(accelerator: Accelerator, args: Any) -> None:
+    """DeepSpeed wants `train_micro_batch_size_per_gpu`; Accelerate reads it from a prepared DataLoader, but the scripts
+    read their own streams, so an `auto` value (the default of Accelerate's DeepSpeed configs) is set here from the
+    per-device batch (pretraining: videos per device, or images in the image stage). DeepSpeed uses it for its
+    bookkeeping only (`train_batch_size` = micro batch x accumulation x processes); the batches stay the scripts'."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or not plugin.is_auto("train_micro_batch_size_per_gpu"):
+        return
+    micro = getattr(args, "per_device_train_batch_size", None)
+    if micro is None:
+        stage = getattr(args, "stage", "joint")
+        micro = getattr(args, "image_batch_size" if stage == "image" else "video_batch_size", None)
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = int(micro or 1)
 
 
 def setup_logging(accelerator: Accelerator, *, quiet_accelerate: bool) -> None:
