@@ -405,9 +405,8 @@ def test_trust_remote_code_without_bevt(tmp_path):
     folder = tmp_path / "remote"
     model.save_pretrained(folder)
     # the relatively imported siblings travel with the model file (Transformers' custom_object_save)
-    assert {"modeling_bevt.py", "configuration_bevt.py", "kernels_bevt.py", "inputs_bevt.py"} <= {
-        p.name for p in folder.iterdir()
-    }
+    siblings = {"configuration_bevt.py", "kernels_bevt.py", "inputs_bevt.py", "outputs_bevt.py"}
+    assert {"modeling_bevt.py", *siblings} <= {p.name for p in folder.iterdir()}
     pixel_values, _, _ = video_batch(batch=1)
     torch.save(pixel_values, tmp_path / "x.pt")
     with torch.no_grad():

@@ -128,6 +128,17 @@ def check_regression_labels(
         )
 
 
+def check_masked_labels(
+    labels: torch.Tensor, expected: tuple[int, ...], is_video: bool, config: BEVTConfig
+) -> None:
+    """The labels of one masked-modeling stream for a (B, [T,] h, w) token grid `expected`: token ids of that shape,
+    or for `config.is_regression_target` float targets (B, [T,] h, w, target_dim)."""
+    if config.is_regression_target:
+        check_regression_labels(labels, (*expected, config.target_dim), is_video, config)
+    else:
+        check_token_labels(labels, expected, is_video, config)
+
+
 def check_token_range(target: torch.Tensor, is_video: bool, config: BEVTConfig) -> None:
     """The selected (masked) token ids lie in [0, vocab_size)."""
     if target.numel() and (int(target.min()) < 0 or int(target.max()) >= config.vocab_size):
@@ -159,3 +170,41 @@ def check_class_labels(labels: torch.Tensor, logits: torch.Tensor, config: BEVTC
             f"float `labels` (class distributions) must have the logits' shape {tuple(logits.shape)} "
             f"(batch, num_labels), got {tuple(labels.shape)}"
         )
+
+
+def check_class_ids(labels: torch.Tensor | None, num_labels: int, problem_type: str | None) -> None:
+    """Labels of shape (B,) are class ids, so an integer tensor (unless the model regresses): float (B,) labels are a
+    mistake, not class distributions (those are (B, num_labels))."""
+    if (
+        isinstance(labels, torch.Tensor)
+        and labels.is_floating_point()
+        and labels.ndim == 1
+        and num_labels > 1
+        and problem_type != "regression"
+    ):
+        raise ValueError(
+            f"float `labels` of shape {tuple(labels.shape)}: class ids must be an integer tensor "
+            f"(`labels.long()`), float labels must be class distributions ({labels.shape[0]}, {num_labels}) "
+            "(batch, num_labels)"
+        )
+
+
+def views_per_video(num_views: int | torch.Tensor, num_inputs: int) -> int:
+    """Check `num_views` (an int, or the processor's `num_views` `(B,)`) against `num_inputs` views; returns V."""
+    batch = None
+    views: object = num_views
+    if isinstance(num_views, torch.Tensor):
+        values = num_views.flatten().tolist()
+        if len(set(values)) != 1:
+            raise ValueError(
+                f"`num_views` must give every video the same number of views (one `num_views` per video), got {values}"
+            )
+        batch, views = len(values), values[0]
+    if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+        raise ValueError(f"`num_views` must be a positive integer (views per video), got {num_views!r}")
+    if num_inputs % views or (batch is not None and batch * views != num_inputs):
+        raise ValueError(
+            f"`pixel_values` holds {num_inputs} views: {num_inputs} views cannot be split into videos of {views} "
+            "views" + (f" for {batch} videos" if batch is not None else "")
+        )
+    return views

@@ -7,13 +7,12 @@ channels-last: video (B, D, H, W, C), image (B, H, W, C).
 
 The fast paths (oneDNN linears, chunked window attention, recomputed LayerNorm/GELU) live in `kernels_bevt.py`;
 each is one call here (`BEVTLinear`, the "sdpa" attention, `norm_linear`, `activation_linear`) that runs the plain
-PyTorch code whenever the fast path does not apply.
+PyTorch code whenever the fast path does not apply. Input checks live in `inputs_bevt.py`; the output dataclasses,
+losses, metrics and the multi-view score in `outputs_bevt.py`. Saved folders carry all three (remote code).
 """
 
 import itertools
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import lru_cache, partial
 
 import torch
@@ -23,19 +22,20 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import ImageClassifierOutput, ModelOutput
+from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.modeling_utils import AttentionInterface
 from transformers.utils import logging
 
 from .configuration_bevt import BEVTConfig
 from .inputs_bevt import (
+    check_class_ids,
     check_class_labels,
     check_mask,
+    check_masked_labels,
     check_masked_modeling_stream,
     check_pixel_values,
-    check_regression_labels,
-    check_token_labels,
     check_token_range,
+    views_per_video,
 )
 from .kernels_bevt import (
     BEVTLinear,
@@ -43,6 +43,13 @@ from .kernels_bevt import (
     norm_linear,
     sdpa_window_attention_forward,
     window_attention_mask,
+)
+from .outputs_bevt import (
+    BEVTMaskedVideoModelingOutput,
+    BEVTModelOutput,
+    average_views,
+    classification_loss,
+    masked_prediction_loss,
 )
 
 logger = logging.get_logger(__name__)
@@ -212,74 +219,6 @@ ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa_window_attention_forward
 # ----------------------------------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class BEVTModelOutput(ModelOutput):
-    """Output of `BEVTModel`.
-
-    Args:
-        last_hidden_state: (B, L, C_last) stage-4 tokens after the final LayerNorm, L = D*H4*W4 (video, (t, h, w)
-            order) or H4*W4 (image).
-        pooler_output: (B, C_last) mean of `last_hidden_state` over all positions.
-        hidden_states: on request, the patch embeddings and each stage's output before patch merging, (B, L_i, C_i).
-        reshaped_hidden_states: the same, channels-first: (B, C_i, D, H_i, W_i) for videos, (B, C_i, H_i, W_i) for
-            images.
-        attentions: on request (`output_attentions=True`), one tensor per block (sum(depths) in all, stage by
-            stage): the softmax attention probabilities (B*nW_i, heads_i, N_i, N_i), nW_i windows of N_i tokens
-            (N = Wd*Wh*Ww = 392 for 8x7x7 video windows, Wh*Ww = 49 for images; smaller where the grid is),
-            windows in (batch, window) order. Eager attention computes them (see `BEVTAttention.attend`).
-    """
-
-    last_hidden_state: torch.FloatTensor | None = None
-    pooler_output: torch.FloatTensor | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    reshaped_hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
-
-
-@dataclass
-class BEVTMaskedVideoModelingOutput(ModelOutput):
-    """Output of `BEVTForMaskedVideoModeling`.
-
-    Args:
-        loss: `video_loss_weight * video_loss + image_loss_weight * image_loss` (streams that are present).
-        video_loss / image_loss: over the masked positions of each stream: cross-entropy (`target_type`
-            "tokenizer") or mean squared error per value ("hog" / "pixel").
-        video_mask_accuracy / image_mask_accuracy: token ids only: fraction of masked positions whose id is predicted.
-        video_mask_r2 / image_mask_r2: regression targets only: coefficient of determination over the masked
-            positions, `1 - sum((pred - target)^2) / sum((target - mean)^2)` with the per-value mean of the batch's
-            masked targets (1 = perfect, 0 = predicting that mean, < 0 worse).
-        logits: (B, T*h*w, D) for every video position in (t, h, w) order, D = vocab_size (token logits) or
-            target_dim (regressed values); computed when no labels are given or when `return_logits=True` (with labels
-            only the masked positions go through the output projection).
-        image_logits: (B, h*w, D), same rule.
-        masked_logits / image_masked_logits: (num_masked, D), the outputs the losses were computed on.
-        attentions / image_attentions: on request, every block's attention probabilities for each stream (see
-            `BEVTModelOutput.attentions`).
-    """
-
-    loss: torch.FloatTensor | None = None
-    video_loss: torch.FloatTensor | None = None
-    image_loss: torch.FloatTensor | None = None
-    video_mask_accuracy: torch.FloatTensor | None = None
-    image_mask_accuracy: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    image_logits: torch.FloatTensor | None = None
-    masked_logits: torch.FloatTensor | None = None
-    image_masked_logits: torch.FloatTensor | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
-    image_attentions: tuple[torch.FloatTensor, ...] | None = None
-    video_mask_r2: torch.FloatTensor | None = None
-    image_mask_r2: torch.FloatTensor | None = None
-
-
-def masked_r2(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """R^2 of (N, D) predictions of (N, D) targets: 1 - SSE / SST, SST around the per-column mean of `target`."""
-    target = target.float()
-    residual = (prediction.float() - target).square().sum()
-    total = (target - target.mean(dim=0, keepdim=True)).square().sum()
-    return 1.0 - residual / total.clamp_min(torch.finfo(torch.float32).tiny)
 
 
 class BEVTPatchEmbeddings(nn.Module):
@@ -767,12 +706,7 @@ class BEVTForMaskedVideoModeling(BEVTPreTrainedModel):
 
         loss = quality = masked_logits = None
         if labels is not None:
-            if regression:
-                check_regression_labels(
-                    labels, (batch, *token_grid, self.config.target_dim), is_video, self.config
-                )
-            else:
-                check_token_labels(labels, (batch, *token_grid), is_video, self.config)
+            check_masked_labels(labels, (batch, *token_grid), is_video, self.config)
             loss_mask = bool_masked_pos.bool()
             if is_video:  # the input mask covers pairs of frames: upsample x2 in time
                 loss_mask = loss_mask.repeat_interleave(self.config.patch_size[0], dim=1)
@@ -780,17 +714,8 @@ class BEVTForMaskedVideoModeling(BEVTPreTrainedModel):
             if not regression:
                 target = target.long()
                 check_token_range(target, is_video, self.config)
-            selected = self.bevt.layernorm(features[loss_mask])
-            masked_logits = self.head.lm_head(selected)
-            if not target.shape[0]:  # nothing masked: a zero loss that keeps the graph
-                loss = masked_logits.sum() * 0.0
-                quality = torch.full((), float("nan"), device=features.device)
-            elif regression:
-                loss = F.mse_loss(masked_logits.float(), target.float())
-                quality = masked_r2(masked_logits.detach(), target)
-            else:
-                loss = F.cross_entropy(masked_logits.float(), target)
-                quality = (masked_logits.argmax(-1) == target).float().mean().detach()
+            masked_logits = self.head.lm_head(self.bevt.layernorm(features[loss_mask]))
+            loss, quality = masked_prediction_loss(masked_logits, target, regression)
         logits = None
         if labels is None or return_logits:
             logits = self.head.lm_head(self.bevt.layernorm(features)).flatten(1, -2)
@@ -867,62 +792,6 @@ class BEVTForMaskedVideoModeling(BEVTPreTrainedModel):
 class BEVTForVideoClassification(BEVTPreTrainedModel):
     """BEVT encoder -> mean-pooled final-norm features -> dropout -> linear classifier."""
 
-    def _classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Transformers' rules for `config.problem_type`, decided per call (the config is never written, so one
-        batch of class ids does not turn later soft targets into a different loss): num_labels == 1 -> MSE;
-        integer labels -> cross-entropy; float (B, num_labels) -> cross-entropy against class distributions,
-        or BCE-with-logits for problem_type "multi_label_classification"."""
-        problem = self.config.problem_type
-        if problem is None:
-            if self.num_labels == 1:
-                problem = "regression"
-            elif labels.is_floating_point():
-                problem = "soft_labels"
-            else:
-                problem = "single_label_classification"
-        logits = logits.float()
-        if problem == "regression":
-            if self.num_labels == 1:
-                return F.mse_loss(logits.squeeze(-1), labels.float().squeeze(-1))
-            return F.mse_loss(logits, labels.float())
-        if problem == "multi_label_classification":
-            return F.binary_cross_entropy_with_logits(logits, labels.float())
-        if labels.is_floating_point():  # soft targets (mixup/cutmix, label smoothing)
-            return torch.sum(-labels * F.log_softmax(logits, dim=-1), dim=-1).mean()
-        return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
-
-    @staticmethod
-    def _views_per_video(num_views: int | torch.Tensor, num_inputs: int) -> int:
-        """Check `num_views` (an int, or the processor's `num_views` `(B,)`) against `num_inputs` views; returns V."""
-        batch = None
-        views: object = num_views
-        if isinstance(num_views, torch.Tensor):
-            values = num_views.flatten().tolist()
-            if len(set(values)) != 1:
-                raise ValueError(
-                    f"`num_views` must give every video the same number of views (one `num_views` per video), got {values}"
-                )
-            batch, views = len(values), values[0]
-        if isinstance(views, bool) or not isinstance(views, int) or views < 1:
-            raise ValueError(f"`num_views` must be a positive integer (views per video), got {num_views!r}")
-        if num_inputs % views or (batch is not None and batch * views != num_inputs):
-            raise ValueError(
-                f"`pixel_values` holds {num_inputs} views: {num_inputs} views cannot be split into videos of {views} "
-                "views" + (f" for {batch} videos" if batch is not None else "")
-            )
-        return views
-
-    def _average_views(self, logits: torch.Tensor, views: int) -> torch.Tensor:
-        """Per-view logits `(B * V, num_labels)` -> per-video `(B, num_labels)`: the log of the mean softmax over the V
-        views of each video (so `softmax` of the result is the multi-view score), or the mean logits for regression /
-        multi-label models."""
-        if views == 1:
-            return logits
-        grouped = logits.float().view(-1, views, logits.shape[-1])
-        if self.config.problem_type in ("regression", "multi_label_classification"):
-            return grouped.mean(1).to(logits.dtype)
-        return (torch.logsumexp(grouped.log_softmax(-1), dim=1) - math.log(views)).to(logits.dtype)
-
     def __init__(self, config: BEVTConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -949,24 +818,13 @@ class BEVTForVideoClassification(BEVTPreTrainedModel):
 
         num_views: the views per video when `pixel_values` holds `B * num_views` views, consecutive per video (what
         `BEVTVideoProcessor` returns for several clips / crops, as `num_views` `(B,)`): the logits are then per video,
-        `(B, num_labels)`, the log of the views' mean softmax (see `_average_views`), and labels are per video.
+        `(B, num_labels)`, the log of the views' mean softmax (see `losses_bevt.average_views`), and labels are per video.
         `hidden_states` / `attentions` on request, see `BEVTModelOutput`."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         views = None
         if num_views is not None and isinstance(pixel_values, torch.Tensor) and pixel_values.ndim:
-            views = self._views_per_video(num_views, pixel_values.shape[0])
-        if (
-            isinstance(labels, torch.Tensor)
-            and labels.is_floating_point()
-            and labels.ndim == 1
-            and self.num_labels > 1
-            and self.config.problem_type != "regression"
-        ):
-            raise ValueError(
-                f"float `labels` of shape {tuple(labels.shape)}: class ids must be an integer tensor "
-                f"(`labels.long()`), float labels must be class distributions ({labels.shape[0]}, {self.num_labels}) "
-                "(batch, num_labels)"
-            )
+            views = views_per_video(num_views, pixel_values.shape[0])
+        check_class_ids(labels, self.num_labels, self.config.problem_type)
         outputs = self.bevt(
             pixel_values,
             output_hidden_states=output_hidden_states,
@@ -975,11 +833,11 @@ class BEVTForVideoClassification(BEVTPreTrainedModel):
         )
         logits = self.classifier(self.dropout(outputs.pooler_output))
         if views is not None:
-            logits = self._average_views(logits, views)
+            logits = average_views(logits, views, self.config.problem_type)
         loss = None
         if labels is not None:
             check_class_labels(labels, logits, self.config)
-            loss = self._classification_loss(logits, labels)
+            loss = classification_loss(logits, labels, self.num_labels, self.config.problem_type)
         if not return_dict:
             out = tuple(v for v in (logits, outputs.hidden_states, outputs.attentions) if v is not None)
             return ((loss,) + out) if loss is not None else out

@@ -9,7 +9,8 @@
 - `ema`: `ModelEMA`. `evaluation`: multi-view evaluation and reports. `guards`, `meters`: the loop's parts.
 - `runtime`: Accelerator, logging, output folder, demo data, Hub upload, the scripts' entry point.
 - `pretraining_arguments`, `finetuning_arguments`, `tokenizer_arguments`: the arguments and recipes of
-  `run_pretraining.py`, `run_finetuning.py` and `run_tokenizer_training.py`.
+  `run_pretraining.py`, `run_finetuning.py` and `run_tokenizer_training.py`; `pretraining_outputs`: the pictures
+  and `training_results.json` of `run_pretraining.py`.
 """
 
 from .arguments import BEVTArgumentParser, UsageError, fail, save_training_args, tracker_config
