@@ -287,13 +287,18 @@ def reported_names(args: PretrainingArguments) -> list[str]:
     return [n for n in stat_names(args.target) if args.stage == "joint" or not n.startswith("video")]
 
 
-def target_description(args: PretrainingArguments) -> str:
-    """The run's targets in words (training_results.json, the model card, the run header)."""
+def target_description(args: PretrainingArguments, for_card: bool = False) -> str:
+    """The run's targets in words (training_results.json, the run header; `for_card`: the model card, which names a
+    local tokenizer folder by its name only)."""
     if args.target == "hog":
         return "HOG: per-16px-patch histograms of oriented gradients (MaskFeat), L2 regression"
     if args.target == "pixel":
         return "pixels: per-16px-patch normalised pixels (MAE), L2 regression"
+    from bevt.modelcard import card_source
+
     source = args.tokenizer_name_or_path or "RANDOM-weight tokenizer (--random_tokenizer, tests only)"
+    if for_card and args.tokenizer_name_or_path:
+        source = card_source(source)
     return f"visual-token ids of {source}"
 
 
@@ -345,7 +350,7 @@ def write_model_card(
     args: PretrainingArguments, model: BEVTForMaskedVideoModeling, results: dict, schedule
 ) -> None:
     """README.md model card (`bevt.modelcard.build_model_card`) with the run's setup and how the metrics moved."""
-    from bevt.modelcard import build_model_card
+    from bevt.modelcard import build_model_card, card_source
 
     first, final = results["first"], results["final_window"]
     rows = "\n".join(
@@ -370,13 +375,13 @@ def write_model_card(
         f"{results['steps']} optimizer steps.{demo_note}\n\n"
         f"| metric | first step | mean of the last {args.logging_steps} steps |\n|---|---|---|\n{rows}\n\n{quality}"
     )
-    data = "built-in synthetic demo data" if args.demo else f"images {args.image_shards}"
+    data = "built-in synthetic demo data" if args.demo else f"images {[card_source(s) for s in args.image_shards]}"
     if args.stage == "joint" and not args.demo:
-        data += f"; videos {args.video_shards}"
+        data += f"; videos {[card_source(s) for s in args.video_shards]}"
     hyperparameters = {
         "stage": args.stage,
         "data": data,
-        "targets": results["target_description"],
+        "targets": target_description(args, for_card=True),
         "samples seen": ", ".join(f"{v} {k}s" for k, v in results["samples"].items()),
         "input": f"{args.image_size}x{args.image_size}, {args.num_frames} frames, interval {args.frame_interval}",
         "masking": f"ratio {args.mask_ratio}, tube length {args.tube_range[0]}-{args.tube_range[1]} of T/2",

@@ -274,7 +274,7 @@ def write_model_card(
     args: TokenizerArguments, model: TokenizerTrainingModel, results: dict, engine: TrainingEngine
 ) -> None:
     """README.md model card (`bevt.modelcard.build_tokenizer_model_card`): what this run did and measured."""
-    from bevt.modelcard import build_tokenizer_model_card
+    from bevt.modelcard import build_tokenizer_model_card, card_source
 
     held = results["held_out"]
     counts = ", ".join(f"{n} {kind}s" for kind, n in held["images"].items())
@@ -301,7 +301,7 @@ def write_model_card(
     data = (
         "built-in synthetic demo images"
         if args.demo
-        else "; ".join(f"{kind}s {files}" for kind, files in args.streams.items())
+        else "; ".join(f"{kind}s {[card_source(f) for f in files]}" for kind, files in args.streams.items())
     )
     hyperparameters = {
         "data": data,
