@@ -375,7 +375,11 @@ def write_model_card(
         f"{results['steps']} optimizer steps.{demo_note}\n\n"
         f"| metric | first step | mean of the last {args.logging_steps} steps |\n|---|---|---|\n{rows}\n\n{quality}"
     )
-    data = "built-in synthetic demo data" if args.demo else f"images {[card_source(s) for s in args.image_shards]}"
+    data = (
+        "built-in synthetic demo data"
+        if args.demo
+        else f"images {[card_source(s) for s in args.image_shards]}"
+    )
     if args.stage == "joint" and not args.demo:
         data += f"; videos {[card_source(s) for s in args.video_shards]}"
     hyperparameters = {

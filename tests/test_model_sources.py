@@ -31,7 +31,10 @@ def test_card_source_keeps_hub_ids_and_urls_and_names_local_folders(tmp_path):
     assert card_source("/data/k400/train/*.tar") == "train/*.tar"
     assert card_source("microsoft/dall-e-tokenizer") == "microsoft/dall-e-tokenizer"
     assert card_source("hf://datasets/org/k400/train") == "hf://datasets/org/k400/train"
-    assert card_source("https://example.com/shards/{000..009}.tar") == "https://example.com/shards/{000..009}.tar"
+    assert (
+        card_source("https://example.com/shards/{000..009}.tar")
+        == "https://example.com/shards/{000..009}.tar"
+    )
 
 
 def test_pretraining_card_names_a_local_tokenizer_and_shards_by_folder_name(pretraining, tmp_path):
