@@ -45,6 +45,7 @@ from bevt.data.transforms import VideoClassificationTrainTransform, mixup_cutmix
 from bevt.finetuning import (
     check_label_ids,
     check_shards_exist,
+    dataset_name_from_shards,
     find_label_names,
     folded_classifier,
     freeze_backbone,
@@ -66,7 +67,7 @@ from bevt.training import (
     layer_decay_lr_scale,
     resolve_schedule,
 )
-from bevt.training.arguments import UsageError
+from bevt.training.arguments import UsageError, check_loaded_weights, load_error
 from bevt.training.evaluation import MultiViewEvaluator, is_better, write_eval_outputs, write_json
 from bevt.training.finetuning_arguments import METRICS, FinetuningArguments
 from bevt.training.runtime import (
@@ -107,10 +108,14 @@ class Shards:
 
 
 def data_shards(args: FinetuningArguments, accelerator: Accelerator) -> Shards:
-    """The flags' shards, or the demo's (written once under `<output_dir>/demo_data`)."""
+    """The flags' shards, or the demo's (written once under `<output_dir>/demo_data`). Without `--dataset_name`, the
+    card's dataset is the one the shards' `dataset_info.json` records (`make_shards --dataset-name`), if any."""
     if not args.demo:
         flags = {"--train_shards": args.train_shards, "--validation_shards": args.validation_shards}
-        check_shards_exist(flags, args.stream_options()["storage_options"])
+        storage_options = args.stream_options()["storage_options"]
+        check_shards_exist(flags, storage_options)
+        if not args.dataset_name:
+            args.dataset_name = dataset_name_from_shards(list(flags.values()), storage_options)
         return Shards(args.train_shards, args.validation_shards, args.label_names)
     from bevt.data.demo_finetuning import write_demo_shards
 
@@ -148,7 +153,7 @@ def build_model(args: FinetuningArguments, label_names: list[str]) -> BEVTForVid
                 args.model_name_or_path, label_names, **args.model_updates()
             )
         except (OSError, ValueError, pickle.UnpicklingError) as err:
-            raise UsageError(f"--model_name_or_path {args.model_name_or_path}: {err}") from None
+            raise load_error("--model_name_or_path", args.model_name_or_path, err) from None
         logger.info(f"Model: {report.describe()}")
         for choice in args.architecture.values():
             if choice.changed:
@@ -409,9 +414,12 @@ def evaluate_only(args: FinetuningArguments, accelerator: Accelerator) -> int:
     storage_options = args.stream_options()["storage_options"]
     check_shards_exist({"--validation_shards": args.validation_shards}, storage_options)
     try:
-        model = BEVTForVideoClassification.from_pretrained(args.model_name_or_path)
+        model, info = BEVTForVideoClassification.from_pretrained(
+            args.model_name_or_path, output_loading_info=True
+        )
+        check_loaded_weights(model, info)
     except (OSError, ValueError, pickle.UnpicklingError) as err:
-        raise UsageError(f"--model_name_or_path {args.model_name_or_path}: {err}") from None
+        raise load_error("--model_name_or_path", args.model_name_or_path, err) from None
     label_names = resolve_label_names(
         args, Shards(None, args.validation_shards, args.label_names), model.config
     )

@@ -47,7 +47,7 @@ from bevt.training import (
     fail,
     resolve_schedule,
 )
-from bevt.training.arguments import UsageError
+from bevt.training.arguments import UsageError, check_loaded_weights, load_error
 from bevt.training.pretraining_arguments import PretrainingArguments, parse_config_overrides
 from bevt.training.runtime import (
     HUB_IGNORE_PATTERNS,
@@ -102,7 +102,7 @@ def resolve_target(args: PretrainingArguments) -> str:
         try:
             saved = BEVTConfig.from_pretrained(args.model_name_or_path).target_type
         except (OSError, ValueError) as err:
-            raise UsageError(f"--model_name_or_path {args.model_name_or_path}: {err}") from None
+            raise load_error("--model_name_or_path", args.model_name_or_path, err) from None
         if args.target_given and args.target != saved:
             raise UsageError(
                 f"--target {args.target} does not match --model_name_or_path {args.model_name_or_path}, pretrained "
@@ -126,9 +126,14 @@ def build_model(
     if args.model_name_or_path:
         try:
             updates = {"drop_path_rate": args.drop_path_rate} if args.drop_path_rate_given else {}
-            model = BEVTForMaskedVideoModeling.from_pretrained(args.model_name_or_path, **updates)
+            model, info = BEVTForMaskedVideoModeling.from_pretrained(
+                args.model_name_or_path, output_loading_info=True, **updates
+            )
+            check_loaded_weights(
+                model, info, new_ok=("head.",)
+            )  # (a classifier folder: a new prediction head)
         except (OSError, ValueError, pickle.UnpicklingError) as err:
-            raise UsageError(f"--model_name_or_path {args.model_name_or_path}: {err}") from None
+            raise load_error("--model_name_or_path", args.model_name_or_path, err) from None
         if model.config.target_type != target:
             fail("--target", f"{model.config.target_type!r} (the --model_name_or_path model's)", target)
         if vocab_size is not None and model.config.vocab_size != vocab_size:
@@ -169,9 +174,12 @@ def build_model(
 def load_tokenizer(args: PretrainingArguments) -> BEVTVisualTokenizer:
     """The frozen target tokenizer from `--tokenizer_name_or_path` (a converted `BEVTVisualTokenizer` folder)."""
     try:
-        tokenizer = BEVTVisualTokenizer.from_pretrained(args.tokenizer_name_or_path)
+        tokenizer, info = BEVTVisualTokenizer.from_pretrained(
+            args.tokenizer_name_or_path, output_loading_info=True
+        )
+        check_loaded_weights(tokenizer, info, what="BEVTVisualTokenizer")
     except (OSError, ValueError, pickle.UnpicklingError) as err:
-        raise UsageError(f"--tokenizer_name_or_path {args.tokenizer_name_or_path}: {err}") from None
+        raise load_error("--tokenizer_name_or_path", args.tokenizer_name_or_path, err) from None
     expected = args.image_size // 16 * tokenizer.config.downsample_factor
     if args.tokenizer_size != expected:
         cell = tokenizer.config.downsample_factor

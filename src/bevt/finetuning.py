@@ -203,8 +203,11 @@ def load_model_for_finetuning(
     )
     model = BEVTForVideoClassification(config)
 
+    from .training.arguments import check_loaded_weights
+
     with _quiet_transformers():  # the head of the source is "unexpected" for BEVTModel: expected here
-        backbone = BEVTModel.from_pretrained(name_or_path)
+        backbone, info = BEVTModel.from_pretrained(name_or_path, output_loading_info=True)
+    check_loaded_weights(backbone, info, what="BEVT backbone")
     state = backbone.state_dict()
     report = LoadReport(source=str(name_or_path), source_architecture=architecture)
     source_window, target_window = tuple(source_config.window_size), tuple(config.window_size)
@@ -404,6 +407,28 @@ def find_label_names(
     if len(set(names)) != len(names):
         fail("--label_names", "a file of unique class names", source)
     return names
+
+
+def dataset_name_from_shards(
+    shard_sets: Sequence[Any], storage_options: Mapping[str, Any] | None = None
+) -> str | None:
+    """The dataset the shards record (`dataset_name` in the `dataset_info.json` next to the first shard of each
+    given set, as `make_shards --dataset-name` writes it), for the model card of a run without `--dataset_name`;
+    None when none records one or the sets record different ones (the card then claims no dataset)."""
+    from .data.shards import list_shards, load_dataset_info
+
+    names = set()
+    for shards in shard_sets:
+        if not shards:
+            continue
+        try:
+            first = list_shards(shards, storage_options=storage_options)[0]
+            info = load_dataset_info(first, storage_options=storage_options) or {}
+        except (OSError, ValueError, IndexError, ImportError):
+            continue
+        if isinstance(info.get("dataset_name"), str) and info["dataset_name"]:
+            names.add(info["dataset_name"])
+    return names.pop() if len(names) == 1 else None
 
 
 def check_shards_exist(flags: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> None:

@@ -52,11 +52,15 @@ __all__ = [
     "UsageError",
     "arguments_dict",
     "check_resumed_arguments",
+    "check_loaded_weights",
+    "check_local_source",
     "check_model_folder",
     "check_non_negative",
     "check_positive_ints",
     "check_unit_interval",
     "fail",
+    "load_error",
+    "missing_folder_reason",
     "save_training_args",
     "tracker_config",
 ]
@@ -87,18 +91,80 @@ def fail(flag: str, expected: str, got: Any) -> NoReturn:
     raise UsageError(f"{flag} must be {expected}, got {got!r}")
 
 
+def missing_folder_reason(name_or_path: str) -> str | None:
+    """Why `name_or_path`, which does not exist locally, must be a missing local folder rather than a Hub repo id,
+    or None when it may be a Hub id: it looks like a path (starts with `/`, `./`, `../` or `~`, ends with a
+    separator), its parent folder exists here (`outputs/x` next to an `outputs` folder), it cannot be a repo id,
+    or the Hub is offline (`HF_HUB_OFFLINE`) and the name is not in the local Hub cache."""
+    text = str(name_or_path)
+    if text.startswith(("/", "./", "../", "~", ".\\", "..\\")) or text.endswith(("/", "\\")):
+        return "a local path"
+    parent = Path(text).parent
+    if str(parent) not in ("", ".") and parent.is_dir():
+        return f"its parent folder {parent} exists here"
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return "and not a Hub repo id"
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(text, "config.json"), str):
+        return "and not in the Hub cache: HF_HUB_OFFLINE is set"
+    return None
+
+
+def check_local_source(flag: str, name_or_path: str) -> None:
+    """A `from_pretrained` flag's value that is not an existing path: `UsageError("<flag> <value>: no such folder
+    (<why>)")` when it cannot be a reachable Hub repo id (`missing_folder_reason`); Hub ids are left to
+    `from_pretrained` (instead of Transformers' "Repo id must be in the form ..." for a mistyped local path)."""
+    if Path(name_or_path).expanduser().exists():
+        return
+    reason = missing_folder_reason(name_or_path)
+    if reason is not None:
+        raise UsageError(f"{flag} {name_or_path}: no such folder ({reason})")
+
+
+def load_error(flag: str, name_or_path: str, err: BaseException) -> UsageError:
+    """The `UsageError` of a failed `from_pretrained(name_or_path)`: the flag, the value and the error; a value that
+    is no local path was looked up on the Hub, which says so first ("no such folder, and the Hub ...")."""
+    message = " ".join(str(err).split()) or type(err).__name__
+    if not Path(name_or_path).expanduser().exists():
+        return UsageError(f"{flag} {name_or_path}: no such folder, and the Hub lookup failed: {message}")
+    return UsageError(f"{flag} {name_or_path}: {message}")
+
+
+def check_loaded_weights(
+    model: Any, loading_info: Mapping[str, Any], new_ok: Sequence[str] = (), what: str | None = None
+) -> None:
+    """After `model, info = cls.from_pretrained(..., output_loading_info=True)`: refuse (`ValueError`) a folder that
+    left most of the model newly initialised, i.e. whose weights mostly do not fit (a folder of the right
+    `model_type` holding another model's weights). `new_ok`: key prefixes the task legitimately adds (a new
+    classifier, a new prediction head), not counted. The message says how many tensors were missing, and which."""
+
+    def counted(key: str) -> bool:
+        return not key.startswith(tuple(new_ok))
+
+    expected = [k for k in model.state_dict() if counted(k)]
+    missing = [k for k in loading_info.get("missing_keys", ()) if counted(k)]
+    mismatched = [k if isinstance(k, str) else k[0] for k in loading_info.get("mismatched_keys", ())]
+    bad = missing + [k for k in mismatched if counted(k)]
+    if expected and 2 * len(bad) > len(expected):
+        shown = ", ".join(sorted(bad)[:4]) + (", ..." if len(bad) > 4 else "")
+        raise ValueError(
+            f"most of its weights do not fit a {what or type(model).__name__}: {len(bad)} of the {len(expected)} "
+            f"weight tensors would be newly initialised (missing or of another shape in the folder: {shown}); "
+            "pass a folder saved from this kind of model"
+        )
+
+
 def check_model_folder(flag: str, name_or_path: str, model_type: str, what: str) -> None:
     """`name_or_path` of a `from_pretrained` flag: an existing local folder must hold a `config.json` of `model_type`
-    (else `UsageError` naming the flag, what the folder is and what was expected); a name that cannot be a Hub repo
-    id (an absolute or `./` path, more than one `/`) must exist. Hub ids are left to `from_pretrained`."""
+    (else `UsageError` naming the flag, what the folder is and what was expected); a name that is not an existing
+    path must be a possible Hub repo id (`check_local_source`). Hub ids are left to `from_pretrained`."""
     path = Path(name_or_path).expanduser()
     if not path.exists():
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-        try:
-            validate_repo_id(name_or_path)
-        except HFValidationError:
-            raise UsageError(f"{flag} {name_or_path}: no such folder (and not a Hub repo id)") from None
+        check_local_source(flag, name_or_path)
         return
     config = path / "config.json"
     if not config.is_file():
@@ -669,6 +735,7 @@ def check_resumed_arguments(
 
     Raises `UsageError` naming every `RESUME_MUST_MATCH` flag that differs (with both values); returns one line per
     other changed flag outside `RESUME_MAY_CHANGE` (for a warning)."""
+
     def normal(value: Any) -> Any:
         return json.loads(json.dumps(value, default=str))
 

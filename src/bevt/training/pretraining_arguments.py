@@ -33,6 +33,7 @@ from .arguments import (
     ScheduleArguments,
     TrackingArguments,
     UsageError,
+    check_local_source,
     check_non_negative,
     check_positive_ints,
     check_unit_interval,
@@ -354,6 +355,8 @@ class PretrainingArguments(
             raise UsageError(
                 "--random_tokenizer and --tokenizer_name_or_path are exclusive (random weights or a trained tokenizer)"
             )
+        if self.tokenizer_name_or_path is not None:
+            check_local_source("--tokenizer_name_or_path", self.tokenizer_name_or_path)
 
     def data_config(self) -> PretrainingDataConfig:
         """The resolved data settings."""

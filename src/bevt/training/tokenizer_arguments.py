@@ -30,6 +30,7 @@ from .arguments import (
     RunControlArguments,
     ScheduleArguments,
     TrackingArguments,
+    UsageError,
     check_non_negative,
     check_positive_ints,
     check_unit_interval,
@@ -229,8 +230,11 @@ class TokenizerModelArguments(ArgumentGroup):
             fail("--vocab_size", "an integer >= 2", self.vocab_size)
         if any(m < 1 for m in self.channel_multipliers):
             fail("--channel_multipliers", "positive integers", list(self.channel_multipliers))
-        if self.tokenizer_name_or_path is not None and not os.path.isdir(self.tokenizer_name_or_path):
-            fail("--tokenizer_name_or_path", "an existing tokenizer folder", self.tokenizer_name_or_path)
+        path = self.tokenizer_name_or_path
+        if path is not None and not os.path.isdir(path):
+            raise UsageError(
+                f"--tokenizer_name_or_path {path}: no such folder (training continues from a local tokenizer folder)"
+            )
         super().__post_init__()
 
     @property
@@ -366,7 +370,9 @@ class TokenizerArguments(
     def _folder_image_size(self) -> int:
         path = self.tokenizer_name_or_path
         if not os.path.isdir(path):
-            fail("--tokenizer_name_or_path", "an existing tokenizer folder", path)
+            raise UsageError(
+                f"--tokenizer_name_or_path {path}: no such folder (training continues from a local tokenizer folder)"
+            )
         if not os.path.isfile(os.path.join(path, "config.json")):
             fail("--tokenizer_name_or_path", "a tokenizer folder (with config.json)", path)
         try:
