@@ -797,7 +797,10 @@ def build_parser() -> argparse.ArgumentParser:
         "s3://bucket/k400/train, gs://..., az://...; each finished shard is uploaded whole)",
     )
     p.add_argument(
+        "--label-names",
         "--labels",
+        dest="labels",
+        metavar="FILE",
         help="class names, one per line in index order (e.g. kinetics400_labels.txt); give the same file for every "
         "split (without it, the classes found are numbered in sorted order, which differs between lists)",
     )
@@ -812,6 +815,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--overwrite",
+        "--overwrite-output-dir",
         action="store_true",
         help="replace the shards of --prefix, dataset_info.json and labels.txt already in --output-dir (without it, "
         "a non-empty --output-dir is refused)",

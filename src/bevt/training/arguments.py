@@ -39,6 +39,7 @@ __all__ = [
     "BEVTArgumentParser",
     "CheckpointArguments",
     "ComputeArguments",
+    "FLAG_NAMES",
     "DataLoadingArguments",
     "HelpFormatter",
     "HubArguments",
@@ -64,6 +65,20 @@ __all__ = [
     "save_training_args",
     "tracker_config",
 ]
+
+# One flag name per meaning across the scripts and the CLIs (issue 17): {field: (name, *other spellings)}. The first
+# name leads in `--help` (the field's own name when it is not listed); every spelling, with underscores or dashes,
+# parses to the field, in `--config` files too. A field keeps its name in errors and training_args.json. Flags with the
+# same spelling but another meaning in another script say so in their help (e.g. --warmup_epochs vs --warmup_ratio).
+FLAG_NAMES: dict[str, tuple[str, ...]] = {
+    "num_warmup_steps": ("num_warmup_steps", "warmup_steps"),  # Transformers' Trainer: warmup_steps
+    "max_train_steps": ("max_train_steps", "max_steps"),  # Trainer: max_steps
+    "num_workers": ("num_workers", "dataloader_num_workers"),  # Trainer: dataloader_num_workers
+    "label_smoothing": ("label_smoothing", "label_smoothing_factor"),  # Trainer: label_smoothing_factor
+    "sampling": ("sampling_mode", "sampling"),  # the video processor's sampling_mode, convert --sampling-mode
+    "label_names": ("label_names", "labels", "id2label"),  # make_shards --labels, convert --id2label
+    "num_frames": ("num_frames", "clip_len"),  # the data stack's clip_len
+}
 
 SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 MASKED = "<hidden>"  # what training_args.json and the trackers get instead of a token
@@ -583,6 +598,15 @@ class _StoreTuple(argparse.Action):
         setattr(namespace, self.dest, tuple(values))
 
 
+def _spellings(name: str) -> list[str]:
+    """`num_frames` -> `["num_frames", "num-frames"]` (one spelling for a name without underscores)."""
+    return list(dict.fromkeys((name, name.replace("_", "-"))))
+
+
+def _as_list(value: Any) -> list[str]:
+    return [value] if isinstance(value, str) else list(value or ())
+
+
 class BEVTArgumentParser(HfArgumentParser):
     """`HfArgumentParser` for one arguments dataclass, with `--config FILE`, help groups per declaring class, tuple
     fields (`tuple[int, int]` -> `nargs=2`) and the recipes' defaults in the help texts. `parse(argv)` returns the
@@ -606,14 +630,25 @@ class BEVTArgumentParser(HfArgumentParser):
                     for t in (overrides.get(field.name, field.metadata.get("help")), recipe_help(field.name))
                     if t
                 )
-                field.metadata = types.MappingProxyType({**original.metadata, "help": help_text})
+                names = FLAG_NAMES.get(field.name, ())
+                aliases = [
+                    a for a in _as_list(original.metadata.get("aliases")) if a.lstrip("-") not in names
+                ]
+                aliases += [f"--{name}" for name in names if name != field.name]  # (dashes: see `parse`)
+                field.metadata = types.MappingProxyType(
+                    {**original.metadata, "help": help_text, "aliases": aliases}
+                )
                 if get_origin(_strip_optional(field.type)) is tuple:
-                    self._add_tuple_argument(group, field)
+                    action = self._add_tuple_argument(group, field)
                 else:
                     HfArgumentParser._parse_dataclass_field(group, field)
+                    action = group._group_actions[-1]
+                if names and names[0] != field.name:  # the preferred name leads in --help
+                    first = f"--{names[0]}"
+                    action.option_strings = [first] + [o for o in action.option_strings if o != first]
 
     @staticmethod
-    def _add_tuple_argument(group: Any, field: dataclasses.Field) -> None:
+    def _add_tuple_argument(group: Any, field: dataclasses.Field) -> argparse.Action:
         """A `tuple[T, T]` (or `tuple[T, ...]`) field: one flag taking 2 (or 1+) values of type T."""
         element_types = get_args(_strip_optional(field.type))
         kwargs = {k: v for k, v in field.metadata.items() if k not in ("aliases",)}
@@ -622,7 +657,8 @@ class BEVTArgumentParser(HfArgumentParser):
         kwargs["action"] = _StoreTuple
         if field.default is not dataclasses.MISSING:
             kwargs["default"] = field.default
-        group.add_argument(f"--{field.name}", f"--{field.name.replace('_', '-')}", **kwargs)
+        aliases = _as_list(field.metadata.get("aliases"))
+        return group.add_argument(*(f"--{n}" for n in _spellings(field.name)), *aliases, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         """A malformed command line (unknown flag, invalid choice, missing value): one `error:` line and exit status 2,
@@ -636,8 +672,19 @@ class BEVTArgumentParser(HfArgumentParser):
         pre.add_argument("--config", default=None)
         config = pre.parse_known_args(argv)[0].config
         tokens = self.config_tokens(config) if config else []
+        argv = [self._known_spelling(token) for token in argv]
         (args,) = self.parse_args_into_dataclasses(args=tokens + argv, look_for_args_file=False)
         return args
+
+    def _known_spelling(self, token: str) -> str:
+        """`--warmup-steps[=N]` -> `--warmup_steps[=N]` when only the underscore spelling is registered (aliases
+        are registered with underscores only, to keep `--help` short; flag names have both spellings)."""
+        name, sep, value = token.partition("=")
+        if name.startswith("--") and name not in self._option_string_actions:
+            underscored = "--" + name[2:].replace("-", "_")
+            if underscored in self._option_string_actions:
+                return underscored + sep + value
+        return token
 
     def config_tokens(self, path: str) -> list[str]:
         """The flags of a `--config` file as command-line tokens (so they are converted and checked exactly like
@@ -663,9 +710,13 @@ class BEVTArgumentParser(HfArgumentParser):
                 f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}"
             )
         actions = {a.dest: a for a in self._actions if a.option_strings and a.dest != "help"}
+        spelled = {
+            o.lstrip("-").replace("-", "_"): a.dest for a in actions.values() for o in a.option_strings
+        }
         tokens: list[str] = []
         for key, value in data.items():
             name = str(key).lstrip("-").replace("-", "_")
+            name = spelled.get(name, name)  # an alias (e.g. warmup_steps) is its flag's setting
             if name not in actions:
                 close = difflib.get_close_matches(name, sorted(actions), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""

@@ -411,7 +411,9 @@ class FinetuningOptimizerArguments(ArgumentGroup):
 class FinetuningScheduleArguments(ArgumentGroup):
     _argument_group_name = "schedule"
 
-    warmup_epochs: float | None = HfArg(default=None, help="Linear warmup.")
+    warmup_epochs: float | None = HfArg(
+        default=None, help="Linear warmup, in epochs (not a fraction as the other scripts' --warmup_ratio)."
+    )
 
     def __post_init__(self) -> None:
         check_non_negative(self, ("warmup_epochs",))

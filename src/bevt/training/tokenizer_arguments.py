@@ -176,7 +176,10 @@ class TokenizerDataArguments(ArgumentGroup):
         default=None, help="Area range of the random resized crop.", metadata={"metavar": ("LOW", "HIGH")}
     )
     flip_prob: float = HfArg(default=0.5, help="Horizontal flip probability.")
-    image_batch_size: int | None = HfArg(default=None, help="Images per device per micro-step.")
+    image_batch_size: int | None = HfArg(
+        default=None,
+        help="Images per device per micro-step (one batch per stream, as in run_pretraining.py).",
+    )
     video_batch_size: int | None = HfArg(
         default=None, help="Clips per device per micro-step (each gives --num_frames training frames)."
     )
@@ -251,7 +254,11 @@ class TokenizerObjectiveArguments(ArgumentGroup):
         default="ema",
         help="VQGAN: moving averages of the assigned latents (ema), or gradients with the codebook loss.",
     )
-    ema_decay: float | None = HfArg(default=None, help="VQGAN: decay of the EMA codebook statistics.")
+    ema_decay: float | None = HfArg(
+        default=None,
+        help="VQGAN: decay of the EMA codebook statistics (not an EMA of the weights as run_finetuning.py's "
+        "--ema_decay).",
+    )
     commitment_weight: float = HfArg(default=0.25, help="VQGAN: weight of the commitment loss.")
     dead_code_threshold: float = HfArg(
         default=0.1, help="VQGAN: a code whose EMA use falls below this fraction of the mean is re-seeded."
