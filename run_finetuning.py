@@ -26,7 +26,6 @@ the loop: `bevt.training.TrainingEngine` (this script gives it `finetuning_step`
 
 from __future__ import annotations
 
-import os
 import pickle
 import time
 from dataclasses import dataclass, field
@@ -43,16 +42,15 @@ from bevt.data.streaming import StreamDataLoader, build_stream, counted_examples
 from bevt.data.subsets import write_training_subset
 from bevt.data.transforms import VideoClassificationTrainTransform, mixup_cutmix, seeded_generator
 from bevt.finetuning import (
-    check_label_ids,
+    Exporter,
+    Shards,
     check_shards_exist,
     dataset_name_from_shards,
-    find_label_names,
-    folded_classifier,
     freeze_backbone,
     freeze_unused_video_parameters,
     load_model_for_finetuning,
+    resolve_label_names,
 )
-from bevt.modelcard import build_model_card, count_flops_per_view
 from bevt.training import (
     BEVTArgumentParser,
     ModelEMA,
@@ -100,13 +98,6 @@ def parse_args(argv: list[str] | None = None) -> FinetuningArguments:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Shards:
-    train: list[str] | None
-    validation: list[str] | None
-    label_names: str | None
-
-
 def data_shards(args: FinetuningArguments, accelerator: Accelerator) -> Shards:
     """The flags' shards, or the demo's (written once under `<output_dir>/demo_data`). Without `--dataset_name`, the
     card's dataset is the one the shards' `dataset_info.json` records (`make_shards --dataset-name`), if any."""
@@ -124,25 +115,6 @@ def data_shards(args: FinetuningArguments, accelerator: Accelerator) -> Shards:
     )
     demo = write_demo_data_once(accelerator, Path(args.output_dir) / "demo_data", write_demo_shards)
     return Shards(demo.train_shards, demo.validation_shards, args.label_names or demo.label_names_file)
-
-
-def resolve_label_names(
-    args: FinetuningArguments, shards: Shards, model_config: BEVTConfig | None = None
-) -> list[str]:
-    """Class names: --label_names, else the model's (eval only), else labels.txt / dataset_info.json of the shards;
-    refuses shards whose label ids disagree with them; warns when the recipe's dataset has another number of classes."""
-    names = find_label_names(
-        shards.label_names, shards.train or shards.validation, model_config if args.do_eval_only else None
-    )
-    if not args.do_eval_only:  # (evaluation compares ids with the model's classes, whatever their names)
-        sets = {"--train_shards": shards.train, "--validation_shards": shards.validation}
-        check_label_ids(names, sets, args.stream_options()["storage_options"])
-    expected = args.active_recipe.num_labels
-    if not args.demo and not args.do_eval_only and expected and len(names) != expected:
-        logger.warning(
-            f"the {args.recipe} recipe is made for {expected} classes; the labels have {len(names)}"
-        )
-    return names
 
 
 def build_model(args: FinetuningArguments, label_names: list[str]) -> BEVTForVideoClassification:
@@ -296,59 +268,6 @@ def format_metrics(metrics: dict[str, float]) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation during training, export
 # ---------------------------------------------------------------------------------------------------------------
-
-
-class Exporter:
-    """Writes the Hub-ready folder: weights + config, video processor, eval results, confusion matrix, model card."""
-
-    def __init__(
-        self, args: FinetuningArguments, label_names: list[str], num_views: tuple[int, int] | None
-    ) -> None:
-        self.args, self.label_names, self.num_views = args, label_names, num_views
-        self.hyperparameters: dict[str, Any] = {}
-        self.last_report: dict[str, Any] | None = None  # of the latest evaluation (main process)
-        self._flops: int | None = None
-
-    def flops(self, model: torch.nn.Module) -> int | None:
-        if self._flops is None:
-            try:
-                self._flops = count_flops_per_view(model)
-            except Exception as err:  # noqa: BLE001 - the card can do without it
-                logger.warning(f"could not count FLOPs per view: {err}")
-        return self._flops
-
-    def export(
-        self, model: BEVTForVideoClassification, metrics: dict[str, float] | None, report: dict | None
-    ) -> None:
-        """Main process only. A linear probe's BatchNorm is folded into its linear layer for the export."""
-        with folded_classifier(model) as plain:
-            self._export(plain, metrics, report)
-
-    def _export(
-        self, model: BEVTForVideoClassification, metrics: dict[str, float] | None, report: dict | None
-    ) -> None:
-        args, out = self.args, Path(self.args.output_dir)
-        model.save_pretrained(out)
-        args.video_processor().save_pretrained(out)
-        if report is not None:
-            write_eval_outputs(out, report, self.label_names, f"{out.name}")
-        local = args.model_name_or_path and os.path.exists(args.model_name_or_path)
-        card = build_model_card(
-            model_name=Path(args.hub_model_id or out.resolve().name).name,
-            config=model.config,
-            pipeline_tag="video-classification",
-            tags=["video-classification", "bevt-finetuned"] + (["demo"] if args.demo else []),
-            datasets=[args.dataset_name] if args.dataset_name else (),
-            base_model=args.base_model or (None if local else args.model_name_or_path),
-            eval_results=metrics,
-            eval_dataset=args.card_eval_dataset() if metrics else None,
-            num_views=self.num_views,
-            flops_per_view=self.flops(model),
-            num_parameters=sum(p.numel() for p in model.parameters()),
-            hyperparameters=self.hyperparameters,
-            repo_id=args.hub_model_id,
-        )
-        card.save(out / "README.md")
 
 
 @dataclass
