@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """BEVT pretraining (masked image + masked video modeling) with 🤗 Accelerate.
 
-    accelerate launch run_pretraining.py                      # built-in demo: tiny model, synthetic shards, HOG
+    accelerate launch run_pretraining.py                      # built-in demo: tiny model, synthetic shards, pixels
     accelerate launch run_pretraining.py --stage image --image_shards "imagenet/train-*.tar" ...
     accelerate launch run_pretraining.py --stage joint --model_name_or_path stage1_output \\
         --video_shards "k400/train-*.tar" --image_shards "imagenet/train-*.tar" \\
@@ -28,6 +28,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -97,12 +98,18 @@ def parse_args(argv: list[str] | None = None) -> PretrainingArguments:
 
 def resolve_target(args: PretrainingArguments) -> str:
     """The run's `--target`: the flag, else a `--model_name_or_path` model's own `target_type`, else the recipe's
-    (demo: hog, recipe: tokenizer). `--target tokenizer` needs a tokenizer (or `--random_tokenizer`, for tests)."""
+    (demo: pixel, recipe: tokenizer). `--target tokenizer` needs a tokenizer (or `--random_tokenizer`, for tests)."""
     if args.model_name_or_path:
         try:
             saved = BEVTConfig.from_pretrained(args.model_name_or_path).target_type
         except (OSError, ValueError) as err:
             raise load_error("--model_name_or_path", args.model_name_or_path, err) from None
+        tokenizer_flag = "--tokenizer_name_or_path" if args.tokenizer_name_or_path else "--random_tokenizer"
+        if saved != "tokenizer" and (args.tokenizer_name_or_path or args.random_tokenizer):
+            raise UsageError(
+                f"{tokenizer_flag} gives token targets, but --model_name_or_path {args.model_name_or_path} was "
+                f"pretrained with target_type {saved!r}: drop {tokenizer_flag} (or start a new model)"
+            )
         if args.target_given and args.target != saved:
             raise UsageError(
                 f"--target {args.target} does not match --model_name_or_path {args.model_name_or_path}, pretrained "
@@ -129,9 +136,8 @@ def build_model(
             model, info = BEVTForMaskedVideoModeling.from_pretrained(
                 args.model_name_or_path, output_loading_info=True, **updates
             )
-            check_loaded_weights(
-                model, info, new_ok=("head.",)
-            )  # (a classifier folder: a new prediction head)
+            # a classifier folder: the prediction head is new (allowed), the backbone must load
+            check_loaded_weights(model, info, new_ok=("head.",))
         except (OSError, ValueError, pickle.UnpicklingError) as err:
             raise load_error("--model_name_or_path", args.model_name_or_path, err) from None
         if model.config.target_type != target:
@@ -264,13 +270,74 @@ def build_targets(
     return PatchTargets.from_config(model.config)
 
 
-def pretraining_step(model: torch.nn.Module, targets: BEVTVisualTokenizer | PatchTargets, target: str):
+class StreamPictures:
+    """`--visualize_steps`: the engine's `evaluate` callback (every N steps and at the end) that draws, on the main
+    process, one PNG per stream of the last micro-batch with the current weights (no grad, eval mode: no random
+    numbers are drawn, so resuming stays exact): `<output_dir>/visualizations/step-<S>-<video|image>.png`, and
+    TensorBoard images `pictures/<stream>` with `--with_tracking`."""
+
+    def __init__(self, args: PretrainingArguments, accelerator: Accelerator, model, targets) -> None:
+        self.accelerator, self.model, self.targets, self.target = accelerator, model, targets, args.target
+        self.folder = Path(args.output_dir) / "visualizations"
+        self.inputs: dict[str, torch.Tensor] | None = None
+
+    def remember(self, inputs: dict[str, torch.Tensor]) -> None:
+        self.inputs = inputs
+
+    def __call__(self, state) -> dict[str, float]:
+        if self.inputs is None or not self.accelerator.is_main_process:
+            return {}
+        from bevt.visualization import pretraining_picture, render_panels
+
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        # eager even under --torch_compile: an eval-mode call would otherwise compile the encoder once more
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+            output = model(**self.inputs, return_logits=True)
+        model.train(was_training)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tokenizer = self.targets if self.target == "tokenizer" else None
+        for stream, prefix, logits in (
+            ("video", "", output.logits),
+            ("image", "image_", output.image_logits),
+        ):
+            if logits is None:
+                continue
+            panels = render_panels(
+                self.inputs[f"{prefix}pixel_values"],
+                self.inputs[f"{prefix}bool_masked_pos"],
+                self.inputs[f"{prefix}labels"],
+                logits,
+                self.target,
+                patch_size=model.config.target_patch_size,
+                tokenizer=tokenizer,
+            )
+            picture = pretraining_picture(panels)
+            picture.save(self.folder / f"step-{state.step:06d}-{stream}.png")
+            for tracker in self.accelerator.trackers:
+                if tracker.name == "tensorboard":
+                    image = np.asarray(picture)[None]
+                    tracker.log_images({f"pictures/{stream}": image}, step=state.step, dataformats="NHWC")
+        logger.info(f"pictures of step {state.step} in {self.folder}")
+        return {}
+
+
+def pretraining_step(
+    model: torch.nn.Module,
+    targets: BEVTVisualTokenizer | PatchTargets,
+    target: str,
+    pictures: StreamPictures | None = None,
+):
     """The engine's step: labels from the frozen tokenizer or `PatchTargets` (no grad), then the masked image
     (+ video) modeling losses."""
     names = stat_names(target)
 
     def step(batch: dict[str, Any], context: StepContext) -> StepOutput:
-        output = model(**model_inputs(batch, targets, context.device))
+        inputs = model_inputs(batch, targets, context.device)
+        if pictures is not None:
+            pictures.remember(inputs)
+        output = model(**inputs)
         metrics = {name: getattr(output, name) for name in names}
         return StepOutput(output.loss, {k: v if v is not None else 0.0 for k, v in metrics.items()})
 
@@ -435,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     image_shards, video_shards = data_shards(args, accelerator)
     set_seed(args.seed)  # the same initial weights on every rank
 
-    tokenizer = load_tokenizer(args) if args.tokenizer_name_or_path else None
+    tokenizer = load_tokenizer(args) if args.target == "tokenizer" and args.tokenizer_name_or_path else None
     model = build_model(args, tokenizer.config.vocab_size if tokenizer is not None else None, args.target)
     targets = tokenizer if tokenizer is not None else build_targets(args, model)
     if isinstance(targets, BEVTVisualTokenizer):
@@ -452,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         num_train_epochs=args.num_train_epochs,
         num_warmup_steps=args.num_warmup_steps,
         warmup_ratio=args.warmup_ratio,
+        eval_steps=args.visualize_steps or None,  # the pictures are the run's `evaluate` (and at the end)
     )
     optimizer = build_optimizer(model, args)
     lr_scheduler = build_lr_scheduler(args, optimizer, schedule)
@@ -465,8 +533,11 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     engine.resume()
     log_run_header(args, engine, model)
+    pictures = StreamPictures(args, accelerator, model, targets) if args.visualize_steps != 0 else None
     exit_code = engine.run(
-        pretraining_step(model, targets, args.target), format_metrics=format_metrics(args.stage, args.target)
+        pretraining_step(model, targets, args.target, pictures),
+        evaluate=pictures,
+        format_metrics=format_metrics(args.stage, args.target),
     )
     if exit_code == 0:
         save_final_model(args, accelerator, model, engine)

@@ -421,7 +421,10 @@ def test_demo_loss_falls_and_resume_gives_identical_weights(tmp_path, demo_data)
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("flags", "target", "quality"),
-    [(["--target", "hog"], "hog", "mask_r2"), (["--random_tokenizer"], "tokenizer", "mask_accuracy")],
+    [
+        (["--target", "hog", "--visualize_steps", "2", "--with_tracking"], "hog", "mask_r2"),
+        (["--random_tokenizer"], "tokenizer", "mask_accuracy"),
+    ],
 )
 def test_each_target_trains_saves_reloads_and_resumes_exactly(
     tmp_path, demo_data, script, flags, target, quality
@@ -444,6 +447,24 @@ def test_each_target_trains_saves_reloads_and_resumes_exactly(
     assert model.config.target_type == target
     assert model.head.lm_head.out_features == (108 if target == "hog" else model.config.vocab_size)
     uninterrupted = load_file(out / "model.safetensors")
+    # pictures: every --visualize_steps and at the end (by default at the end only), one per stream
+    from PIL import Image
+
+    steps = (2, 4) if "--visualize_steps" in flags else (4,)
+    pictures = sorted(p.name for p in (out / "visualizations").iterdir())
+    assert pictures == [f"step-{s:06d}-{stream}.png" for s in steps for stream in ("image", "video")]
+    with Image.open(out / "visualizations" / "step-000004-video.png") as picture:
+        assert picture.size == (96 + 8 * 130 - 2, 4 * 130 - 2)  # 8 frames x 4 rows of 128-px panels
+    if "--with_tracking" in flags:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        images = {}  # tag -> steps, over the run's event files (Accelerate writes one per logged folder)
+        for events in {p.parent for p in (out / "bevt_pretraining").rglob("events.out.tfevents.*")}:
+            accumulator = EventAccumulator(str(events))
+            accumulator.Reload()
+            for tag in accumulator.Tags()["images"]:
+                images[tag] = [e.step for e in accumulator.Images(tag)]
+        assert images == {"pictures/video": [2, 4], "pictures/image": [2, 4]}, images
 
     second = _run([*args, "--resume_from_checkpoint", str(out / "checkpoint-2")], out, demo_data, timeout=300)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
@@ -455,6 +476,9 @@ def test_each_target_trains_saves_reloads_and_resumes_exactly(
     later = script.parse_args(["--model_name_or_path", str(out), "--output_dir", str(tmp_path / "next")])
     later.random_tokenizer = target == "tokenizer"
     assert script.resolve_target(later) == target
+    if target == "hog":  # a tokenizer flag cannot turn it into a token model
+        with pytest.raises(SystemExit, match="--random_tokenizer gives token targets.*target_type 'hog'"):
+            script.resolve_target(script.parse_args(["--model_name_or_path", str(out), "--random_tokenizer"]))
 
 
 @pytest.mark.slow

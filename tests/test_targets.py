@@ -192,11 +192,13 @@ def test_config_rejects_bad_targets(kwargs, field):
 
 
 def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Model inputs made of [0, 1] frames normalised as the data transforms do, with random masks."""
     generator = torch.Generator().manual_seed(seed)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return {
-        "pixel_values": torch.randn(2, 8, 3, 64, 64, generator=generator),
+        "pixel_values": (torch.rand(2, 8, 3, 64, 64, generator=generator) - mean) / std,
         "bool_masked_pos": torch.rand(2, 4, 4, 4, generator=generator) < 0.5,
-        "image_pixel_values": torch.randn(3, 3, 64, 64, generator=generator),
+        "image_pixel_values": (torch.rand(3, 3, 64, 64, generator=generator) - mean) / std,
         "image_bool_masked_pos": torch.rand(3, 4, 4, generator=generator) < 0.5,
     }
 
@@ -291,3 +293,60 @@ def test_saved_folder_keeps_the_target_and_loads_as_remote_code(tmp_path):
     loss, r2 = (float(v) for v in result.stdout.split("LOSS")[-1].split())
     assert loss == pytest.approx(expected.loss.item(), rel=1e-5)
     assert r2 == pytest.approx(expected.video_mask_r2.item(), rel=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------- pictures
+
+
+@pytest.mark.parametrize("kind", ["hog", "pixel", "tokenizer", "tokenizer-decoder"])
+def test_pictures_show_the_prediction_only_at_masked_patches(kind, tmp_path):
+    from bevt import BEVTVisualTokenizer, BEVTVisualTokenizerConfig
+    from bevt.visualization import picture_size, pretraining_picture, render_panels
+
+    target_type = kind.split("-")[0]
+    model = BEVTForMaskedVideoModeling(BEVTConfig.from_preset("test", target_type=target_type)).eval()
+    tokenizer = None
+    if kind == "tokenizer-decoder":  # ids decoded to pixels through the tokenizer's decoder
+        config = BEVTVisualTokenizerConfig(
+            vocab_size=64, image_size=32, dalle_hidden_size=8, dalle_num_blocks_per_group=1, has_decoder=True
+        )
+        tokenizer = BEVTVisualTokenizer(config).eval()
+    batch = _batch()
+    if target_type == "tokenizer":
+        inputs = {
+            **batch,
+            "labels": torch.randint(0, 64, (2, 8, 4, 4)),
+            "image_labels": torch.randint(0, 64, (3, 4, 4)),
+        }
+    else:
+        inputs = model_inputs(batch, PatchTargets.from_config(model.config), "cpu")
+    with torch.no_grad():
+        out = model(**inputs, return_logits=True)
+    for prefix, logits, columns in (("", out.logits, 8), ("image_", out.image_logits, 1)):
+        mask = inputs[f"{prefix}bool_masked_pos"][0]
+        panels = render_panels(
+            inputs[f"{prefix}pixel_values"], inputs[f"{prefix}bool_masked_pos"], inputs[f"{prefix}labels"], logits,
+            target_type, tokenizer=tokenizer,
+        )  # fmt: skip
+        for row in panels.rows():
+            assert row.shape == (columns, 64, 64, 3) and row.min() >= 0 and row.max() <= 1
+        expected_mask = (mask.repeat_interleave(2, 0) if prefix == "" else mask[None]).numpy()
+        np.testing.assert_array_equal(panels.pixel_mask, expected_mask.repeat(16, -2).repeat(16, -1))
+        outside = ~panels.pixel_mask
+        np.testing.assert_array_equal(panels.prediction[outside], panels.targets[outside])
+        np.testing.assert_array_equal(panels.masked_input[outside], panels.input[outside])
+        assert (panels.masked_input[panels.pixel_mask] == 0.5).all()
+        assert (
+            np.abs(panels.prediction - panels.targets)[panels.pixel_mask].max() > 0.01
+        )  # an untrained guess
+        picture = pretraining_picture(panels)
+        path = tmp_path / f"{kind}{prefix}.png"
+        picture.save(path)
+        from PIL import Image
+
+        with Image.open(path) as saved:
+            assert (
+                saved.size == picture_size(columns, 64, 64, scale=2) == (96 + columns * 130 - 2, 4 * 130 - 2)
+            )
+    if target_type == "pixel":  # targets are the input again: un-normalised with each patch's own statistics
+        np.testing.assert_allclose(panels.targets, panels.input, atol=2e-3)

@@ -8,7 +8,7 @@
   batch streams over WebDataset shards, each rank reading a disjoint part.
 - `model_inputs(batch, targets, device)`: a collated batch -> `BEVTForMaskedVideoModeling` inputs, with labels
   from the frozen visual tokenizer (token ids) or from `bevt.targets.PatchTargets` (HOG / normalised pixels).
-- `random_tokenizer(vocab_size, image_size, seed)`: a small random-weight tokenizer for demos and tests.
+- `random_tokenizer(vocab_size, image_size, seed)`: a small random-weight tokenizer for tests (`--random_tokenizer`).
 """
 
 from __future__ import annotations
@@ -301,7 +301,7 @@ def calibration_images(size: int, count: int = 64, seed: int = 0) -> torch.Tenso
 
 
 def random_tokenizer(vocab_size: int, image_size: int, seed: int = 0) -> BEVTVisualTokenizer:
-    """A small DALL-E-style tokenizer with random (seeded) weights, for demos and tests only.
+    """A small DALL-E-style tokenizer with random (seeded) weights, for tests only (`--random_tokenizer`).
 
     A random DALL-E encoder puts most positions on a handful of token ids (its ReLU features share a positive mean
     direction), so the output bias is centred on synthetic scenes: the ids then spread over the codebook and the

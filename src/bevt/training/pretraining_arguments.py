@@ -269,6 +269,19 @@ class PretrainingTrackingArguments(ArgumentGroup):
         default=False,
         help="Append the keys of the samples each rank trains on to <output_dir>/sample_keys_rank<R>.txt.",
     )
+    visualize_steps: int | None = HfArg(
+        default=None,
+        help="Every N optimizer steps, and at the end, a PNG per stream under <output_dir>/visualizations/ (input, "
+        "mask, targets, prediction at the masked patches; also TensorBoard images with --with_tracking). Unset: at "
+        "the end only; 0: never.",
+    )
+
+    def __post_init__(self) -> None:
+        if self.visualize_steps is not None and (
+            isinstance(self.visualize_steps, bool) or self.visualize_steps < 0
+        ):
+            fail("--visualize_steps", "a non-negative integer (0: no pictures)", self.visualize_steps)
+        super().__post_init__()
 
 
 @dataclass
@@ -299,6 +312,7 @@ class PretrainingArguments(
         "max_train_steps": "from --num_train_epochs",
         "num_train_epochs": "unused",
         "torch_threads": "torch's choice",
+        "visualize_steps": "at the end only",
     }
     help_overrides = {
         "model_name_or_path": "Start from a saved BEVT folder (e.g. the stage-1 output).",
