@@ -37,7 +37,8 @@ def _value(field: str, tmp_path: Path) -> tuple[str, object]:
         path = tmp_path / "classes.txt"
         path.write_text("a\nb\nc\n")
         return str(path), str(path)
-    return {"num_warmup_steps": ("3", 3), "max_train_steps": ("7", 7), "num_workers": ("1", 1),
+    return {"num_warmup_steps": ("3", 3),
+        "checkpointing_steps": ("5", 5), "max_train_steps": ("7", 7), "num_workers": ("1", 1),
             "label_smoothing": ("0.2", 0.2), "sampling": ("uniform", "uniform"), "num_frames": ("6", 6)}[field]  # fmt: skip
 
 

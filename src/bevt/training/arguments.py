@@ -73,6 +73,7 @@ __all__ = [
 FLAG_NAMES: dict[str, tuple[str, ...]] = {
     "num_warmup_steps": ("num_warmup_steps", "warmup_steps"),  # Transformers' Trainer: warmup_steps
     "max_train_steps": ("max_train_steps", "max_steps"),  # Trainer: max_steps
+    "checkpointing_steps": ("checkpointing_steps", "save_steps"),  # Trainer: save_steps
     "num_workers": ("num_workers", "dataloader_num_workers"),  # Trainer: dataloader_num_workers
     "label_smoothing": ("label_smoothing", "label_smoothing_factor"),  # Trainer: label_smoothing_factor
     "sampling": ("sampling_mode", "sampling"),  # the video processor's sampling_mode, convert --sampling-mode
