@@ -26,7 +26,6 @@ the loop: `bevt.training.TrainingEngine` (this script gives it `finetuning_step`
 
 from __future__ import annotations
 
-import os
 import pickle
 import time
 from dataclasses import dataclass, field
@@ -43,15 +42,15 @@ from bevt.data.streaming import StreamDataLoader, build_stream, counted_examples
 from bevt.data.subsets import write_training_subset
 from bevt.data.transforms import VideoClassificationTrainTransform, mixup_cutmix, seeded_generator
 from bevt.finetuning import (
-    check_label_ids,
+    Exporter,
+    Shards,
     check_shards_exist,
-    find_label_names,
-    folded_classifier,
+    dataset_name_from_shards,
     freeze_backbone,
     freeze_unused_video_parameters,
     load_model_for_finetuning,
+    resolve_label_names,
 )
-from bevt.modelcard import build_model_card, count_flops_per_view
 from bevt.training import (
     BEVTArgumentParser,
     ModelEMA,
@@ -66,7 +65,7 @@ from bevt.training import (
     layer_decay_lr_scale,
     resolve_schedule,
 )
-from bevt.training.arguments import UsageError
+from bevt.training.arguments import UsageError, check_loaded_weights, load_error
 from bevt.training.evaluation import MultiViewEvaluator, is_better, write_eval_outputs, write_json
 from bevt.training.finetuning_arguments import METRICS, FinetuningArguments
 from bevt.training.runtime import (
@@ -99,18 +98,15 @@ def parse_args(argv: list[str] | None = None) -> FinetuningArguments:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Shards:
-    train: list[str] | None
-    validation: list[str] | None
-    label_names: str | None
-
-
 def data_shards(args: FinetuningArguments, accelerator: Accelerator) -> Shards:
-    """The flags' shards, or the demo's (written once under `<output_dir>/demo_data`)."""
+    """The flags' shards, or the demo's (written once under `<output_dir>/demo_data`). Without `--dataset_name`, the
+    card's dataset is the one the shards' `dataset_info.json` records (`make_shards --dataset-name`), if any."""
     if not args.demo:
         flags = {"--train_shards": args.train_shards, "--validation_shards": args.validation_shards}
-        check_shards_exist(flags, args.stream_options()["storage_options"])
+        storage_options = args.stream_options()["storage_options"]
+        check_shards_exist(flags, storage_options)
+        if not args.dataset_name:
+            args.dataset_name = dataset_name_from_shards(list(flags.values()), storage_options)
         return Shards(args.train_shards, args.validation_shards, args.label_names)
     from bevt.data.demo_finetuning import write_demo_shards
 
@@ -121,25 +117,6 @@ def data_shards(args: FinetuningArguments, accelerator: Accelerator) -> Shards:
     return Shards(demo.train_shards, demo.validation_shards, args.label_names or demo.label_names_file)
 
 
-def resolve_label_names(
-    args: FinetuningArguments, shards: Shards, model_config: BEVTConfig | None = None
-) -> list[str]:
-    """Class names: --label_names, else the model's (eval only), else labels.txt / dataset_info.json of the shards;
-    refuses shards whose label ids disagree with them; warns when the recipe's dataset has another number of classes."""
-    names = find_label_names(
-        shards.label_names, shards.train or shards.validation, model_config if args.do_eval_only else None
-    )
-    if not args.do_eval_only:  # (evaluation compares ids with the model's classes, whatever their names)
-        sets = {"--train_shards": shards.train, "--validation_shards": shards.validation}
-        check_label_ids(names, sets, args.stream_options()["storage_options"])
-    expected = args.active_recipe.num_labels
-    if not args.demo and not args.do_eval_only and expected and len(names) != expected:
-        logger.warning(
-            f"the {args.recipe} recipe is made for {expected} classes; the labels have {len(names)}"
-        )
-    return names
-
-
 def build_model(args: FinetuningArguments, label_names: list[str]) -> BEVTForVideoClassification:
     """From --model_name_or_path (any BEVT folder; window resized when it differs) or from scratch."""
     if args.model_name_or_path:
@@ -148,7 +125,7 @@ def build_model(args: FinetuningArguments, label_names: list[str]) -> BEVTForVid
                 args.model_name_or_path, label_names, **args.model_updates()
             )
         except (OSError, ValueError, pickle.UnpicklingError) as err:
-            raise UsageError(f"--model_name_or_path {args.model_name_or_path}: {err}") from None
+            raise load_error("--model_name_or_path", args.model_name_or_path, err) from None
         logger.info(f"Model: {report.describe()}")
         for choice in args.architecture.values():
             if choice.changed:
@@ -293,59 +270,6 @@ def format_metrics(metrics: dict[str, float]) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class Exporter:
-    """Writes the Hub-ready folder: weights + config, video processor, eval results, confusion matrix, model card."""
-
-    def __init__(
-        self, args: FinetuningArguments, label_names: list[str], num_views: tuple[int, int] | None
-    ) -> None:
-        self.args, self.label_names, self.num_views = args, label_names, num_views
-        self.hyperparameters: dict[str, Any] = {}
-        self.last_report: dict[str, Any] | None = None  # of the latest evaluation (main process)
-        self._flops: int | None = None
-
-    def flops(self, model: torch.nn.Module) -> int | None:
-        if self._flops is None:
-            try:
-                self._flops = count_flops_per_view(model)
-            except Exception as err:  # noqa: BLE001 - the card can do without it
-                logger.warning(f"could not count FLOPs per view: {err}")
-        return self._flops
-
-    def export(
-        self, model: BEVTForVideoClassification, metrics: dict[str, float] | None, report: dict | None
-    ) -> None:
-        """Main process only. A linear probe's BatchNorm is folded into its linear layer for the export."""
-        with folded_classifier(model) as plain:
-            self._export(plain, metrics, report)
-
-    def _export(
-        self, model: BEVTForVideoClassification, metrics: dict[str, float] | None, report: dict | None
-    ) -> None:
-        args, out = self.args, Path(self.args.output_dir)
-        model.save_pretrained(out)
-        args.video_processor().save_pretrained(out)
-        if report is not None:
-            write_eval_outputs(out, report, self.label_names, f"{out.name}")
-        local = args.model_name_or_path and os.path.exists(args.model_name_or_path)
-        card = build_model_card(
-            model_name=Path(args.hub_model_id or out.resolve().name).name,
-            config=model.config,
-            pipeline_tag="video-classification",
-            tags=["video-classification", "bevt-finetuned"] + (["demo"] if args.demo else []),
-            datasets=[args.dataset_name] if args.dataset_name else (),
-            base_model=args.base_model or (None if local else args.model_name_or_path),
-            eval_results=metrics,
-            eval_dataset=args.card_eval_dataset() if metrics else None,
-            num_views=self.num_views,
-            flops_per_view=self.flops(model),
-            num_parameters=sum(p.numel() for p in model.parameters()),
-            hyperparameters=self.hyperparameters,
-            repo_id=args.hub_model_id,
-        )
-        card.save(out / "README.md")
-
-
 @dataclass
 class ValidationDuringTraining:
     """The engine's `evaluate` hook: scores the EMA (or raw) weights, keeps the history (`eval_history.json`) and
@@ -409,9 +333,12 @@ def evaluate_only(args: FinetuningArguments, accelerator: Accelerator) -> int:
     storage_options = args.stream_options()["storage_options"]
     check_shards_exist({"--validation_shards": args.validation_shards}, storage_options)
     try:
-        model = BEVTForVideoClassification.from_pretrained(args.model_name_or_path)
+        model, info = BEVTForVideoClassification.from_pretrained(
+            args.model_name_or_path, output_loading_info=True
+        )
+        check_loaded_weights(model, info)
     except (OSError, ValueError, pickle.UnpicklingError) as err:
-        raise UsageError(f"--model_name_or_path {args.model_name_or_path}: {err}") from None
+        raise load_error("--model_name_or_path", args.model_name_or_path, err) from None
     label_names = resolve_label_names(
         args, Shards(None, args.validation_shards, args.label_names), model.config
     )

@@ -47,7 +47,7 @@ from bevt.training import (
     fail,
     resolve_schedule,
 )
-from bevt.training.arguments import UsageError
+from bevt.training.arguments import UsageError, check_loaded_weights, load_error
 from bevt.training.pretraining_arguments import PretrainingArguments, parse_config_overrides
 from bevt.training.pretraining_outputs import StreamPictures, write_training_results
 from bevt.training.runtime import (
@@ -103,7 +103,7 @@ def resolve_target(args: PretrainingArguments) -> str:
         try:
             saved = BEVTConfig.from_pretrained(args.model_name_or_path).target_type
         except (OSError, ValueError) as err:
-            raise UsageError(f"--model_name_or_path {args.model_name_or_path}: {err}") from None
+            raise load_error("--model_name_or_path", args.model_name_or_path, err) from None
         tokenizer_flag = "--tokenizer_name_or_path" if args.tokenizer_name_or_path else "--random_tokenizer"
         if saved != "tokenizer" and (args.tokenizer_name_or_path or args.random_tokenizer):
             raise UsageError(
@@ -133,9 +133,13 @@ def build_model(
     if args.model_name_or_path:
         try:
             updates = {"drop_path_rate": args.drop_path_rate} if args.drop_path_rate_given else {}
-            model = BEVTForMaskedVideoModeling.from_pretrained(args.model_name_or_path, **updates)
+            model, info = BEVTForMaskedVideoModeling.from_pretrained(
+                args.model_name_or_path, output_loading_info=True, **updates
+            )
+            # a classifier folder: the prediction head is new (allowed), the backbone must load
+            check_loaded_weights(model, info, new_ok=("head.",))
         except (OSError, ValueError, pickle.UnpicklingError) as err:
-            raise UsageError(f"--model_name_or_path {args.model_name_or_path}: {err}") from None
+            raise load_error("--model_name_or_path", args.model_name_or_path, err) from None
         if model.config.target_type != target:
             fail("--target", f"{model.config.target_type!r} (the --model_name_or_path model's)", target)
         if vocab_size is not None and model.config.vocab_size != vocab_size:
@@ -176,9 +180,12 @@ def build_model(
 def load_tokenizer(args: PretrainingArguments) -> BEVTVisualTokenizer:
     """The frozen target tokenizer from `--tokenizer_name_or_path` (a converted `BEVTVisualTokenizer` folder)."""
     try:
-        tokenizer = BEVTVisualTokenizer.from_pretrained(args.tokenizer_name_or_path)
+        tokenizer, info = BEVTVisualTokenizer.from_pretrained(
+            args.tokenizer_name_or_path, output_loading_info=True
+        )
+        check_loaded_weights(tokenizer, info, what="BEVTVisualTokenizer")
     except (OSError, ValueError, pickle.UnpicklingError) as err:
-        raise UsageError(f"--tokenizer_name_or_path {args.tokenizer_name_or_path}: {err}") from None
+        raise load_error("--tokenizer_name_or_path", args.tokenizer_name_or_path, err) from None
     expected = args.image_size // 16 * tokenizer.config.downsample_factor
     if args.tokenizer_size != expected:
         cell = tokenizer.config.downsample_factor
@@ -302,13 +309,18 @@ def reported_names(args: PretrainingArguments) -> list[str]:
     return [n for n in stat_names(args.target) if args.stage == "joint" or not n.startswith("video")]
 
 
-def target_description(args: PretrainingArguments) -> str:
-    """The run's targets in words (training_results.json, the model card, the run header)."""
+def target_description(args: PretrainingArguments, for_card: bool = False) -> str:
+    """The run's targets in words (training_results.json, the run header; `for_card`: the model card, which names a
+    local tokenizer folder by its name only)."""
     if args.target == "hog":
         return "HOG: per-16px-patch histograms of oriented gradients (MaskFeat), L2 regression"
     if args.target == "pixel":
         return "pixels: per-16px-patch normalised pixels (MAE), L2 regression"
+    from bevt.modelcard import card_source
+
     source = args.tokenizer_name_or_path or "RANDOM-weight tokenizer (--random_tokenizer, tests only)"
+    if for_card and args.tokenizer_name_or_path:
+        source = card_source(source)
     return f"visual-token ids of {source}"
 
 
@@ -347,7 +359,7 @@ def write_model_card(
     args: PretrainingArguments, model: BEVTForMaskedVideoModeling, results: dict, schedule
 ) -> None:
     """README.md model card (`bevt.modelcard.build_model_card`) with the run's setup and how the metrics moved."""
-    from bevt.modelcard import build_model_card
+    from bevt.modelcard import build_model_card, card_source
 
     first, final = results["first"], results["final_window"]
     rows = "\n".join(
@@ -372,13 +384,17 @@ def write_model_card(
         f"{results['steps']} optimizer steps.{demo_note}\n\n"
         f"| metric | first step | mean of the last {args.logging_steps} steps |\n|---|---|---|\n{rows}\n\n{quality}"
     )
-    data = "built-in synthetic demo data" if args.demo else f"images {args.image_shards}"
+    data = (
+        "built-in synthetic demo data"
+        if args.demo
+        else f"images {[card_source(s) for s in args.image_shards]}"
+    )
     if args.stage == "joint" and not args.demo:
-        data += f"; videos {args.video_shards}"
+        data += f"; videos {[card_source(s) for s in args.video_shards]}"
     hyperparameters = {
         "stage": args.stage,
         "data": data,
-        "targets": results["target_description"],
+        "targets": target_description(args, for_card=True),
         "samples seen": ", ".join(f"{v} {k}s" for k, v in results["samples"].items()),
         "input": f"{args.image_size}x{args.image_size}, {args.num_frames} frames, interval {args.frame_interval}",
         "masking": f"ratio {args.mask_ratio}, tube length {args.tube_range[0]}-{args.tube_range[1]} of T/2",

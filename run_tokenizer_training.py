@@ -49,7 +49,7 @@ from bevt.training import (
     fail,
     resolve_schedule,
 )
-from bevt.training.arguments import UsageError
+from bevt.training.arguments import UsageError, check_loaded_weights, load_error
 from bevt.training.runtime import (
     HUB_IGNORE_PATTERNS,
     push_to_hub,
@@ -140,9 +140,12 @@ def build_model(args: TokenizerArguments, max_train_steps: int) -> TokenizerTrai
         except ValueError as err:  # an architecture the config refuses
             raise UsageError(f"--tokenizer_type/--width/--channel_multipliers/--vocab_size: {err}") from None
     try:
-        tokenizer = BEVTVisualTokenizer.from_pretrained(args.tokenizer_name_or_path)
+        tokenizer, info = BEVTVisualTokenizer.from_pretrained(
+            args.tokenizer_name_or_path, output_loading_info=True
+        )
+        check_loaded_weights(tokenizer, info, what="BEVTVisualTokenizer")
     except (OSError, ValueError, pickle.UnpicklingError) as err:
-        raise UsageError(f"--tokenizer_name_or_path {args.tokenizer_name_or_path}: {err}") from None
+        raise load_error("--tokenizer_name_or_path", args.tokenizer_name_or_path, err) from None
     config = tokenizer.config
     if not config.has_decoder:
         fail(
@@ -274,7 +277,7 @@ def write_model_card(
     args: TokenizerArguments, model: TokenizerTrainingModel, results: dict, engine: TrainingEngine
 ) -> None:
     """README.md model card (`bevt.modelcard.build_tokenizer_model_card`): what this run did and measured."""
-    from bevt.modelcard import build_tokenizer_model_card
+    from bevt.modelcard import build_tokenizer_model_card, card_source
 
     held = results["held_out"]
     counts = ", ".join(f"{n} {kind}s" for kind, n in held["images"].items())
@@ -301,7 +304,7 @@ def write_model_card(
     data = (
         "built-in synthetic demo images"
         if args.demo
-        else "; ".join(f"{kind}s {files}" for kind, files in args.streams.items())
+        else "; ".join(f"{kind}s {[card_source(f) for f in files]}" for kind, files in args.streams.items())
     )
     hyperparameters = {
         "data": data,

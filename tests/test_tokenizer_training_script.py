@@ -130,7 +130,7 @@ def test_demo_and_recipe_defaults_map_onto_the_library(script):
         ),
         (["--crop_scale", "0", "1"], "--crop_scale must be LOW HIGH"),
         (["--gradient_checkpointing"], "--gradient_checkpointing must be off"),
-        (["--tokenizer_name_or_path", "missing-folder"], "--tokenizer_name_or_path must be an existing"),
+        (["--tokenizer_name_or_path", "missing-folder"], "--tokenizer_name_or_path missing-folder: no such folder"),
     ],
 )
 def test_bad_flags_name_the_flag(script, argv, message):

@@ -691,9 +691,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--num-frames", type=int, help="clip length stored in the config and the video processor")
     parser.add_argument("--frame-interval", type=int, help="frame step of the saved video processor (default 8 or 2)")
-    parser.add_argument("--sampling-mode", choices=("dense", "uniform"), default="dense",
-                        help="frame sampling of the saved video processor (uniform for Something-Something)")
-    parser.add_argument("--id2label", type=Path, help="text file with one class name per line, in classifier order")
+    parser.add_argument(
+        "--sampling-mode",
+        "--sampling",
+        choices=("dense", "uniform"),
+        default="dense",
+        help="frame sampling of the saved video processor (uniform for Something-Something)",
+    )
+    parser.add_argument(
+        "--label-names",
+        "--id2label",
+        dest="id2label",
+        type=Path,
+        metavar="FILE",
+        help="text file with one class name per line, in classifier order",
+    )
     parser.add_argument(
         "--drop-keys",
         action="append",

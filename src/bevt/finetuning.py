@@ -9,7 +9,9 @@
 - `freeze_backbone` / `folded_classifier`: head-only training and the linear probe (BatchNorm + linear on frozen
   features), exported as a plain classifier.
 - `find_label_names`: the class names of a run (a label file, a model's `id2label`, or the files next to the shards);
-  `check_shards_exist` / `check_label_ids`: the shards exist and agree with the class names, checked before training.
+  `check_shards_exist` / `check_label_ids`: the shards exist and agree with the class names, checked before training;
+  `resolve_label_names`: all of that for a `run_finetuning.py` run.
+- `Exporter`: a fine-tuning run's Hub-ready folder (weights, video processor, evaluation report, model card).
 
 The training side (layer-wise lr decay, EMA, multi-view evaluation, the loop) is in `bevt.training`.
 """
@@ -17,24 +19,33 @@ The training side (layer-wise lr decay, EMA, multi-view evaluation, the loop) is
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate.logging import get_logger
 from torch import nn
 
 from .configuration_bevt import BEVTConfig
 from .modeling_bevt import BEVTForVideoClassification, BEVTModel
 
+if TYPE_CHECKING:
+    from .training.finetuning_arguments import FinetuningArguments
+
+logger = get_logger(__name__)
+
 __all__ = [
     "ARCHITECTURE_FIELDS",
     "ArchitectureChoice",
+    "Exporter",
     "FINETUNING_CONFIG_FIELDS",
     "LoadReport",
     "RecipeChange",
+    "Shards",
     "check_label_ids",
     "check_shards_exist",
     "find_label_names",
@@ -43,6 +54,7 @@ __all__ = [
     "freeze_unused_video_parameters",
     "load_model_for_finetuning",
     "resolve_architecture",
+    "resolve_label_names",
     "skipped_recipe_changes",
 ]
 
@@ -203,8 +215,11 @@ def load_model_for_finetuning(
     )
     model = BEVTForVideoClassification(config)
 
+    from .training.arguments import check_loaded_weights
+
     with _quiet_transformers():  # the head of the source is "unexpected" for BEVTModel: expected here
-        backbone = BEVTModel.from_pretrained(name_or_path)
+        backbone, info = BEVTModel.from_pretrained(name_or_path, output_loading_info=True)
+    check_loaded_weights(backbone, info, what="BEVT backbone")
     state = backbone.state_dict()
     report = LoadReport(source=str(name_or_path), source_architecture=architecture)
     source_window, target_window = tuple(source_config.window_size), tuple(config.window_size)
@@ -406,6 +421,28 @@ def find_label_names(
     return names
 
 
+def dataset_name_from_shards(
+    shard_sets: Sequence[Any], storage_options: Mapping[str, Any] | None = None
+) -> str | None:
+    """The dataset the shards record (`dataset_name` in the `dataset_info.json` next to the first shard of each
+    given set, as `make_shards --dataset-name` writes it), for the model card of a run without `--dataset_name`;
+    None when none records one or the sets record different ones (the card then claims no dataset)."""
+    from .data.shards import list_shards, load_dataset_info
+
+    names = set()
+    for shards in shard_sets:
+        if not shards:
+            continue
+        try:
+            first = list_shards(shards, storage_options=storage_options)[0]
+            info = load_dataset_info(first, storage_options=storage_options) or {}
+        except (OSError, ValueError, IndexError, ImportError):
+            continue
+        if isinstance(info.get("dataset_name"), str) and info["dataset_name"]:
+            names.add(info["dataset_name"])
+    return names.pop() if len(names) == 1 else None
+
+
 def check_shards_exist(flags: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> None:
     """Each `{flag: shards}` that is given resolves to shard files (a folder of `.tar`, a glob, files, URLs), else a
     `UsageError` naming the flag; checked before anything reads labels or builds a model."""
@@ -446,3 +483,94 @@ def check_label_ids(
         )
     except LabelMismatchError as err:
         raise UsageError(f"{' / '.join(given)} and the class names disagree: {err}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A fine-tuning run's class names and its Hub-ready export (used by run_finetuning.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Shards:
+    """A fine-tuning run's data: its training and validation shards and its class-names file (`--label_names`)."""
+
+    train: list[str] | None
+    validation: list[str] | None
+    label_names: str | None
+
+
+def resolve_label_names(
+    args: FinetuningArguments, shards: Shards, model_config: BEVTConfig | None = None
+) -> list[str]:
+    """Class names: --label_names, else the model's (eval only), else labels.txt / dataset_info.json of the shards;
+    refuses shards whose label ids disagree with them; warns when the recipe's dataset has another number of classes."""
+    names = find_label_names(
+        shards.label_names, shards.train or shards.validation, model_config if args.do_eval_only else None
+    )
+    if not args.do_eval_only:  # (evaluation compares ids with the model's classes, whatever their names)
+        sets = {"--train_shards": shards.train, "--validation_shards": shards.validation}
+        check_label_ids(names, sets, args.stream_options()["storage_options"])
+    expected = args.active_recipe.num_labels
+    if not args.demo and not args.do_eval_only and expected and len(names) != expected:
+        logger.warning(
+            f"the {args.recipe} recipe is made for {expected} classes; the labels have {len(names)}"
+        )
+    return names
+
+
+class Exporter:
+    """Writes the Hub-ready folder: weights + config, video processor, eval results, confusion matrix, model card."""
+
+    def __init__(
+        self, args: FinetuningArguments, label_names: list[str], num_views: tuple[int, int] | None
+    ) -> None:
+        self.args, self.label_names, self.num_views = args, label_names, num_views
+        self.hyperparameters: dict[str, Any] = {}
+        self.last_report: dict[str, Any] | None = None  # of the latest evaluation (main process)
+        self._flops: int | None = None
+
+    def flops(self, model: torch.nn.Module) -> int | None:
+        if self._flops is None:
+            from .modelcard import count_flops_per_view
+
+            try:
+                self._flops = count_flops_per_view(model)
+            except Exception as err:  # noqa: BLE001 - the card can do without it
+                logger.warning(f"could not count FLOPs per view: {err}")
+        return self._flops
+
+    def export(
+        self, model: BEVTForVideoClassification, metrics: dict[str, float] | None, report: dict | None
+    ) -> None:
+        """Main process only. A linear probe's BatchNorm is folded into its linear layer for the export."""
+        with folded_classifier(model) as plain:
+            self._export(plain, metrics, report)
+
+    def _export(
+        self, model: BEVTForVideoClassification, metrics: dict[str, float] | None, report: dict | None
+    ) -> None:
+        from .modelcard import build_model_card
+        from .training.evaluation import write_eval_outputs
+
+        args, out = self.args, Path(self.args.output_dir)
+        model.save_pretrained(out)
+        args.video_processor().save_pretrained(out)
+        if report is not None:
+            write_eval_outputs(out, report, self.label_names, f"{out.name}")
+        local = args.model_name_or_path and os.path.exists(args.model_name_or_path)
+        card = build_model_card(
+            model_name=Path(args.hub_model_id or out.resolve().name).name,
+            config=model.config,
+            pipeline_tag="video-classification",
+            tags=["video-classification", "bevt-finetuned"] + (["demo"] if args.demo else []),
+            datasets=[args.dataset_name] if args.dataset_name else (),
+            base_model=args.base_model or (None if local else args.model_name_or_path),
+            eval_results=metrics,
+            eval_dataset=args.card_eval_dataset() if metrics else None,
+            num_views=self.num_views,
+            flops_per_view=self.flops(model),
+            num_parameters=sum(p.numel() for p in model.parameters()),
+            hyperparameters=self.hyperparameters,
+            repo_id=args.hub_model_id,
+        )
+        card.save(out / "README.md")

@@ -21,6 +21,7 @@ view), how to use it, the evaluation and the training setup.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = [
     "EvalDataset",
     "build_model_card",
     "build_tokenizer_model_card",
+    "card_source",
     "count_flops_per_view",
     "format_flops",
 ]
@@ -82,6 +84,28 @@ _TEMPLATE = """---
 {{ citation }}
 ```
 """
+
+
+_GLOB_CHARS = frozenset("*?[{")
+
+
+def card_source(name_or_path: str | os.PathLike) -> str:
+    """How a model card names a model, tokenizer or shard source: a URL (``scheme://...``) or a Hub id as given, a
+    local path by its folder's (or file's) name only, never the absolute local path (a glob keeps its pattern:
+    ``/data/k400/train/*.tar`` -> ``train/*.tar``).
+
+    A string is local when it exists on disk, is absolute, or starts with ``./``, ``../`` or ``~``."""
+    text = os.fspath(name_or_path)
+    if "://" in text:
+        return text
+    path = os.path.expanduser(text)
+    head, tail = os.path.split(path.rstrip("/\\") or path)
+    if any(c in _GLOB_CHARS for c in tail):
+        return f"{card_source(head)}/{tail}" if head else tail
+    local = os.path.exists(path) or os.path.isabs(path) or text.startswith(("./", "../", "~", ".\\", "..\\"))
+    if not local:
+        return text
+    return os.path.basename(os.path.abspath(path).rstrip("/\\")) or text
 
 
 @dataclass(frozen=True)

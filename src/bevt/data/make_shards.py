@@ -626,6 +626,7 @@ def make_shards(
     log_every: int = 1000,
     overwrite: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    dataset_name: str | None = None,
 ) -> dict[str, Any]:
     """Write the entries' files into shards under ``output_dir``; returns the ``dataset_info.json`` content.
 
@@ -651,6 +652,9 @@ def make_shards(
         storage_options: filesystem options of a URL ``output_dir`` (``hf://datasets/...``, ``s3://``, ``gs://``,
             ``az://``, ...; see :mod:`bevt.data.storage`): each finished shard is uploaded whole (written locally
             first), then ``labels.txt`` and ``dataset_info.json``.
+        dataset_name: the dataset these shards hold (a Hub dataset id such as ``kinetics400``), recorded as
+            ``dataset_name`` in ``dataset_info.json``: a fine-tuning run without ``--dataset_name`` names it in its
+            model card. ``None``: nothing is recorded and no card claims a dataset.
 
     Raises:
         ValueError: bad arguments, a mixed or wrong kind, a file listed twice with different labels, an output
@@ -750,6 +754,7 @@ def make_shards(
             )
             shards = _rebalance(output_dir, prefix, shards, wanted, access)
     extra_info = {
+        **({"dataset_name": dataset_name} if dataset_name else {}),
         "labels_origin": labels_origin,
         "reencode": reencode,
         "shuffle_seed": seed if shuffle else None,
@@ -792,7 +797,10 @@ def build_parser() -> argparse.ArgumentParser:
         "s3://bucket/k400/train, gs://..., az://...; each finished shard is uploaded whole)",
     )
     p.add_argument(
+        "--label-names",
         "--labels",
+        dest="labels",
+        metavar="FILE",
         help="class names, one per line in index order (e.g. kinetics400_labels.txt); give the same file for every "
         "split (without it, the classes found are numbered in sorted order, which differs between lists)",
     )
@@ -807,6 +815,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--overwrite",
+        "--overwrite-output-dir",
         action="store_true",
         help="replace the shards of --prefix, dataset_info.json and labels.txt already in --output-dir (without it, "
         "a non-empty --output-dir is refused)",
@@ -834,6 +843,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="parallel processes (0: all cores with --reencode/--verify, else 1)",
+    )
+    p.add_argument(
+        "--dataset-name",
+        help="the dataset the shards hold, as a Hub dataset id (e.g. kinetics400), recorded in dataset_info.json: "
+        "run_finetuning.py names it in the model card when --dataset_name is not given (default: none recorded, "
+        "no dataset claimed)",
     )
     p.add_argument("--log-level", default="INFO")
     return p
@@ -949,6 +964,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             reencode=reencode,
             num_workers=workers,
             overwrite=args.overwrite,
+            dataset_name=args.dataset_name,
         )
     except (ValueError, RuntimeError, ImportError) as err:  # e.g. a non-empty --output-dir, s3fs not installed
         print(f"error: {err}", file=sys.stderr)

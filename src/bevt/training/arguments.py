@@ -39,6 +39,7 @@ __all__ = [
     "BEVTArgumentParser",
     "CheckpointArguments",
     "ComputeArguments",
+    "FLAG_NAMES",
     "DataLoadingArguments",
     "HelpFormatter",
     "HubArguments",
@@ -52,14 +53,33 @@ __all__ = [
     "UsageError",
     "arguments_dict",
     "check_resumed_arguments",
+    "check_loaded_weights",
+    "check_local_source",
     "check_model_folder",
     "check_non_negative",
     "check_positive_ints",
     "check_unit_interval",
     "fail",
+    "load_error",
+    "missing_folder_reason",
     "save_training_args",
     "tracker_config",
 ]
+
+# One flag name per meaning across the scripts and the CLIs (issue 17): {field: (name, *other spellings)}. The first
+# name leads in `--help` (the field's own name when it is not listed); every spelling, with underscores or dashes,
+# parses to the field, in `--config` files too. A field keeps its name in errors and training_args.json. Flags with the
+# same spelling but another meaning in another script say so in their help (e.g. --warmup_epochs vs --warmup_ratio).
+FLAG_NAMES: dict[str, tuple[str, ...]] = {
+    "num_warmup_steps": ("num_warmup_steps", "warmup_steps"),  # Transformers' Trainer: warmup_steps
+    "max_train_steps": ("max_train_steps", "max_steps"),  # Trainer: max_steps
+    "checkpointing_steps": ("checkpointing_steps", "save_steps"),  # Trainer: save_steps
+    "num_workers": ("num_workers", "dataloader_num_workers"),  # Trainer: dataloader_num_workers
+    "label_smoothing": ("label_smoothing", "label_smoothing_factor"),  # Trainer: label_smoothing_factor
+    "sampling": ("sampling_mode", "sampling"),  # the video processor's sampling_mode, convert --sampling-mode
+    "label_names": ("label_names", "labels", "id2label"),  # make_shards --labels, convert --id2label
+    "num_frames": ("num_frames", "clip_len"),  # the data stack's clip_len
+}
 
 SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 MASKED = "<hidden>"  # what training_args.json and the trackers get instead of a token
@@ -87,18 +107,80 @@ def fail(flag: str, expected: str, got: Any) -> NoReturn:
     raise UsageError(f"{flag} must be {expected}, got {got!r}")
 
 
+def missing_folder_reason(name_or_path: str) -> str | None:
+    """Why `name_or_path`, which does not exist locally, must be a missing local folder rather than a Hub repo id,
+    or None when it may be a Hub id: it looks like a path (starts with `/`, `./`, `../` or `~`, ends with a
+    separator), its parent folder exists here (`outputs/x` next to an `outputs` folder), it cannot be a repo id,
+    or the Hub is offline (`HF_HUB_OFFLINE`) and the name is not in the local Hub cache."""
+    text = str(name_or_path)
+    if text.startswith(("/", "./", "../", "~", ".\\", "..\\")) or text.endswith(("/", "\\")):
+        return "a local path"
+    parent = Path(text).parent
+    if str(parent) not in ("", ".") and parent.is_dir():
+        return f"its parent folder {parent} exists here"
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return "and not a Hub repo id"
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(text, "config.json"), str):
+        return "and not in the Hub cache: HF_HUB_OFFLINE is set"
+    return None
+
+
+def check_local_source(flag: str, name_or_path: str) -> None:
+    """A `from_pretrained` flag's value that is not an existing path: `UsageError("<flag> <value>: no such folder
+    (<why>)")` when it cannot be a reachable Hub repo id (`missing_folder_reason`); Hub ids are left to
+    `from_pretrained` (instead of Transformers' "Repo id must be in the form ..." for a mistyped local path)."""
+    if Path(name_or_path).expanduser().exists():
+        return
+    reason = missing_folder_reason(name_or_path)
+    if reason is not None:
+        raise UsageError(f"{flag} {name_or_path}: no such folder ({reason})")
+
+
+def load_error(flag: str, name_or_path: str, err: BaseException) -> UsageError:
+    """The `UsageError` of a failed `from_pretrained(name_or_path)`: the flag, the value and the error; a value that
+    is no local path was looked up on the Hub, which says so first ("no such folder, and the Hub ...")."""
+    message = " ".join(str(err).split()) or type(err).__name__
+    if not Path(name_or_path).expanduser().exists():
+        return UsageError(f"{flag} {name_or_path}: no such folder, and the Hub lookup failed: {message}")
+    return UsageError(f"{flag} {name_or_path}: {message}")
+
+
+def check_loaded_weights(
+    model: Any, loading_info: Mapping[str, Any], new_ok: Sequence[str] = (), what: str | None = None
+) -> None:
+    """After `model, info = cls.from_pretrained(..., output_loading_info=True)`: refuse (`ValueError`) a folder that
+    left most of the model newly initialised, i.e. whose weights mostly do not fit (a folder of the right
+    `model_type` holding another model's weights). `new_ok`: key prefixes the task legitimately adds (a new
+    classifier, a new prediction head), not counted. The message says how many tensors were missing, and which."""
+
+    def counted(key: str) -> bool:
+        return not key.startswith(tuple(new_ok))
+
+    expected = [k for k in model.state_dict() if counted(k)]
+    missing = [k for k in loading_info.get("missing_keys", ()) if counted(k)]
+    mismatched = [k if isinstance(k, str) else k[0] for k in loading_info.get("mismatched_keys", ())]
+    bad = missing + [k for k in mismatched if counted(k)]
+    if expected and 2 * len(bad) > len(expected):
+        shown = ", ".join(sorted(bad)[:4]) + (", ..." if len(bad) > 4 else "")
+        raise ValueError(
+            f"most of its weights do not fit a {what or type(model).__name__}: {len(bad)} of the {len(expected)} "
+            f"weight tensors would be newly initialised (missing or of another shape in the folder: {shown}); "
+            "pass a folder saved from this kind of model"
+        )
+
+
 def check_model_folder(flag: str, name_or_path: str, model_type: str, what: str) -> None:
     """`name_or_path` of a `from_pretrained` flag: an existing local folder must hold a `config.json` of `model_type`
-    (else `UsageError` naming the flag, what the folder is and what was expected); a name that cannot be a Hub repo
-    id (an absolute or `./` path, more than one `/`) must exist. Hub ids are left to `from_pretrained`."""
+    (else `UsageError` naming the flag, what the folder is and what was expected); a name that is not an existing
+    path must be a possible Hub repo id (`check_local_source`). Hub ids are left to `from_pretrained`."""
     path = Path(name_or_path).expanduser()
     if not path.exists():
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-        try:
-            validate_repo_id(name_or_path)
-        except HFValidationError:
-            raise UsageError(f"{flag} {name_or_path}: no such folder (and not a Hub repo id)") from None
+        check_local_source(flag, name_or_path)
         return
     config = path / "config.json"
     if not config.is_file():
@@ -517,6 +599,15 @@ class _StoreTuple(argparse.Action):
         setattr(namespace, self.dest, tuple(values))
 
 
+def _spellings(name: str) -> list[str]:
+    """`num_frames` -> `["num_frames", "num-frames"]` (one spelling for a name without underscores)."""
+    return list(dict.fromkeys((name, name.replace("_", "-"))))
+
+
+def _as_list(value: Any) -> list[str]:
+    return [value] if isinstance(value, str) else list(value or ())
+
+
 class BEVTArgumentParser(HfArgumentParser):
     """`HfArgumentParser` for one arguments dataclass, with `--config FILE`, help groups per declaring class, tuple
     fields (`tuple[int, int]` -> `nargs=2`) and the recipes' defaults in the help texts. `parse(argv)` returns the
@@ -540,14 +631,25 @@ class BEVTArgumentParser(HfArgumentParser):
                     for t in (overrides.get(field.name, field.metadata.get("help")), recipe_help(field.name))
                     if t
                 )
-                field.metadata = types.MappingProxyType({**original.metadata, "help": help_text})
+                names = FLAG_NAMES.get(field.name, ())
+                aliases = [
+                    a for a in _as_list(original.metadata.get("aliases")) if a.lstrip("-") not in names
+                ]
+                aliases += [f"--{name}" for name in names if name != field.name]  # (dashes: see `parse`)
+                field.metadata = types.MappingProxyType(
+                    {**original.metadata, "help": help_text, "aliases": aliases}
+                )
                 if get_origin(_strip_optional(field.type)) is tuple:
-                    self._add_tuple_argument(group, field)
+                    action = self._add_tuple_argument(group, field)
                 else:
                     HfArgumentParser._parse_dataclass_field(group, field)
+                    action = group._group_actions[-1]
+                if names and names[0] != field.name:  # the preferred name leads in --help
+                    first = f"--{names[0]}"
+                    action.option_strings = [first] + [o for o in action.option_strings if o != first]
 
     @staticmethod
-    def _add_tuple_argument(group: Any, field: dataclasses.Field) -> None:
+    def _add_tuple_argument(group: Any, field: dataclasses.Field) -> argparse.Action:
         """A `tuple[T, T]` (or `tuple[T, ...]`) field: one flag taking 2 (or 1+) values of type T."""
         element_types = get_args(_strip_optional(field.type))
         kwargs = {k: v for k, v in field.metadata.items() if k not in ("aliases",)}
@@ -556,7 +658,8 @@ class BEVTArgumentParser(HfArgumentParser):
         kwargs["action"] = _StoreTuple
         if field.default is not dataclasses.MISSING:
             kwargs["default"] = field.default
-        group.add_argument(f"--{field.name}", f"--{field.name.replace('_', '-')}", **kwargs)
+        aliases = _as_list(field.metadata.get("aliases"))
+        return group.add_argument(*(f"--{n}" for n in _spellings(field.name)), *aliases, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         """A malformed command line (unknown flag, invalid choice, missing value): one `error:` line and exit status 2,
@@ -570,8 +673,19 @@ class BEVTArgumentParser(HfArgumentParser):
         pre.add_argument("--config", default=None)
         config = pre.parse_known_args(argv)[0].config
         tokens = self.config_tokens(config) if config else []
+        argv = [self._known_spelling(token) for token in argv]
         (args,) = self.parse_args_into_dataclasses(args=tokens + argv, look_for_args_file=False)
         return args
+
+    def _known_spelling(self, token: str) -> str:
+        """`--warmup-steps[=N]` -> `--warmup_steps[=N]` when only the underscore spelling is registered (aliases
+        are registered with underscores only, to keep `--help` short; flag names have both spellings)."""
+        name, sep, value = token.partition("=")
+        if name.startswith("--") and name not in self._option_string_actions:
+            underscored = "--" + name[2:].replace("-", "_")
+            if underscored in self._option_string_actions:
+                return underscored + sep + value
+        return token
 
     def config_tokens(self, path: str) -> list[str]:
         """The flags of a `--config` file as command-line tokens (so they are converted and checked exactly like
@@ -597,9 +711,13 @@ class BEVTArgumentParser(HfArgumentParser):
                 f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}"
             )
         actions = {a.dest: a for a in self._actions if a.option_strings and a.dest != "help"}
+        spelled = {
+            o.lstrip("-").replace("-", "_"): a.dest for a in actions.values() for o in a.option_strings
+        }
         tokens: list[str] = []
         for key, value in data.items():
             name = str(key).lstrip("-").replace("-", "_")
+            name = spelled.get(name, name)  # an alias (e.g. warmup_steps) is its flag's setting
             if name not in actions:
                 close = difflib.get_close_matches(name, sorted(actions), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -669,6 +787,7 @@ def check_resumed_arguments(
 
     Raises `UsageError` naming every `RESUME_MUST_MATCH` flag that differs (with both values); returns one line per
     other changed flag outside `RESUME_MAY_CHANGE` (for a warning)."""
+
     def normal(value: Any) -> Any:
         return json.loads(json.dumps(value, default=str))
 

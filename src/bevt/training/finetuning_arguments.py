@@ -52,6 +52,7 @@ from .arguments import (
     check_positive_ints,
     check_unit_interval,
     fail,
+    load_error,
 )
 
 __all__ = [
@@ -410,7 +411,9 @@ class FinetuningOptimizerArguments(ArgumentGroup):
 class FinetuningScheduleArguments(ArgumentGroup):
     _argument_group_name = "schedule"
 
-    warmup_epochs: float | None = HfArg(default=None, help="Linear warmup.")
+    warmup_epochs: float | None = HfArg(
+        default=None, help="Linear warmup, in epochs (not a fraction as the other scripts' --warmup_ratio)."
+    )
 
     def __post_init__(self) -> None:
         check_non_negative(self, ("warmup_epochs",))
@@ -480,7 +483,8 @@ class ModelCardArguments(ArgumentGroup):
     dataset_name: str | None = HfArg(
         default=None,
         help="Dataset id the model card claims (`datasets`, `model-index`), e.g. kinetics400, "
-        "something-something-v2, diving48. Not given: the card names no dataset (recipes do not claim one).",
+        "something-something-v2, diving48. Not given: the dataset_name the shards' dataset_info.json records "
+        "(make_shards --dataset-name), else the card names no dataset (recipes do not claim one).",
     )
     base_model: str | None = HfArg(
         default=None,
@@ -504,7 +508,7 @@ def pretrained_config(name_or_path: str) -> BEVTConfig:
     try:
         config = BEVTConfig.from_pretrained(name_or_path)
     except (OSError, ValueError, TypeError) as err:
-        raise UsageError(f"--model_name_or_path {name_or_path}: {err}") from None
+        raise load_error("--model_name_or_path", name_or_path, err) from None
     if getattr(config, "model_type", None) != BEVTConfig.model_type:
         raise UsageError(
             f"--model_name_or_path {name_or_path}: not a BEVT model (model_type {config.model_type!r})"

@@ -33,6 +33,7 @@ from .arguments import (
     ScheduleArguments,
     TrackingArguments,
     UsageError,
+    check_local_source,
     check_non_negative,
     check_positive_ints,
     check_unit_interval,
@@ -143,7 +144,8 @@ class PretrainingDataArguments(ArgumentGroup):
     frame_interval: int | None = HfArg(default=None, help="Stride between sampled frames.")
     scale_range: tuple[int, int] | None = HfArg(
         default=None,
-        help="Random short-side rescale range before the crop.",
+        help="Random short-side rescale range before the crop, in pixels (not an area fraction like the other "
+        "scripts' --crop_scale).",
         metadata={"metavar": ("LOW", "HIGH")},
     )
     tokenizer_size: int | None = HfArg(
@@ -160,8 +162,14 @@ class PretrainingDataArguments(ArgumentGroup):
     tube_range: tuple[float, float] | None = HfArg(
         default=None, help="Tube length range, as a fraction of T/2.", metadata={"metavar": ("LOW", "HIGH")}
     )
-    video_batch_size: int | None = HfArg(default=None, help="Videos per device per micro-step.")
-    image_batch_size: int | None = HfArg(default=None, help="Images per device per micro-step.")
+    video_batch_size: int | None = HfArg(
+        default=None,
+        help="Videos per device per micro-step (one batch per stream; run_finetuning.py's single stream: "
+        "--per_device_train_batch_size).",
+    )
+    image_batch_size: int | None = HfArg(
+        default=None, help="Images per device per micro-step (one batch per stream)."
+    )
 
     def __post_init__(self) -> None:
         check_positive_ints(
@@ -242,7 +250,10 @@ class PretrainingModelArguments(ArgumentGroup):
 class PretrainingScheduleArguments(ArgumentGroup):
     _argument_group_name = "schedule"
 
-    warmup_ratio: float | None = HfArg(default=None, help="Warmup as a fraction of the training steps.")
+    warmup_ratio: float | None = HfArg(
+        default=None,
+        help="Warmup as a fraction of the training steps (run_finetuning.py counts it in epochs: --warmup_epochs).",
+    )
 
     def __post_init__(self) -> None:
         if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
@@ -368,6 +379,8 @@ class PretrainingArguments(
             raise UsageError(
                 "--random_tokenizer and --tokenizer_name_or_path are exclusive (random weights or a trained tokenizer)"
             )
+        if self.tokenizer_name_or_path is not None:
+            check_local_source("--tokenizer_name_or_path", self.tokenizer_name_or_path)
 
     def data_config(self) -> PretrainingDataConfig:
         """The resolved data settings."""

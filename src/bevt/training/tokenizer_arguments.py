@@ -30,6 +30,7 @@ from .arguments import (
     RunControlArguments,
     ScheduleArguments,
     TrackingArguments,
+    UsageError,
     check_non_negative,
     check_positive_ints,
     check_unit_interval,
@@ -175,7 +176,10 @@ class TokenizerDataArguments(ArgumentGroup):
         default=None, help="Area range of the random resized crop.", metadata={"metavar": ("LOW", "HIGH")}
     )
     flip_prob: float = HfArg(default=0.5, help="Horizontal flip probability.")
-    image_batch_size: int | None = HfArg(default=None, help="Images per device per micro-step.")
+    image_batch_size: int | None = HfArg(
+        default=None,
+        help="Images per device per micro-step (one batch per stream, as in run_pretraining.py).",
+    )
     video_batch_size: int | None = HfArg(
         default=None, help="Clips per device per micro-step (each gives --num_frames training frames)."
     )
@@ -229,8 +233,11 @@ class TokenizerModelArguments(ArgumentGroup):
             fail("--vocab_size", "an integer >= 2", self.vocab_size)
         if any(m < 1 for m in self.channel_multipliers):
             fail("--channel_multipliers", "positive integers", list(self.channel_multipliers))
-        if self.tokenizer_name_or_path is not None and not os.path.isdir(self.tokenizer_name_or_path):
-            fail("--tokenizer_name_or_path", "an existing tokenizer folder", self.tokenizer_name_or_path)
+        path = self.tokenizer_name_or_path
+        if path is not None and not os.path.isdir(path):
+            raise UsageError(
+                f"--tokenizer_name_or_path {path}: no such folder (training continues from a local tokenizer folder)"
+            )
         super().__post_init__()
 
     @property
@@ -247,7 +254,11 @@ class TokenizerObjectiveArguments(ArgumentGroup):
         default="ema",
         help="VQGAN: moving averages of the assigned latents (ema), or gradients with the codebook loss.",
     )
-    ema_decay: float | None = HfArg(default=None, help="VQGAN: decay of the EMA codebook statistics.")
+    ema_decay: float | None = HfArg(
+        default=None,
+        help="VQGAN: decay of the EMA codebook statistics (not an EMA of the weights as run_finetuning.py's "
+        "--ema_decay).",
+    )
     commitment_weight: float = HfArg(default=0.25, help="VQGAN: weight of the commitment loss.")
     dead_code_threshold: float = HfArg(
         default=0.1, help="VQGAN: a code whose EMA use falls below this fraction of the mean is re-seeded."
@@ -366,7 +377,9 @@ class TokenizerArguments(
     def _folder_image_size(self) -> int:
         path = self.tokenizer_name_or_path
         if not os.path.isdir(path):
-            fail("--tokenizer_name_or_path", "an existing tokenizer folder", path)
+            raise UsageError(
+                f"--tokenizer_name_or_path {path}: no such folder (training continues from a local tokenizer folder)"
+            )
         if not os.path.isfile(os.path.join(path, "config.json")):
             fail("--tokenizer_name_or_path", "a tokenizer folder (with config.json)", path)
         try:
