@@ -268,7 +268,7 @@ def recognizer_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ),
         (["--drop-keys", "("], "--drop-keys '\\(' is not a valid regular expression"),
         (["--vqgan-norm-groups", "0"], "--vqgan-norm-groups must be a positive integer, got 0"),
-        (["--sampling-mode", "random"], "argument --sampling-mode: invalid choice: 'random'"),
+        (["--sampling-mode", "random"], "argument --sampling-mode(/--sampling)?: invalid choice: 'random'"),
         (["--id2label", "missing_labels.txt"], "--id2label: file not found: missing_labels.txt"),
     ],
 )
