@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """BEVT pretraining (masked image + masked video modeling) with 🤗 Accelerate.
 
-    accelerate launch run_pretraining.py                      # built-in demo: tiny model, synthetic shards
+    accelerate launch run_pretraining.py                      # built-in demo: tiny model, synthetic shards, HOG
     accelerate launch run_pretraining.py --stage image --image_shards "imagenet/train-*.tar" ...
     accelerate launch run_pretraining.py --stage joint --model_name_or_path stage1_output \\
         --video_shards "k400/train-*.tar" --image_shards "imagenet/train-*.tar" \\
@@ -10,9 +10,10 @@
 
 Stage 1 (`--stage image`) trains the encoder on masked image modeling only; stage 2 (`--stage joint`) feeds one
 image batch and one video batch through the shared encoder at every step, loss =
-`video_loss_weight * video_loss + image_loss_weight * image_loss`. Targets are the token ids of a frozen visual
-tokenizer (`BEVTVisualTokenizer`) on a half-size copy of the input; masks are BEiT blocks (images) and BEVT tubes
-(videos). Without data flags, a small synthetic dataset is written under the output folder and a tiny model is
+`video_loss_weight * video_loss + image_loss_weight * image_loss`. Targets (`--target`) are the token ids of a frozen
+visual tokenizer (`BEVTVisualTokenizer`) on a half-size copy of the input (the paper's), or tokenizer-free per-patch
+HOG (MaskFeat) or normalised pixels (MAE) of the input (`bevt.targets`); masks are BEiT blocks (images) and BEVT
+tubes (videos). Without data flags, a small synthetic dataset is written under the output folder and a tiny model is
 trained on it for a short schedule (see the README).
 
 The flags and their recipe / demo defaults: `bevt.training.pretraining_arguments`; the loop:
@@ -35,6 +36,7 @@ from accelerate.utils import set_seed
 from bevt import BEVTConfig, BEVTForMaskedVideoModeling
 from bevt.modeling_tokenizer import BEVTVisualTokenizer
 from bevt.pretraining import PretrainingData, model_inputs, random_tokenizer
+from bevt.targets import PatchTargets
 from bevt.training import (
     BEVTArgumentParser,
     StepContext,
@@ -59,8 +61,19 @@ from bevt.training.runtime import (
 logger = get_logger(__name__)
 
 TRACKER_PROJECT = "bevt_pretraining"  # Accelerate tracker project: logs under <output_dir>/bevt_pretraining
-# The scalars of every step, averaged over micro-batches and ranks (a stream absent from the stage counts as 0).
+# The scalars of every step, averaged over micro-batches and ranks (a stream absent from the stage counts as 0):
+# the losses, then the per-stream quality (masked-token accuracy for token ids, masked-patch R^2 for HOG / pixels).
 STAT_NAMES = ("loss", "video_loss", "image_loss", "video_mask_accuracy", "image_mask_accuracy")
+REGRESSION_STAT_NAMES = ("loss", "video_loss", "image_loss", "video_mask_r2", "image_mask_r2")
+HOW_TO_GET_A_TOKENIZER = (
+    "convert OpenAI's DALL-E encoder (`python -m bevt.convert --format dalle-encoder --checkpoint encoder.pkl "
+    "--output-dir dall-e-tokenizer`, see the README) or train one on your own data with run_tokenizer_training.py, "
+    "and pass the folder with --tokenizer_name_or_path; or use --target hog / --target pixel (no tokenizer needed)"
+)
+
+
+def stat_names(target: str) -> tuple[str, ...]:
+    return STAT_NAMES if target == "tokenizer" else REGRESSION_STAT_NAMES
 
 
 def build_parser() -> BEVTArgumentParser:
@@ -82,7 +95,31 @@ def parse_args(argv: list[str] | None = None) -> PretrainingArguments:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def build_model(args: PretrainingArguments, vocab_size: int | None) -> BEVTForMaskedVideoModeling:
+def resolve_target(args: PretrainingArguments) -> str:
+    """The run's `--target`: the flag, else a `--model_name_or_path` model's own `target_type`, else the recipe's
+    (demo: hog, recipe: tokenizer). `--target tokenizer` needs a tokenizer (or `--random_tokenizer`, for tests)."""
+    if args.model_name_or_path:
+        try:
+            saved = BEVTConfig.from_pretrained(args.model_name_or_path).target_type
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--model_name_or_path {args.model_name_or_path}: {err}") from None
+        if args.target_given and args.target != saved:
+            raise UsageError(
+                f"--target {args.target} does not match --model_name_or_path {args.model_name_or_path}, pretrained "
+                f"with target_type {saved!r}: pass --target {saved} (or omit --target), or start a new model"
+            )
+        args.target = saved
+    if args.target == "tokenizer" and not args.tokenizer_name_or_path and not args.random_tokenizer:
+        raise UsageError(
+            "--target tokenizer needs --tokenizer_name_or_path (a BEVTVisualTokenizer folder): "
+            + HOW_TO_GET_A_TOKENIZER
+        )
+    return args.target
+
+
+def build_model(
+    args: PretrainingArguments, vocab_size: int | None, target: str = "tokenizer"
+) -> BEVTForMaskedVideoModeling:
     """From `--model_name_or_path`, or a new model from `--model_preset` (+ overrides, + `--swin2d_checkpoint`)."""
     if args.model_name_or_path:
         try:
@@ -90,6 +127,8 @@ def build_model(args: PretrainingArguments, vocab_size: int | None) -> BEVTForMa
             model = BEVTForMaskedVideoModeling.from_pretrained(args.model_name_or_path, **updates)
         except (OSError, ValueError, pickle.UnpicklingError) as err:
             raise UsageError(f"--model_name_or_path {args.model_name_or_path}: {err}") from None
+        if model.config.target_type != target:
+            fail("--target", f"{model.config.target_type!r} (the --model_name_or_path model's)", target)
         if vocab_size is not None and model.config.vocab_size != vocab_size:
             expected = f"a tokenizer with vocab_size {model.config.vocab_size} (the model's)"
             fail("--tokenizer_name_or_path", expected, vocab_size)
@@ -98,6 +137,7 @@ def build_model(args: PretrainingArguments, vocab_size: int | None) -> BEVTForMa
             "image_size": args.image_size,
             "num_frames": args.num_frames,
             "drop_path_rate": args.drop_path_rate,
+            "target_type": target,
         }
         if vocab_size is not None:
             overrides["vocab_size"] = vocab_size
@@ -142,15 +182,14 @@ def load_tokenizer(args: PretrainingArguments) -> BEVTVisualTokenizer:
 
 
 def build_random_tokenizer(args: PretrainingArguments, vocab_size: int) -> BEVTVisualTokenizer:
-    """Without `--tokenizer_name_or_path`: a random-weight tokenizer (demo and tests only), with a loud warning."""
+    """`--random_tokenizer`: a random-weight tokenizer (tests only), with a loud warning."""
     logger.warning(
         "\n"
         + "!" * 100
-        + "\n!! No --tokenizer_name_or_path: the visual tokenizer has RANDOM weights. Its targets "
-        "are meaningless for real\n!! pretraining: use this for the demo and tests only. Convert the DALL-E encoder "
-        "with `python -m bevt.convert`\n!! (see the README) and pass the folder with --tokenizer_name_or_path.\n"
-        + "!"
-        * 100
+        + "\n!! --random_tokenizer: the visual tokenizer has RANDOM weights. Its targets are meaningless for real "
+        "pretraining:\n!! use this for tests only. For informative targets use --target hog / --target pixel, or a "
+        "converted DALL-E\n!! encoder or a tokenizer trained with run_tokenizer_training.py (--tokenizer_name_or_path)."
+        "\n" + "!" * 100
     )
     if args.tokenizer_size != args.image_size // 2:
         fail(
@@ -194,7 +233,8 @@ def build_data(
             key_log=key_log,
             stream_options=args.stream_options(),
         )
-    except (OSError, ValueError, ImportError) as err:  # missing files, unreachable URLs, a missing fsspec backend
+    # missing files, unreachable URLs, a missing fsspec backend
+    except (OSError, ValueError, ImportError) as err:
         raise UsageError(f"--image_shards/--video_shards: {err}") from None
 
 
@@ -203,31 +243,56 @@ def build_data(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def pretraining_step(model: torch.nn.Module, tokenizer: BEVTVisualTokenizer):
-    """The engine's step: targets from the frozen tokenizer, then the masked image (+ video) modeling losses."""
+def build_targets(
+    args: PretrainingArguments, model: BEVTForMaskedVideoModeling
+) -> BEVTVisualTokenizer | PatchTargets:
+    """What computes the labels: the frozen tokenizer (`--target tokenizer`) or the model's HOG / pixel targets."""
+    if args.target == "tokenizer":
+        if args.tokenizer_name_or_path:
+            return load_tokenizer(args)
+        return build_random_tokenizer(args, model.config.vocab_size)
+    return PatchTargets.from_config(model.config)
+
+
+def pretraining_step(model: torch.nn.Module, targets: BEVTVisualTokenizer | PatchTargets, target: str):
+    """The engine's step: labels from the frozen tokenizer or `PatchTargets` (no grad), then the masked image
+    (+ video) modeling losses."""
+    names = stat_names(target)
 
     def step(batch: dict[str, Any], context: StepContext) -> StepOutput:
-        output = model(**model_inputs(batch, tokenizer, context.device))
-        metrics = {name: getattr(output, name) for name in STAT_NAMES}
+        output = model(**model_inputs(batch, targets, context.device))
+        metrics = {name: getattr(output, name) for name in names}
         return StepOutput(output.loss, {k: v if v is not None else 0.0 for k, v in metrics.items()})
 
     return step
 
 
-def format_metrics(stage: str):
+def format_metrics(stage: str, target: str = "tokenizer"):
+    label, suffix = ("masked-token acc", "accuracy") if target == "tokenizer" else ("masked R^2", "r2")
+
     def text(metrics: dict[str, float]) -> str:
         if stage == "image":
-            return f"loss {metrics['loss']:.4f} | masked-token acc {metrics['image_mask_accuracy']:.3f}"
+            return f"loss {metrics['loss']:.4f} | {label} {metrics[f'image_mask_{suffix}']:.3f}"
         return (
             f"loss {metrics['loss']:.4f} (video {metrics['video_loss']:.4f}, image {metrics['image_loss']:.4f}) | "
-            f"masked-token acc video {metrics['video_mask_accuracy']:.3f}, image {metrics['image_mask_accuracy']:.3f}"
+            f"{label} video {metrics[f'video_mask_{suffix}']:.3f}, image {metrics[f'image_mask_{suffix}']:.3f}"
         )
 
     return text
 
 
 def reported_names(args: PretrainingArguments) -> list[str]:
-    return [n for n in STAT_NAMES if args.stage == "joint" or not n.startswith("video")]
+    return [n for n in stat_names(args.target) if args.stage == "joint" or not n.startswith("video")]
+
+
+def target_description(args: PretrainingArguments) -> str:
+    """The run's targets in words (training_results.json, the model card, the run header)."""
+    if args.target == "hog":
+        return "HOG: per-16px-patch histograms of oriented gradients (MaskFeat), L2 regression"
+    if args.target == "pixel":
+        return "pixels: per-16px-patch normalised pixels (MAE), L2 regression"
+    source = args.tokenizer_name_or_path or "RANDOM-weight tokenizer (--random_tokenizer, tests only)"
+    return f"visual-token ids of {source}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -264,8 +329,11 @@ def save_final_model(
             "first": state.first_metrics,
             "final_window": state.last_window,
             "demo": args.demo,
-            "tokenizer": args.tokenizer_name_or_path or "random (demo)",
+            "target": args.target,
+            "target_description": target_description(args),
         }
+        if args.target == "tokenizer":
+            results["tokenizer"] = args.tokenizer_name_or_path or "random (--random_tokenizer)"
         Path(args.output_dir, "training_results.json").write_text(json.dumps(results, indent=2) + "\n")
         write_model_card(args, unwrapped, results, engine.schedule)
     accelerator.wait_for_everyone()
@@ -283,16 +351,22 @@ def write_model_card(
     )
     task = "masked image modeling" if args.stage == "image" else "masked image + masked video modeling"
     demo_note = (
-        "\n\n**Demo run** (tiny model, synthetic data, random tokenizer): shows the pipeline works; it is not a useful "
-        "pretrained model."
+        f"\n\n**Demo run** (tiny model, synthetic data, {args.target} targets): shows the pipeline works; it is not a "
+        "useful pretrained model."
         if args.demo
         else ""
+    )
+    quality = (
+        "Quality: masked-token accuracy (fraction of masked positions whose token id is predicted)."
+        if args.target == "tokenizer"
+        else "Quality: masked-patch R^2 (1 - squared error / variance of the masked targets; 0 = predicting their "
+        "mean, 1 = perfect)."
     )
     summary = (
         f"A `BEVTForMaskedVideoModeling` checkpoint of the `bevt` package (BEVT: BERT Pretraining of Video "
         f"Transformers, Wang et al., CVPR 2022) after the {args.stage} stage ({task}) of `run_pretraining.py`, "
         f"{results['steps']} optimizer steps.{demo_note}\n\n"
-        f"| metric | first step | mean of the last {args.logging_steps} steps |\n|---|---|---|\n{rows}"
+        f"| metric | first step | mean of the last {args.logging_steps} steps |\n|---|---|---|\n{rows}\n\n{quality}"
     )
     data = "built-in synthetic demo data" if args.demo else f"images {args.image_shards}"
     if args.stage == "joint" and not args.demo:
@@ -300,7 +374,7 @@ def write_model_card(
     hyperparameters = {
         "stage": args.stage,
         "data": data,
-        "visual tokenizer (targets)": results["tokenizer"],
+        "targets": results["target_description"],
         "samples seen": ", ".join(f"{v} {k}s" for k, v in results["samples"].items()),
         "input": f"{args.image_size}x{args.image_size}, {args.num_frames} frames, interval {args.frame_interval}",
         "masking": f"ratio {args.mask_ratio}, tube length {args.tube_range[0]}-{args.tube_range[1]} of T/2",
@@ -326,7 +400,8 @@ def log_run_header(args: PretrainingArguments, engine: TrainingEngine, model: to
     config = engine.accelerator.unwrap_model(model).config
     logger.info(
         f"***** Pretraining ({args.stage} stage{', demo' if args.demo else ''}) *****\n"
-        f"  model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {config.vocab_size}\n"
+        f"  model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters\n"
+        f"  targets: {target_description(args)} ({config.head_output_size} outputs per position)\n"
         f"  per optimizer step: {per_step} ({engine.accelerator.num_processes} processes x "
         f"{args.gradient_accumulation_steps} accumulation)\n"
         f"  steps: {engine.schedule.max_train_steps} (warmup {engine.schedule.num_warmup_steps}), starting at "
@@ -336,15 +411,16 @@ def log_run_header(args: PretrainingArguments, engine: TrainingEngine, model: to
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    resolve_target(args)  # before anything is written: a missing tokenizer is a usage error
     accelerator = start_run(args, quiet_accelerate=True)  # Accelerate's per-file save logs off
     image_shards, video_shards = data_shards(args, accelerator)
     set_seed(args.seed)  # the same initial weights on every rank
 
     tokenizer = load_tokenizer(args) if args.tokenizer_name_or_path else None
-    model = build_model(args, tokenizer.config.vocab_size if tokenizer is not None else None)
-    if tokenizer is None:
-        tokenizer = build_random_tokenizer(args, model.config.vocab_size)
-    tokenizer.to(accelerator.device)
+    model = build_model(args, tokenizer.config.vocab_size if tokenizer is not None else None, args.target)
+    targets = tokenizer if tokenizer is not None else build_targets(args, model)
+    if isinstance(targets, BEVTVisualTokenizer):
+        targets.to(accelerator.device)
 
     data = build_data(args, accelerator, image_shards, video_shards)
     streams = {"video": args.video_batch_size} if video_shards is not None else {}
@@ -370,7 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     engine.resume()
     log_run_header(args, engine, model)
-    exit_code = engine.run(pretraining_step(model, tokenizer), format_metrics=format_metrics(args.stage))
+    exit_code = engine.run(
+        pretraining_step(model, targets, args.target), format_metrics=format_metrics(args.stage, args.target)
+    )
     if exit_code == 0:
         save_final_model(args, accelerator, model, engine)
         if accelerator.is_main_process:

@@ -23,6 +23,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# What `BEVTForMaskedVideoModeling` predicts at masked positions: the ids of a frozen visual tokenizer (BEVT), or
+# tokenizer-free regression targets of each 16-px patch: histograms of oriented gradients (MaskFeat) or normalised
+# pixels (MAE / VideoMAE). `bevt.targets` computes the regression targets with these constants.
+TARGET_TYPES = ("tokenizer", "hog", "pixel")
+HOG_CELL_SIZE = 8  # pixels per HOG cell side: a 16-px patch holds 2x2 cells (MaskFeat)
+HOG_NUM_BINS = 9  # unsigned orientations over [0, 180) degrees, 20 degrees per bin
+
+
+def regression_target_dim(target_type: str, patch_pixels: int, num_channels: int) -> int:
+    """Values per patch of a regression target: HOG (patch/8)^2 cells x 9 bins x channels (108 for 16-px RGB
+    patches), pixels patch^2 x channels (768)."""
+    if target_type == "hog":
+        return (patch_pixels // HOG_CELL_SIZE) ** 2 * HOG_NUM_BINS * num_channels
+    if target_type == "pixel":
+        return patch_pixels**2 * num_channels
+    raise ValueError(f"`target_type` {target_type!r} has no regression dimension (one of 'hog', 'pixel')")
+
 
 def _as_int_tuple(value: Any, name: str, length: int | None = None) -> tuple[int, ...]:
     if isinstance(value, int):
@@ -62,6 +79,12 @@ class BEVTConfig(PreTrainedConfig):
         layer_norm_eps: epsilon of every LayerNorm.
         initializer_range: std of the truncated normal used to initialise weights.
         vocab_size: size of the visual-token codebook predicted in pretraining (8192 for the DALL-E dVAE).
+        target_type: what pretraining predicts at masked positions: "tokenizer" (visual-token ids, cross-entropy;
+            the paper's), "hog" (per-patch histograms of oriented gradients, MaskFeat) or "pixel" (per-patch
+            normalised pixels, MAE); "hog"/"pixel" regress `target_dim` values per patch with an L2 loss.
+        target_dim: values per patch of a regression target (the head's output size); None derives it from the
+            patch geometry (`regression_target_dim`: 108 for HOG, 768 for pixels of 16-px RGB patches). Unused
+            (None) for "tokenizer", whose head outputs `vocab_size` logits.
         video_loss_weight / image_loss_weight: weights of the two pretraining losses.
         classifier_dropout: dropout before the classification layer.
     """
@@ -87,6 +110,8 @@ class BEVTConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
     vocab_size: int = 8192
+    target_type: str = "tokenizer"
+    target_dim: int | None = None
     video_loss_weight: float = 1.0
     image_loss_weight: float = 1.0
     classifier_dropout: float = 0.5
@@ -96,6 +121,10 @@ class BEVTConfig(PreTrainedConfig):
         self.window_size = _as_int_tuple(self.window_size, "window_size", 3)
         self.depths = _as_int_tuple(self.depths, "depths")
         self.num_heads = _as_int_tuple(self.num_heads, "num_heads")
+        if self.target_type in ("hog", "pixel") and self.target_dim is None:
+            self.target_dim = regression_target_dim(
+                self.target_type, self.target_patch_size, self.num_channels
+            )
         self._validate()
         self.num_layers = len(self.depths)
         # Channels of the last stage (what the heads and `last_hidden_state` carry).
@@ -153,6 +182,42 @@ class BEVTConfig(PreTrainedConfig):
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)!r}")
         if not self.layer_norm_eps > 0:
             raise ValueError(f"`layer_norm_eps` must be positive, got {self.layer_norm_eps!r}")
+        if self.target_type not in TARGET_TYPES:
+            raise ValueError(f"`target_type` must be one of {list(TARGET_TYPES)}, got {self.target_type!r}")
+        if self.target_type == "tokenizer":
+            if self.target_dim is not None:
+                raise ValueError(
+                    f"`target_dim` is for regression targets (target_type 'hog'/'pixel'); with target_type "
+                    f"'tokenizer' the head predicts `vocab_size` ids: leave it None, got {self.target_dim!r}"
+                )
+        else:
+            if self.patch_size[1] != self.patch_size[2]:
+                raise ValueError(
+                    f"`target_type` {self.target_type!r} needs square patches, got patch_size {self.patch_size}"
+                )
+            value = self.target_dim
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"`target_dim` must be a positive integer, got {value!r}")
+            if self.target_type == "hog" and self.target_patch_size % HOG_CELL_SIZE:
+                raise ValueError(
+                    f"`target_type` 'hog' needs {HOG_CELL_SIZE}-px cells to tile the {self.target_patch_size}-px "
+                    f"patches (4 x patch_size {self.patch_size[1]}), got patch_size {self.patch_size}"
+                )
+
+    @property
+    def target_patch_size(self) -> int:
+        """Side in pixels of the patch one prediction covers: 4 x the patch size (16 px for 2x4x4 patches)."""
+        return 4 * self.patch_size[1]
+
+    @property
+    def is_regression_target(self) -> bool:
+        """True for "hog" / "pixel" targets (MSE on `target_dim` values), False for token ids."""
+        return self.target_type != "tokenizer"
+
+    @property
+    def head_output_size(self) -> int:
+        """Outputs of the pretraining head per position: `vocab_size` logits or `target_dim` regressed values."""
+        return self.target_dim if self.is_regression_target else self.vocab_size
 
     @property
     def stage_dims(self) -> tuple[int, ...]:
@@ -170,4 +235,4 @@ class BEVTConfig(PreTrainedConfig):
         return cls(**{**PRESETS[name], **kwargs})
 
 
-__all__ = ["BEVTConfig", "PRESETS"]
+__all__ = ["BEVTConfig", "HOG_CELL_SIZE", "HOG_NUM_BINS", "PRESETS", "TARGET_TYPES", "regression_target_dim"]

@@ -51,7 +51,9 @@ def check_mask(
             f"got {tuple(bool_masked_pos.shape)}"
         )
     if bool_masked_pos.is_floating_point() or bool_masked_pos.is_complex():
-        raise ValueError(f"mask for `{name}` must be a bool (or integer 0/1) tensor, got {bool_masked_pos.dtype}")
+        raise ValueError(
+            f"mask for `{name}` must be a bool (or integer 0/1) tensor, got {bool_masked_pos.dtype}"
+        )
 
 
 def check_masked_modeling_stream(
@@ -99,6 +101,31 @@ def check_token_labels(
         )
     if labels.is_floating_point():
         raise ValueError(f"labels for `{name}` must be integer token ids, got {labels.dtype}")
+
+
+def check_regression_labels(
+    labels: torch.Tensor, expected: tuple[int, ...], is_video: bool, config: BEVTConfig
+) -> None:
+    """Regression targets (`config.target_type` "hog"/"pixel") of shape `expected` = (B, [T,] h, w, target_dim)."""
+    name = "pixel_values" if is_video else "image_pixel_values"
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"labels for `{name}` must be a torch.Tensor, got {type(labels).__name__}")
+    if tuple(labels.shape) != expected:
+        grid = "(batch, frames, height/16, width/16" if is_video else "(batch, height/16, width/16"
+        raise ValueError(
+            f"labels for `{name}` must be {config.target_type!r} targets of shape {expected} {grid}, "
+            f"target_dim={config.target_dim}), got {tuple(labels.shape)}"
+            + (
+                "; integer token ids need a model with target_type 'tokenizer'"
+                if not labels.is_floating_point()
+                else ""
+            )
+        )
+    if not labels.is_floating_point():
+        raise ValueError(
+            f"labels for `{name}` must be float {config.target_type!r} targets (target_type={config.target_type!r}), "
+            f"got {labels.dtype}"
+        )
 
 
 def check_token_range(target: torch.Tensor, is_video: bool, config: BEVTConfig) -> None:

@@ -33,6 +33,7 @@ from .inputs_bevt import (
     check_mask,
     check_masked_modeling_stream,
     check_pixel_values,
+    check_regression_labels,
     check_token_labels,
     check_token_range,
 )
@@ -243,12 +244,17 @@ class BEVTMaskedVideoModelingOutput(ModelOutput):
 
     Args:
         loss: `video_loss_weight * video_loss + image_loss_weight * image_loss` (streams that are present).
-        video_loss / image_loss: cross-entropy over the masked positions of each stream.
-        video_mask_accuracy / image_mask_accuracy: fraction of masked positions whose token id is predicted.
-        logits: (B, T*h*w, vocab_size) for every video position in (t, h, w) order; computed when no labels are given
-            or when `return_logits=True` (with labels only the masked positions are projected to the vocabulary).
-        image_logits: (B, h*w, vocab_size), same rule.
-        masked_logits / image_masked_logits: (num_masked, vocab_size), the logits the losses were computed on.
+        video_loss / image_loss: over the masked positions of each stream: cross-entropy (`target_type`
+            "tokenizer") or mean squared error per value ("hog" / "pixel").
+        video_mask_accuracy / image_mask_accuracy: token ids only: fraction of masked positions whose id is predicted.
+        video_mask_r2 / image_mask_r2: regression targets only: coefficient of determination over the masked
+            positions, `1 - sum((pred - target)^2) / sum((target - mean)^2)` with the per-value mean of the batch's
+            masked targets (1 = perfect, 0 = predicting that mean, < 0 worse).
+        logits: (B, T*h*w, D) for every video position in (t, h, w) order, D = vocab_size (token logits) or
+            target_dim (regressed values); computed when no labels are given or when `return_logits=True` (with labels
+            only the masked positions go through the output projection).
+        image_logits: (B, h*w, D), same rule.
+        masked_logits / image_masked_logits: (num_masked, D), the outputs the losses were computed on.
         attentions / image_attentions: on request, every block's attention probabilities for each stream (see
             `BEVTModelOutput.attentions`).
     """
@@ -264,6 +270,16 @@ class BEVTMaskedVideoModelingOutput(ModelOutput):
     image_masked_logits: torch.FloatTensor | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     image_attentions: tuple[torch.FloatTensor, ...] | None = None
+    video_mask_r2: torch.FloatTensor | None = None
+    image_mask_r2: torch.FloatTensor | None = None
+
+
+def masked_r2(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """R^2 of (N, D) predictions of (N, D) targets: 1 - SSE / SST, SST around the per-column mean of `target`."""
+    target = target.float()
+    residual = (prediction.float() - target).square().sum()
+    total = (target - target.mean(dim=0, keepdim=True)).square().sum()
+    return 1.0 - residual / total.clamp_min(torch.finfo(torch.float32).tiny)
 
 
 class BEVTPatchEmbeddings(nn.Module):
@@ -390,7 +406,7 @@ class BEVTAttention(nn.Module):
             logger.warning_once(
                 f"`output_attentions=True` needs the eager attention (attn_implementation={implementation!r} returns "
                 "no attention probabilities): this call uses eager attention. Load the model with "
-                "`attn_implementation=\"eager\"` to avoid this warning."
+                '`attn_implementation="eager"` to avoid this warning.'
             )
             implementation = "eager"
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -666,9 +682,13 @@ class BEVTModel(BEVTPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_attentions = (
+            output_attentions if output_attentions is not None else self.config.output_attentions
+        )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        embeddings, stages, attentions = self.encode(pixel_values, bool_masked_pos, output_attentions=output_attentions)
+        embeddings, stages, attentions = self.encode(
+            pixel_values, bool_masked_pos, output_attentions=output_attentions
+        )
         last = self.layernorm(stages[-1]).flatten(1, -2)
         pooled = last.mean(dim=1)
         hidden_states = reshaped = None
@@ -691,7 +711,7 @@ class BEVTModel(BEVTPreTrainedModel):
 class BEVTMaskedModelingHead(nn.Module):
     """BEVT prediction heads: upsample stage 4 spatially x2, concat with stage 3 (stage 3 first), Linear(1.5C -> C);
     for videos also upsample time x2; then the encoder's final LayerNorm (applied by the caller) and one shared
-    Linear(C -> vocab_size)."""
+    Linear(C -> vocab_size) (token logits), or Linear(C -> target_dim) for regression targets (HOG / pixels)."""
 
     def __init__(self, config: BEVTConfig):
         super().__init__()
@@ -701,7 +721,7 @@ class BEVTMaskedModelingHead(nn.Module):
         self.video_temporal_upsample = nn.ConvTranspose3d(dim, dim, kernel_size=(2, 1, 1), stride=(2, 1, 1))
         self.image_upsample = nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2)
         self.image_fuse = BEVTLinear(dim + dim // 2, dim)
-        self.lm_head = BEVTLinear(dim, config.vocab_size)
+        self.lm_head = BEVTLinear(dim, config.head_output_size)
 
     def forward(self, stage3: torch.Tensor, stage4: torch.Tensor) -> torch.Tensor:
         """Channels-last stage outputs -> fused features (B, [2D,] 2*H4, 2*W4, C) before the norm."""
@@ -717,8 +737,9 @@ class BEVTMaskedModelingHead(nn.Module):
 
 
 class BEVTForMaskedVideoModeling(BEVTPreTrainedModel):
-    """BEVT pretraining: predict the visual-token ids of masked patches, for a video stream and/or an image stream
-    that share the encoder."""
+    """BEVT pretraining: predict the targets of masked patches, for a video stream and/or an image stream that share
+    the encoder. The targets follow `config.target_type`: visual-token ids (cross-entropy, the paper's), or per-patch
+    HOG / normalised pixels (`bevt.targets`; L2 loss on the masked positions only), through the same heads."""
 
     def __init__(self, config: BEVTConfig):
         super().__init__(config)
@@ -735,34 +756,45 @@ class BEVTForMaskedVideoModeling(BEVTPreTrainedModel):
         return_logits: bool,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor | None, ...]:
-        """One stream -> (loss, accuracy, logits, masked_logits, attentions)."""
+        """One stream -> (loss, accuracy or R^2, logits, masked_logits, attentions)."""
         name = "pixel_values" if is_video else "image_pixel_values"
         check_masked_modeling_stream(pixel_values, bool_masked_pos, labels, is_video, self.config)
         _, stages, attentions = self.bevt.encode(pixel_values, bool_masked_pos, name, output_attentions)
         features = self.head(stages[-2], stages[-1])  # (B, [T,] h, w, C)
         token_grid = tuple(features.shape[1:-1])
         batch = features.shape[0]
+        regression = self.config.is_regression_target
 
-        loss = accuracy = masked_logits = None
+        loss = quality = masked_logits = None
         if labels is not None:
-            check_token_labels(labels, (batch, *token_grid), is_video, self.config)
+            if regression:
+                check_regression_labels(
+                    labels, (batch, *token_grid, self.config.target_dim), is_video, self.config
+                )
+            else:
+                check_token_labels(labels, (batch, *token_grid), is_video, self.config)
             loss_mask = bool_masked_pos.bool()
             if is_video:  # the input mask covers pairs of frames: upsample x2 in time
                 loss_mask = loss_mask.repeat_interleave(self.config.patch_size[0], dim=1)
-            target = labels[loss_mask].long()
-            check_token_range(target, is_video, self.config)
+            target = labels[loss_mask]
+            if not regression:
+                target = target.long()
+                check_token_range(target, is_video, self.config)
             selected = self.bevt.layernorm(features[loss_mask])
             masked_logits = self.head.lm_head(selected)
-            if target.numel():
-                loss = F.cross_entropy(masked_logits.float(), target)
-                accuracy = (masked_logits.argmax(-1) == target).float().mean().detach()
-            else:  # nothing masked: a zero loss that keeps the graph
+            if not target.shape[0]:  # nothing masked: a zero loss that keeps the graph
                 loss = masked_logits.sum() * 0.0
-                accuracy = torch.full((), float("nan"), device=features.device)
+                quality = torch.full((), float("nan"), device=features.device)
+            elif regression:
+                loss = F.mse_loss(masked_logits.float(), target.float())
+                quality = masked_r2(masked_logits.detach(), target)
+            else:
+                loss = F.cross_entropy(masked_logits.float(), target)
+                quality = (masked_logits.argmax(-1) == target).float().mean().detach()
         logits = None
         if labels is None or return_logits:
             logits = self.head.lm_head(self.bevt.layernorm(features)).flatten(1, -2)
-        return loss, accuracy, logits, masked_logits, tuple(attentions) if output_attentions else None
+        return loss, quality, logits, masked_logits, tuple(attentions) if output_attentions else None
 
     def forward(
         self,
@@ -779,20 +811,31 @@ class BEVTForMaskedVideoModeling(BEVTPreTrainedModel):
     ) -> BEVTMaskedVideoModelingOutput | tuple:
         """Video stream: pixel_values (B, T, C, H, W), bool_masked_pos (B, T/2, H/16, W/16), labels token ids
         (B, T, H/16, W/16). Image stream: image_pixel_values (B, C, H, W), image_bool_masked_pos (B, H/16, W/16),
-        image_labels (B, H/16, W/16). Either stream may be absent. With labels, only masked positions are projected
-        to the vocabulary unless `return_logits=True`. `output_attentions`: one attention map per block and stream."""
+        image_labels (B, H/16, W/16). For `config.target_type` "hog"/"pixel" the labels are float targets with a
+        last dimension of `config.target_dim`: (B, T, H/16, W/16, D) and (B, H/16, W/16, D) (`bevt.targets`).
+        Either stream may be absent. With labels, only masked positions go through the output projection unless
+        `return_logits=True`. `output_attentions`: one attention map per block and stream."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_attentions = (
+            output_attentions if output_attentions is not None else self.config.output_attentions
+        )
         if pixel_values is None and image_pixel_values is None:
             raise ValueError("give `pixel_values` (videos) and/or `image_pixel_values` (images)")
         video = image = (None,) * 5
         if pixel_values is not None:
-            video = self._stream(pixel_values, bool_masked_pos, labels, True, return_logits, output_attentions)
+            video = self._stream(
+                pixel_values, bool_masked_pos, labels, True, return_logits, output_attentions
+            )
         elif labels is not None:
             raise ValueError("`labels` given without `pixel_values`")
         if image_pixel_values is not None:
             image = self._stream(
-                image_pixel_values, image_bool_masked_pos, image_labels, False, return_logits, output_attentions
+                image_pixel_values,
+                image_bool_masked_pos,
+                image_labels,
+                False,
+                return_logits,
+                output_attentions,
             )
         elif image_labels is not None:
             raise ValueError("`image_labels` given without `image_pixel_values`")
@@ -802,12 +845,15 @@ class BEVTForMaskedVideoModeling(BEVTPreTrainedModel):
         if image[0] is not None:
             weighted = self.config.image_loss_weight * image[0]
             loss = weighted if loss is None else loss + weighted
+        regression = self.config.is_regression_target
         output = BEVTMaskedVideoModelingOutput(
             loss=loss,
             video_loss=video[0],
             image_loss=image[0],
-            video_mask_accuracy=video[1],
-            image_mask_accuracy=image[1],
+            video_mask_accuracy=None if regression else video[1],
+            image_mask_accuracy=None if regression else image[1],
+            video_mask_r2=video[1] if regression else None,
+            image_mask_r2=image[1] if regression else None,
             logits=video[2],
             image_logits=image[2],
             masked_logits=video[3],

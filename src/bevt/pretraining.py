@@ -6,8 +6,8 @@
   16-pixel patch grid, scaled from the official 98-of-196 setting.
 - `PretrainingData(config, image_shards, video_shards)`: this rank's infinite, exactly resumable image (and video)
   batch streams over WebDataset shards, each rank reading a disjoint part.
-- `model_inputs(batch, tokenizer, device)`: a collated batch -> `BEVTForMaskedVideoModeling` inputs, with
-  token-id labels from the frozen visual tokenizer.
+- `model_inputs(batch, targets, device)`: a collated batch -> `BEVTForMaskedVideoModeling` inputs, with labels
+  from the frozen visual tokenizer (token ids) or from `bevt.targets.PatchTargets` (HOG / normalised pixels).
 - `random_tokenizer(vocab_size, image_size, seed)`: a small random-weight tokenizer for demos and tests.
 """
 
@@ -29,6 +29,7 @@ from .data.streaming import StreamDataLoader, build_stream, counted_examples
 from .data.transforms import PretrainingImageTransform, PretrainingVideoTransform
 from .masking import BlockMaskGenerator, TubeMaskGenerator
 from .modeling_tokenizer import BEVTVisualTokenizer
+from .targets import PatchTargets
 
 __all__ = [
     "PretrainingData",
@@ -267,18 +268,25 @@ class PretrainingData:
 
 
 def model_inputs(
-    batch: dict[str, torch.Tensor], tokenizer: BEVTVisualTokenizer, device: torch.device | str
+    batch: dict[str, torch.Tensor], targets: BEVTVisualTokenizer | PatchTargets, device: torch.device | str
 ) -> dict[str, torch.Tensor]:
-    """A collated batch (video and/or image keys) -> `BEVTForMaskedVideoModeling` inputs on `device`, with the
-    token ids of the frozen tokenizer (no grad; it runs its trunk under autocast on GPU) as labels."""
+    """A collated batch (video and/or image keys) -> `BEVTForMaskedVideoModeling` inputs on `device`, with labels
+    computed there without gradients: the token ids of a frozen tokenizer (anything with
+    `get_codebook_indices`, run on the half-size `tokenizer_pixel_values`; under autocast on GPU), or the HOG /
+    normalised-pixel targets of `PatchTargets` on the model input itself ((B, T, h, w, D) / (B, h, w, D))."""
     inputs: dict[str, torch.Tensor] = {}
+    tokenizer = hasattr(targets, "get_codebook_indices")
     for prefix in ("", "image_"):
         if f"{prefix}pixel_values" not in batch:
             continue
-        tokenizer_pixels = batch[f"{prefix}tokenizer_pixel_values"].to(device, non_blocking=True)
-        inputs[f"{prefix}pixel_values"] = batch[f"{prefix}pixel_values"].to(device, non_blocking=True)
+        pixels = batch[f"{prefix}pixel_values"].to(device, non_blocking=True)
+        inputs[f"{prefix}pixel_values"] = pixels
         inputs[f"{prefix}bool_masked_pos"] = batch[f"{prefix}bool_masked_pos"].to(device, non_blocking=True)
-        inputs[f"{prefix}labels"] = tokenizer.get_codebook_indices(tokenizer_pixels)
+        if tokenizer:
+            tokenizer_pixels = batch[f"{prefix}tokenizer_pixel_values"].to(device, non_blocking=True)
+            inputs[f"{prefix}labels"] = targets.get_codebook_indices(tokenizer_pixels)
+        else:
+            inputs[f"{prefix}labels"] = targets(pixels)
     return inputs
 
 

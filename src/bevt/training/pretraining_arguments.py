@@ -32,6 +32,7 @@ from .arguments import (
     RunControlArguments,
     ScheduleArguments,
     TrackingArguments,
+    UsageError,
     check_non_negative,
     check_positive_ints,
     check_unit_interval,
@@ -55,6 +56,7 @@ class PretrainingRecipe(Recipe):
 
     name: str = field(metadata={"flag": False})
     data: PretrainingDataConfig = field(metadata={"flag": False})
+    target: str
     model_preset: str
     drop_path_rate: float
     learning_rate: float
@@ -78,6 +80,7 @@ class PretrainingRecipe(Recipe):
 PRETRAINING_RECIPE = PretrainingRecipe(
     name="recipe",
     data=PretrainingDataConfig(),
+    target="tokenizer",
     model_preset="base",
     drop_path_rate=0.3,
     learning_rate=5e-4,
@@ -92,7 +95,8 @@ PRETRAINING_RECIPE = PretrainingRecipe(
     output_dir="bevt-pretraining",
     torch_threads=None,
 )
-# No data flags: a tiny model on 64 px synthetic shards, a minute on a laptop CPU.
+# No data flags: a tiny model on 64 px synthetic shards, a minute on a laptop CPU, predicting HOG (informative
+# targets with nothing to download; the recipe's tokenizer ids need a trained or converted tokenizer).
 PRETRAINING_DEMO = PretrainingRecipe(
     name="demo",
     data=PretrainingDataConfig(
@@ -106,6 +110,7 @@ PRETRAINING_DEMO = PretrainingRecipe(
         shuffle_buffer=64,
         num_workers=0,
     ),
+    target="hog",
     model_preset="test",
     drop_path_rate=0.0,
     learning_rate=2e-3,
@@ -200,9 +205,20 @@ class PretrainingModelArguments(ArgumentGroup):
     swin2d_checkpoint: str | None = HfArg(
         default=None, help="Initialise from a 2D Swin image checkpoint (official inflation)."
     )
+    target: Literal["tokenizer", "hog", "pixel"] | None = HfArg(
+        default=None,
+        help="What masked positions predict: tokenizer (visual-token ids of --tokenizer_name_or_path, the paper's), "
+        "hog (per-patch histograms of oriented gradients, MaskFeat) or pixel (per-patch normalised pixels, MAE). "
+        "A --model_name_or_path model keeps its own unless given; a tokenizer flag alone implies tokenizer.",
+    )
     tokenizer_name_or_path: str | None = HfArg(
         default=None,
-        help="Converted BEVTVisualTokenizer folder. Without it, a RANDOM tokenizer is used (demo/tests only).",
+        help="BEVTVisualTokenizer folder (--target tokenizer): converted DALL-E encoder (python -m bevt.convert) or "
+        "one trained with run_tokenizer_training.py.",
+    )
+    random_tokenizer: bool = HfArg(
+        default=False,
+        help="--target tokenizer with a RANDOM-weight tokenizer (tests only: its targets mean nothing).",
     )
     video_loss_weight: float = HfArg(default=1.0, help="Weight of the video loss (joint stage).")
     image_loss_weight: float = HfArg(default=1.0, help="Weight of the image loss.")
@@ -262,6 +278,7 @@ class PretrainingArguments(
     """Every flag of `run_pretraining.py` (`python run_pretraining.py --help`)."""
 
     demo: bool = field(default=False, init=False)  # no data flags: the built-in demo
+    target_given: bool = field(default=False, init=False)  # --target given (else the recipe's / the model's)
     drop_path_rate_given: bool = field(default=False, init=False)  # a loaded model keeps its own otherwise
 
     none_display = {
@@ -291,7 +308,9 @@ class PretrainingArguments(
     def __post_init__(self) -> None:
         self.demo = self.video_shards is None and self.image_shards is None
         self.drop_path_rate_given = self.drop_path_rate is not None
-        self.fill_from(self.recipe)
+        given = self.fill_from(self.recipe)
+        self.target_given = "target" in given
+        self._check_target_flags(given)
         if self.tokenizer_size is None:
             self.tokenizer_size = self.image_size // 2
         if not self.demo:
@@ -307,6 +326,32 @@ class PretrainingArguments(
         if self.stage == "image" and self.image_loss_weight == 0:
             fail("--image_loss_weight", "> 0 with --stage image (the only loss)", self.image_loss_weight)
         super().__post_init__()
+
+    def _check_target_flags(self, given: set[str]) -> None:
+        """Tokenizer flags belong to `--target tokenizer`: with hog/pixel they are an error naming both flags;
+        without `--target` they select it (e.g. the demo with `--tokenizer_name_or_path`)."""
+        tokenizer_flags = [
+            flag
+            for flag, is_set in (
+                ("--tokenizer_name_or_path", self.tokenizer_name_or_path is not None),
+                ("--random_tokenizer", self.random_tokenizer),
+                ("--tokenizer_size", "tokenizer_size" in given),
+            )
+            if is_set
+        ]
+        if not tokenizer_flags:
+            return
+        if self.target_given and self.target != "tokenizer":
+            raise UsageError(
+                f"{tokenizer_flags[0]} is a tokenizer flag: it cannot be combined with --target {self.target} "
+                f"({self.target} targets are computed from the pixels, without a tokenizer); drop "
+                f"{tokenizer_flags[0]} or use --target tokenizer"
+            )
+        self.target = "tokenizer"
+        if self.tokenizer_name_or_path is not None and self.random_tokenizer:
+            raise UsageError(
+                "--random_tokenizer and --tokenizer_name_or_path are exclusive (random weights or a trained tokenizer)"
+            )
 
     def data_config(self) -> PretrainingDataConfig:
         """The resolved data settings."""
