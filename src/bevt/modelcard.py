@@ -32,6 +32,7 @@ __all__ = [
     "METRIC_NAMES",
     "EvalDataset",
     "build_model_card",
+    "build_tokenizer_model_card",
     "count_flops_per_view",
     "format_flops",
 ]
@@ -310,6 +311,66 @@ def build_model_card(
         architecture=_architecture(config, num_views, flops_per_view, num_parameters),
         usage=_usage(pipeline_tag, repo_id or model_name),
         evaluation=_evaluation(eval_results, eval_dataset, num_views) if eval_results else "",
+        training=_training(hyperparameters) if hyperparameters else "",
+        citation=_CITATION,
+    )
+
+
+def build_tokenizer_model_card(
+    *,
+    model_name: str,
+    config: Any,
+    summary: str,
+    evaluation: str | None = None,
+    num_parameters: int | None = None,
+    hyperparameters: Mapping[str, Any] | None = None,
+    repo_id: str | None = None,
+    license: str = "apache-2.0",
+) -> ModelCard:
+    """A Hub model card for a trained `BEVTVisualTokenizer` folder (`run_tokenizer_training.py`).
+
+    Args:
+        model_name: title.
+        config: the tokenizer's `BEVTVisualTokenizerConfig`.
+        summary: a paragraph under the title.
+        evaluation: markdown of the held-out results (None: no evaluation section).
+        num_parameters, hyperparameters, repo_id, license: as in `build_model_card`.
+    """
+    card_data = ModelCardData(
+        model_name=model_name,
+        library_name="transformers",
+        license=license,
+        tags=["bevt", "visual-tokenizer", config.tokenizer_type, "image-tokenization"],
+    )
+    size, factor = config.image_size, config.downsample_factor
+    kind = "VQGAN (nearest-code quantizer)" if config.tokenizer_type == "vqgan" else "DALL-E dVAE"
+    lines = [
+        f"- `BEVTVisualTokenizer`, {kind}, {config.vocab_size} codes, {factor}x downsampling, "
+        f"{'with' if config.has_decoder else 'without'} a decoder",
+        f"- Input: RGB in [0, 1], {size}x{size} pixels -> {size // factor}x{size // factor} token ids",
+    ]
+    if num_parameters is not None:
+        lines.append(f"- Parameters: {num_parameters / 1e6:.2f}M (encoder and decoder)")
+    repo = repo_id or model_name
+    usage = f"""```python
+import bevt  # registers the classes
+from bevt import BEVTVisualTokenizer
+
+tokenizer = BEVTVisualTokenizer.from_pretrained("{repo}")
+ids = tokenizer.get_codebook_indices(frames)   # (B, 3, {size}, {size}) in [0, 1] -> (B, {size // factor}, {size // factor})
+pixels = tokenizer.decode(ids)                  # -> (B, 3, {size}, {size}) in [0, 1]
+```
+
+As the pretraining targets of BEVT: `run_pretraining.py --tokenizer_name_or_path {repo} --tokenizer_size {size}` (one
+token per 16-px patch of a {size * 16 // factor} px model input)."""
+    return ModelCard.from_template(
+        card_data,
+        template_str=_TEMPLATE,
+        model_name=model_name,
+        summary=summary,
+        architecture="\n".join(lines),
+        usage=usage,
+        evaluation=evaluation or "",
         training=_training(hyperparameters) if hyperparameters else "",
         citation=_CITATION,
     )

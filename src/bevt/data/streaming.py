@@ -65,7 +65,7 @@ import os
 import random
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -234,9 +234,11 @@ class ShardStream(IterableDataset):
         log_limit: int,
         access: ShardAccess | None = None,
         dataset_infos: Mapping[str, dict[str, Any] | None] | None = None,
+        exclude_keys: Collection[str] = (),
     ) -> None:
         super().__init__()
         self.files = list(files)
+        self.exclude_keys = frozenset(exclude_keys)
         self.access = access or ShardAccess()
         self.kind = kind
         self.transform = transform
@@ -364,6 +366,7 @@ class ShardStream(IterableDataset):
             "world_size": self.world_size,
             "shuffle_buffer": self.shuffle_buffer,
             "shuffle_shards": self.shuffle_shards,
+            **({"exclude_keys": derive_seed(*sorted(self.exclude_keys))} if self.exclude_keys else {}),
         }
 
     def _make_state(self, workers: Mapping[str, Any], num_workers: int, next_worker: int) -> dict[str, Any]:
@@ -583,7 +586,7 @@ class ShardStream(IterableDataset):
                 items = self._read_block(reader, max(self.shuffle_buffer, 1))
                 if not items:
                     break
-                epoch_raw += len(items)
+                epoch_raw += sum(raw.get("__key__") not in self.exclude_keys for raw in items)
                 order = list(range(len(items)))
                 if self.shuffle_buffer > 1:
                     block_seed = derive_seed(self.seed, "block", epoch, self.rank, worker, num_workers, block)
@@ -592,6 +595,8 @@ class ShardStream(IterableDataset):
                     ).tolist()
                 for j in range(offset, len(items)):
                     raw = items[order[j]]
+                    if raw.get("__key__") in self.exclude_keys:
+                        continue  # held out elsewhere (e.g. an evaluation set): not read, not counted
                     epoch_attempts += 1
                     try:
                         sample = self._process(raw, epoch)
@@ -688,6 +693,7 @@ def build_stream(
     max_retries: int = 5,
     retry_wait: float = 1.0,
     timeout: float = 60.0,
+    exclude_keys: Collection[str] = (),
 ) -> ShardStream:
     """A resumable stream of decoded, transformed samples from bevt shards (see the module docstring).
 
@@ -727,6 +733,8 @@ def build_stream(
             without data over HTTP) is retried up to ``max_retries`` times at the same byte, waiting
             ``retry_wait`` seconds, doubling; after that the rest of the shard counts as one
             ``shard_unavailable`` failure. Retries never lose or repeat a sample.
+        exclude_keys: sample keys this stream never yields (e.g. held-out evaluation samples read by another
+            stream); they are skipped before decoding and not counted as failures.
     """
     access = ShardAccess(
         storage_options=storage_options,
@@ -794,6 +802,7 @@ def build_stream(
         log_limit=log_limit,
         access=access,
         dataset_infos=infos,
+        exclude_keys=exclude_keys,
     )
 
 
