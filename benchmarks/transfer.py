@@ -19,7 +19,8 @@ Data, written once under `<output_dir>/data` (fixed data seed, independent of th
 - `dev`: labeled clips for choosing hyperparameters (`--split dev`); `eval`: the held-out clips the table reports.
 
 Runs (each a subprocess of the real scripts, as a user would type them, `OMP_NUM_THREADS=1`, `--jobs` at a time):
-1. per seed, a tokenizer trained on the unlabeled frames (`bevt.tokenizer_training`, VQGAN, 64 codes);
+1. per seed, `run_tokenizer_training.py` on the unlabeled frames (its demo recipe: VQGAN, 32 px -> 4x4 ids,
+   64 codes, width 16);
 2. per seed and pretraining variant, `run_pretraining.py` (preset `test`, 64 px, 8 frames, window 4x2x2): joint
    image + video with each target (trained tokenizer, HOG, pixels, the random tokenizer as control), and the
    paper's ablation for `--ablation_target`: video-only (`--image_loss_weight 0`) and image-only
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import shlex
@@ -94,7 +96,14 @@ FINETUNE_FLAGS = [
     "--dataset_name", "bevt-transfer-synthetic",
 ]  # fmt: skip
 FINETUNE_LR, FINETUNE_LABEL_SMOOTHING = "1e-3", "0.1"
-PROBE_LR = "1e-2"  # BatchNorm + linear on frozen features: a larger step than full fine-tuning
+PROBE_LR = "1e-2"
+# run_tokenizer_training.py's demo recipe (the pretraining demo's tokenizer geometry: 32 px -> 4x4 ids of a 64 px input)
+TOKENIZER_FLAGS = [
+    "--image_size", str(IMAGE_SIZE // 2), "--crop_scale", "0.64", "1.0", "--image_batch_size", "32",
+    "--shuffle_buffer", "64", "--num_workers", "0", "--tokenizer_type", "vqgan", "--vocab_size", "64", "--width", "16",
+    "--ema_decay", "0.9", "--dead_code_restart_steps", "10", "--learning_rate", "2e-3", "--weight_decay", "0.0",
+    "--max_grad_norm", "1.0", "--warmup_ratio", "0.0", "--torch_threads", "1",
+]  # fmt: skip  # BatchNorm + linear on frozen features: a larger step than full fine-tuning
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,83 +250,13 @@ def write_task_data(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A tokenizer trained on the unlabeled frames
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def read_images(folder: str) -> list[np.ndarray]:
-    """Every JPEG of the tar shards in `folder`, uint8 (H, W, 3), in shard order."""
-    import io
-    import tarfile
-
-    from PIL import Image
-
-    images = []
-    for shard in sorted(Path(folder).glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if member.name.endswith(".jpg"):
-                    data = tar.extractfile(member).read()
-                    images.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
-    return images
-
-
-def train_tokenizer(images_folder: str, output_dir: str, seed: int, steps: int, vocab_size: int = 64) -> dict:
-    """Train a VQGAN tokenizer (32 px input -> 4x4 ids, the pretraining targets of a 64 px model) on random crops of
-    the unlabeled images (the last 64 held out for the reported reconstruction); save it to `output_dir`."""
-    import torch
-
-    from bevt.data.transforms import TokenizerTrainingTransform, seeded_generator
-    from bevt.tokenizer_training import (
-        TokenizerTrainingArguments,
-        TokenizerTrainingModel,
-        evaluate_reconstruction,
-        tokenizer_config_for_training,
-        training_step,
-    )
-
-    torch.set_num_threads(1)
-    torch.manual_seed(seed)
-    images = [torch.from_numpy(image.copy()) for image in read_images(images_folder)]
-    held_out, train = images[-64:], images[:-64] or images
-    size = IMAGE_SIZE // 2
-    transform = TokenizerTrainingTransform(
-        size, scale=(0.4, 1.0)
-    )  # the 64-px crops of 64-80 px frames, halved
-    generator = seeded_generator("transfer-tokenizer", seed)
-    config = tokenizer_config_for_training("vqgan", vocab_size=vocab_size, image_size=size, width=16)
-    model = TokenizerTrainingModel(
-        config, TokenizerTrainingArguments(ema_decay=0.9, dead_code_restart_steps=10)
-    )
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=2e-3)
-    batch_size = 32
-    started = time.perf_counter()
-    for step in range(steps):
-        picks = torch.randint(len(train), (batch_size,), generator=generator).tolist()
-        batch = torch.stack([transform(train[i], generator=generator)["pixel_values"] for i in picks])
-        metrics = training_step(model, batch, optimizer, step)
-    model.eval()
-    check = torch.stack([transform(image, generator=generator)["pixel_values"] for image in held_out])
-    with torch.no_grad():
-        results = evaluate_reconstruction(model, check)
-    results.update(
-        steps=steps,
-        train_seconds=round(time.perf_counter() - started, 1),
-        last_loss=metrics.get("loss") if steps else None,
-    )
-    model.save_pretrained(output_dir)
-    Path(output_dir, "tokenizer_results.json").write_text(json.dumps(results, indent=2) + "\n")
-    return results
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Runs
 # ---------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class Run:
-    """One command: `argv` of `script` (run_pretraining.py, run_finetuning.py or this file's tokenizer training)."""
+    """One command: `argv` of `script` (run_tokenizer_training.py, run_pretraining.py or run_finetuning.py)."""
 
     name: str
     script: str
@@ -341,8 +280,6 @@ class Run:
         return json.loads(self.marker.read_text()).get("key") == self.key
 
     def command(self) -> list[str]:
-        if self.script == "tokenizer":
-            return [sys.executable, str(Path(__file__).resolve()), "--_tokenizer", *self.argv]
         return [sys.executable, str(ROOT / self.script), *self.argv]
 
 
@@ -367,9 +304,6 @@ def _run_here(script: str, argv: list[str], log: str) -> int:
     os.dup2(handle, 2)
     try:
         print(shlex.join([script, *argv]) + "\n", flush=True)
-        if script == "tokenizer":
-            _tokenizer_main(argv)
-            return 0
         return int(_load_script(script).main(argv) or 0)
     except SystemExit as exc:  # a UsageError (exit 2) or an explicit exit
         return exc.code if isinstance(exc.code, int) else 1
@@ -426,23 +360,38 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def run_phase(
-    runs: list[Run], all_runs: dict[str, Run], log_dir: Path, jobs: int, pool: ProcessPoolExecutor | None
-) -> None:
-    """Run `runs` `jobs` at a time (every run's `needs` finished in an earlier phase); skip runs whose needs failed."""
-    ready = []
-    for run in runs:
-        if any(all_runs[n].status in ("failed", "skipped") for n in run.needs):
-            run.status = "skipped"
-        else:
-            ready.append(run)
+def run_all(runs: list[Run], log_dir: Path, jobs: int, pool: ProcessPoolExecutor | None) -> None:
+    """Run every run as soon as the runs it needs have finished, `jobs` at a time, in list order among the ready
+    ones; a run whose needs failed is skipped."""
+    import threading
+
+    finished = {run.name: threading.Event() for run in runs}
+    by_name = {run.name: run for run in runs}
+    slots = threading.Semaphore(jobs)  # the subprocess mode's limit (the pool has `jobs` workers)
 
     def go(run: Run) -> None:
-        execute(run, log_dir, pool)
-        print(f"  {run.status:7s} {run.name} ({run.seconds:.0f}s)", flush=True)
+        try:
+            for need in run.needs:
+                finished[need].wait()
+            if any(by_name[n].status in ("failed", "skipped") for n in run.needs):
+                run.status = "skipped"
+            elif pool is not None:
+                execute(run, log_dir, pool)
+            else:
+                with slots:
+                    execute(run, log_dir, pool)
+            print(f"  {run.status:7s} {run.name} ({run.seconds:.0f}s)", flush=True)
+        finally:
+            finished[run.name].set()
 
-    with ThreadPoolExecutor(jobs) as threads:
-        list(threads.map(go, ready))
+    threads = []
+    for run in runs:  # started in order: the pool's queue follows the list among the ready runs
+        thread = threading.Thread(target=go, args=(run,), daemon=True)
+        thread.start()
+        threads.append(thread)
+        time.sleep(0.01)
+    for thread in threads:
+        thread.join()
 
 
 def supports_target_flag() -> bool:
@@ -492,9 +441,11 @@ def plan(
     for seed in args.seeds:
         tokenizer_dir = work / f"tokenizer-s{seed}"
         if any(v.target == "tokenizer" for v in variants):
-            tokenizers.append(Run(f"tokenizer-s{seed}", "tokenizer", ["--images", data["images"], "--output_dir",
-                              str(tokenizer_dir), "--seed", str(seed), "--steps", str(args.tokenizer_steps)],
-                              tokenizer_dir))  # fmt: skip
+            argv = ["--image_shards", data["images"], "--output_dir", str(tokenizer_dir), "--seed", str(seed),
+                    "--max_train_steps", str(args.tokenizer_steps), "--logging_steps",
+                    str(max(1, min(50, args.tokenizer_steps))), "--checkpointing_steps", str(10**6),
+                    "--held_out_samples", str(min(64, args.sizes.unlabeled_images // 4)), *TOKENIZER_FLAGS]  # fmt: skip
+            tokenizers.append(Run(f"tokenizer-s{seed}", "run_tokenizer_training.py", argv, tokenizer_dir))
         for variant in variants:
             if variant.name in unavailable:
                 continue
@@ -507,8 +458,10 @@ def plan(
             if variant.target == "tokenizer":
                 argv += ["--tokenizer_name_or_path", str(tokenizer_dir)]
                 needs.append(f"tokenizer-s{seed}")
-            if has_target:
-                argv += ["--target", "tokenizer" if variant.target == "random" else variant.target]
+            if variant.target == "random":
+                argv += ["--target", "tokenizer", "--random_tokenizer"] if has_target else []
+            elif has_target:
+                argv += ["--target", variant.target]
             if variant.streams == "video-only":
                 argv += ["--image_loss_weight", "0"]
             elif variant.streams == "image-only":
@@ -597,9 +550,9 @@ def collect(args: argparse.Namespace, runs: dict[str, Run], layout: dict, work: 
         rows.append(row)
     tokenizers = {}
     for seed in args.seeds:
-        path = work / f"tokenizer-s{seed}" / "tokenizer_results.json"
+        path = work / f"tokenizer-s{seed}" / "training_results.json"
         if path.is_file():
-            tokenizers[seed] = json.loads(path.read_text())
+            tokenizers[seed] = json.loads(path.read_text())["held_out"]
     return {"rows": rows, "tokenizers": tokenizers}
 
 
@@ -623,7 +576,7 @@ def markdown(args: argparse.Namespace, results: dict, meta: dict) -> str:
         f"probing steps; {args.pretrain_steps} pretraining steps; Δ = paired difference to the scratch row "
         "(same seed: same labeled subset).",
         "",
-        "| start (pretraining streams, target) | fine-tune top-1 | Δ vs scratch | linear probe top-1 | Δ vs random-init probe | pretraining masked acc. (video / image) |",
+        "| start (pretraining streams, target) | fine-tune top-1 | Δ vs scratch | linear probe top-1 | Δ vs random-init probe | pretraining, masked video / image (last steps) |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
@@ -635,9 +588,10 @@ def markdown(args: argparse.Namespace, results: dict, meta: dict) -> str:
         finals = [f for f in (row.get("pretraining_final") or {}).values() if f]
         masked = "—"
         if finals:
-            video = statistics.fmean(f.get("video_mask_accuracy", 0.0) for f in finals)
-            image = statistics.fmean(f.get("image_mask_accuracy", 0.0) for f in finals)
-            masked = f"{video:.2f} / {image:.2f}"
+            kind = "r2" if any("video_mask_r2" in f or "image_mask_r2" in f for f in finals) else "accuracy"
+            video = statistics.fmean(f.get(f"video_mask_{kind}", math.nan) for f in finals)
+            image = statistics.fmean(f.get(f"image_mask_{kind}", math.nan) for f in finals)
+            masked = f"{'R² ' if kind == 'r2' else 'acc '}{video:.2f} / {image:.2f}"
         is_base = row is base
         lines.append(
             f"| {row['pretraining']} | {_cell(row['finetune']['values'], seeds)} | "
@@ -671,17 +625,6 @@ def machine() -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _tokenizer_main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--images", required=True)
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--steps", type=int, required=True)
-    a = p.parse_args(argv)
-    results = train_tokenizer(a.images, a.output_dir, a.seed, a.steps)
-    print(json.dumps(results))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -739,9 +682,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-    if argv[:1] == ["--_tokenizer"]:
-        _tokenizer_main(argv[1:])
-        return 0
     args = parse_args(argv)
     started = time.perf_counter()
     out = Path(args.output_dir).resolve()
@@ -767,11 +707,9 @@ def main(argv: list[str] | None = None) -> int:
             args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init
         )
     try:
-        for title, phase in zip(
-            ("tokenizers", "pretrainings", "fine-tunings and linear probes"), phases, strict=True
-        ):
-            print(f"{title}: {len(phase)} runs", flush=True)
-            run_phase(phase, runs, logs, args.jobs, pool)
+        kinds = ("tokenizers", "pretrainings", "fine-tunings / linear probes")
+        print(", ".join(f"{len(p)} {k}" for p, k in zip(phases, kinds, strict=True)), flush=True)
+        run_all([run for phase in phases for run in phase], logs, args.jobs, pool)
     finally:
         if pool is not None:
             pool.shutdown()
