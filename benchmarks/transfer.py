@@ -6,10 +6,10 @@ few labels, against scratch at equal fine-tuning steps, on a held-out synthetic 
     python benchmarks/transfer.py --split dev              # the same runs scored on the dev split (for tuning)
     python benchmarks/transfer.py --smoke                  # a tiny end-to-end run (CI)
 
-The task (`make_task_clip`): 72 px, 16-frame clips of a textured shape over a textured background (the pretraining
-demo's gradients, stripes and checkerboards) with 1-2 static textured distractors; the class is what the shape does
-over time (8 classes: four directions, growing, shrinking, going right and back, going down and back). No single
-frame tells the class; a horizontal flip swaps two classes (fine-tuning does not flip).
+The task (`make_task_clip`): 72 px, 16-frame clips of a textured shape (disc, square or triangle; the pretraining
+demo's stripes, checkerboards and flat colours) over a smooth colour gradient; the class is what the shape does over
+time (6 classes: moving right / left / down / up, growing, shrinking). No single frame tells the class; a horizontal
+flip swaps two classes (fine-tuning does not flip).
 
 Data, written once under `<output_dir>/data` (fixed data seed, independent of the run seeds):
 - `unlabeled/videos`, `unlabeled/images`: clips and single frames of the same generator, labels discarded
@@ -39,12 +39,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import math
 import os
 import platform
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -67,8 +69,6 @@ CLASS_NAMES: tuple[str, ...] = (
     "moving up",
     "growing",
     "shrinking",
-    "going right and back",
-    "going down and back",
 )
 SHAPES = ("disc", "square", "triangle")
 TEXTURES = ("stripes", "checker", "flat")
@@ -116,26 +116,21 @@ def _trajectory(
 ) -> list[tuple[float, float, float]]:
     """(cy, cx, radius) of the moving shape in every frame for class `label`."""
     t = np.linspace(0.0, 1.0, num_frames)
-    if label in (0, 1, 2, 3, 6, 7):
-        radius = rng.uniform(0.12, 0.2) * size
+    if label in (0, 1, 2, 3):
+        radius = rng.uniform(0.12, 0.18) * size
         margin = radius + 1
-        travel = rng.uniform(0.3, 0.5) * size
+        travel = rng.uniform(0.4, 0.6) * size
         start = rng.uniform(margin, size - margin - travel)
         across = rng.uniform(margin, size - margin)
-        if label in (6, 7):  # there and back: a triangle wave, turning at a random time
-            turn = rng.uniform(0.4, 0.6)
-            path = np.where(t <= turn, t / turn, (1 - t) / (1 - turn))
-            along = start + travel * path
-        else:
-            along = start + travel * t
-            if label in (1, 3):
-                along = along[::-1]
-        if label in (0, 1, 6):
+        along = start + travel * t
+        if label in (1, 3):
+            along = along[::-1]
+        if label in (0, 1):
             return [(across, a, radius) for a in along]
         return [(a, across, radius) for a in along]
     if label in (4, 5):
         small = rng.uniform(0.08, 0.12) * size
-        big = small * rng.uniform(1.8, 2.4)
+        big = small * rng.uniform(2.0, 2.6)
         radii = small + (big - small) * t
         if label == 5:
             radii = radii[::-1]
@@ -144,46 +139,71 @@ def _trajectory(
     raise ValueError(f"label must be in [0, {len(CLASS_NAMES)}), got {label!r}")
 
 
+def _gradient_background(size: int, rng: np.random.Generator) -> np.ndarray:
+    """(size, size, 3) float background: a smooth two-colour gradient in a random direction."""
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    first, second = rng.uniform(20, 200, size=3), rng.uniform(20, 200, size=3)
+    angle = rng.uniform(0, 2 * np.pi)
+    mix = np.clip(0.5 + (ys - 0.5) * np.sin(angle) + (xs - 0.5) * np.cos(angle), 0, 1)[..., None]
+    return first * (1 - mix) + second * mix
+
+
 def make_task_clip(
     label: int, rng: np.random.Generator, size: int = CLIP_SIZE, num_frames: int = CLIP_FRAMES
 ) -> np.ndarray:
     """One clip of class `label`: uint8 `(num_frames, size, size, 3)`.
 
-    A textured shape (disc, square or triangle; stripes, checkerboard or flat colour) does the class's motion over a
-    textured background with 1-2 static textured distractor shapes of the same kinds.
+    A textured shape (disc, square or triangle; stripes, checkerboard or flat colour: the pretraining demo's
+    textures) does the class's motion over a smooth colour gradient. No pixel noise: HOG and normalised-pixel
+    targets of a flat noisy patch are normalised noise (unpredictable), which would handicap those targets.
     """
-    from bevt.data.demo_pretraining import _background, _shape_alpha, _texture
+    from bevt.data.demo_pretraining import _shape_alpha, _texture
 
-    background = _background(size, rng)
-    for _ in range(int(rng.integers(1, 3))):  # static distractors, painted into the background
-        kind = SHAPES[int(rng.integers(len(SHAPES)))]
-        radius = rng.uniform(0.08, 0.16) * size
-        cy, cx = rng.uniform(radius, size - radius, size=2)
-        alpha = _shape_alpha(kind, size, cy, cx, radius)[..., None]
-        texture = _texture(TEXTURES[int(rng.integers(len(TEXTURES)))], size, rng)
-        background = background * (1 - alpha) + texture * alpha
+    background = _gradient_background(size, rng)
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     texture = _texture(TEXTURES[int(rng.integers(len(TEXTURES)))], size, rng)
     frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
     for i, (cy, cx, radius) in enumerate(_trajectory(label, size, num_frames, rng)):
         alpha = _shape_alpha(shape, size, cy, cx, radius)[..., None]
-        frame = background * (1 - alpha) + texture * alpha + rng.normal(0.0, 4.0, size=(size, size, 1))
+        frame = background * (1 - alpha) + texture * alpha
         frames[i] = np.clip(frame, 0, 255).round().astype(np.uint8)
     return frames
+
+
+def encode_clip(frames: np.ndarray, fps: int = 8, bit_rate: int = 3_000_000) -> bytes:
+    """MPEG-4 Part 2 MP4 bytes of uint8 `(T, H, W, 3)` frames at a fixed high bit rate (single-threaded, explicit
+    timestamps: deterministic bytes). `bevt.data.demo_finetuning.encode_mp4` is left to the encoder's default rate
+    control, which degrades these textured 72 px clips to ~24 dB by the last frames (blocky: the motion is lost);
+    3 Mb/s keeps every frame at ~29 dB of a noisy source."""
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.thread_count = 1
+        stream.codec_context.bit_rate = bit_rate
+        for index, array in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24").reformat(format="yuv420p")
+            frame.pts = index
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
 
 
 def _labeled_samples(
     count: int, seed: int, split: str, with_labels: bool = True
 ) -> Iterator[tuple[str, str, bytes, dict]]:
     """`(key, "mp4", bytes, meta)` for `write_shards`: classes balanced and interleaved (labels None when unlabeled)."""
-    from bevt.data.demo_finetuning import encode_mp4
-
     rng = np.random.default_rng([seed, sum(split.encode())])
     for index in range(count):
         label = index % len(CLASS_NAMES) if with_labels else int(rng.integers(len(CLASS_NAMES)))
         key = f"{split}_{index:06d}"
         meta = {"label": label, "label_name": CLASS_NAMES[label]} if with_labels else {"label": None}
-        yield key, "mp4", encode_mp4(make_task_clip(label, rng)), {**meta, "path": f"synthetic/{key}.mp4"}
+        yield key, "mp4", encode_clip(make_task_clip(label, rng)), {**meta, "path": f"synthetic/{key}.mp4"}
 
 
 def _image_samples(count: int, seed: int, per_clip: int = 4) -> Iterator[tuple[str, str, bytes, dict]]:
@@ -225,7 +245,7 @@ def write_task_data(
     def write(split: str) -> str:
         folder = root / split
         settings = {"size": getattr(sizes, {"videos": "unlabeled_videos", "images": "unlabeled_images"}.get(split, split)),
-                    "seed": seed, "classes": list(CLASS_NAMES), "clip": [CLIP_SIZE, CLIP_FRAMES], "version": 1}  # fmt: skip
+                    "seed": seed, "classes": list(CLASS_NAMES), "clip": [CLIP_SIZE, CLIP_FRAMES], "version": 5}  # fmt: skip
         manifest = root / f"{split}.json"
         if manifest.is_file() and json.loads(manifest.read_text()) == settings and folder.is_dir():
             return str(folder)
@@ -266,9 +286,13 @@ class Run:
     status: str = "pending"  # pending, done, reused, failed, skipped
     seconds: float = 0.0
 
+    data_version: str = ""  # the data manifests: a run on regenerated data is not reused
+
     @property
     def key(self) -> str:
-        return hashlib.sha256(json.dumps([self.script, self.argv]).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps([self.script, self.argv, self.data_version]).encode()).hexdigest()[
+            :16
+        ]
 
     @property
     def marker(self) -> Path:
@@ -500,6 +524,19 @@ def plan(
     return [tokenizers, pretrainings, finetunings], layout
 
 
+def seed_major(phases: list[list[Run]], seeds: list[int]) -> list[Run]:
+    """Every run of a seed before the next seed's (a cut-off run leaves whole seeds), scratch runs of the seed first
+    (no inputs), then tokenizers, pretrainings and their fine-tunings."""
+    ordered = []
+    for seed in seeds:
+        tail = f"-s{seed}"
+        mine = [run for phase in phases for run in phase if run.name.endswith(tail)]
+        ordered += [r for r in mine if not r.needs and r.script == "run_finetuning.py"]
+        ordered += [r for r in mine if r.script != "run_finetuning.py"]
+        ordered += [r for r in mine if r.needs and r.script == "run_finetuning.py"]
+    return ordered
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Results
 # ---------------------------------------------------------------------------------------------------------------
@@ -571,7 +608,7 @@ def markdown(args: argparse.Namespace, results: dict, meta: dict) -> str:
     lines = [
         f"# Transfer benchmark ({args.split} split)",
         "",
-        f"Top-1 (%) on the {args.split} split ({meta['num_scored']} clips, 8 classes, chance 12.5), mean ± std over "
+        f"Top-1 (%) on the {args.split} split ({meta['num_scored']} clips, 6 classes, chance 16.7), mean ± std over "
         f"seeds {', '.join(map(str, args.seeds))}; {args.labels} labeled clips; {args.finetune_steps} fine-tuning / "
         f"probing steps; {args.pretrain_steps} pretraining steps; Δ = paired difference to the scratch row "
         "(same seed: same labeled subset).",
@@ -637,7 +674,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--labels", type=int, default=64, help="Labeled clips per fine-tuning (class-balanced subset)."
     )
-    p.add_argument("--targets", nargs="+", default=["tokenizer", "hog", "pixel", "random"],
+    p.add_argument("--targets", nargs="*", default=["tokenizer", "hog", "pixel", "random"],
                    choices=("tokenizer", "hog", "pixel", "random"), help="Joint-pretraining targets.")  # fmt: skip
     p.add_argument(
         "--ablation_target",
@@ -645,7 +682,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Target of the video-only / image-only ablation ('' skips it).",
     )
     p.add_argument("--tokenizer_steps", type=int, default=200)
-    p.add_argument("--pretrain_steps", type=int, default=400)
+    p.add_argument("--pretrain_steps", type=int, default=300)
     p.add_argument(
         "--finetune_steps", type=int, default=200, help="Steps of every fine-tuning and linear probe."
     )
@@ -696,6 +733,11 @@ def main(argv: list[str] | None = None) -> int:
         print("run_pretraining.py has no --target: the hog / pixel rows are not run", flush=True)
     phases, layout = plan(args, data, work, has_target)
     runs = {run.name: run for phase in phases for run in phase}
+    fingerprint = hashlib.sha256(
+        "".join(sorted((out / "data" / f"{split}.json").read_text() for split in data)).encode()
+    ).hexdigest()[:16]
+    for run in runs.values():
+        run.data_version = fingerprint
     os.environ.update(
         OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false"
     )  # for the workers
@@ -706,10 +748,18 @@ def main(argv: list[str] | None = None) -> int:
         pool = ProcessPoolExecutor(
             args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init
         )
+
+        def stop(signum: int, _frame: object) -> None:  # the workers do not outlive a killed benchmark
+            for process in list((pool._processes or {}).values()):
+                process.kill()
+            os._exit(128 + signum)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
     try:
         kinds = ("tokenizers", "pretrainings", "fine-tunings / linear probes")
         print(", ".join(f"{len(p)} {k}" for p, k in zip(phases, kinds, strict=True)), flush=True)
-        run_all([run for phase in phases for run in phase], logs, args.jobs, pool)
+        run_all(seed_major(phases, args.seeds), logs, args.jobs, pool)
     finally:
         if pool is not None:
             pool.shutdown()
