@@ -686,6 +686,10 @@ def machine() -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+class _Skip(Exception):
+    """--report_only: nothing to run."""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -722,6 +726,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="Every run a fresh `python run_*.py ...` process (default: "
         "`--jobs` worker processes call the scripts' main(argv), saving the ~10-20 s import of each run).",
+    )
+    p.add_argument(
+        "--report_only", action="store_true", help="Write the table from the finished runs; run nothing."
     )
     p.add_argument(
         "--smoke", action="store_true", help="Tiny data and budgets, one seed: checks it runs (CI)."
@@ -767,7 +774,10 @@ def main(argv: list[str] | None = None) -> int:
         OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false"
     )  # for the workers
     pool = None
-    if not args.subprocess:
+    if args.report_only:
+        for run in runs.values():
+            run.status = "reused" if run.finished_before() else "missing"
+    elif not args.subprocess:
         import multiprocessing
 
         pool = ProcessPoolExecutor(
@@ -782,9 +792,13 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
     try:
+        if args.report_only:
+            raise _Skip
         kinds = ("tokenizers", "pretrainings", "fine-tunings / linear probes")
         print(", ".join(f"{len(p)} {k}" for p, k in zip(phases, kinds, strict=True)), flush=True)
         run_all(seed_major(phases, args.seeds), logs, args.jobs, pool)
+    except _Skip:
+        pass
     finally:
         if pool is not None:
             pool.shutdown()
@@ -804,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
               "runs": {n: {"status": r.status, "seconds": r.seconds} for n, r in runs.items()}}  # fmt: skip
     (out / f"transfer_{args.split}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     print("\n" + table, flush=True)
-    failed = [name for name, run in runs.items() if run.status in ("failed", "skipped")]
+    failed = [name for name, run in runs.items() if run.status in ("failed", "skipped", "missing")]
     if failed:
         print(f"{len(failed)} runs failed or were skipped: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
