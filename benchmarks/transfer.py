@@ -407,35 +407,46 @@ def _child_env() -> dict[str, str]:
 
 
 def run_all(runs: list[Run], log_dir: Path, jobs: int, pool: ProcessPoolExecutor | None) -> None:
-    """Run every run as soon as the runs it needs have finished, `jobs` at a time, in list order among the ready
-    ones; a run whose needs failed is skipped."""
+    """Run every run, `jobs` at a time: a free slot takes the first run in list order whose needs have finished
+    (so a seed's fine-tunings go before the next seed's pretrainings); a run whose needs failed is skipped."""
     import threading
 
-    finished = {run.name: threading.Event() for run in runs}
+    pending = list(runs)
     by_name = {run.name: run for run in runs}
-    slots = threading.Semaphore(jobs)  # the subprocess mode's limit (the pool has `jobs` workers)
+    lock = threading.Condition()
 
-    def go(run: Run) -> None:
-        try:
-            for need in run.needs:
-                finished[need].wait()
-            if any(by_name[n].status in ("failed", "skipped") for n in run.needs):
-                run.status = "skipped"
-            elif pool is not None:
+    def take() -> Run | None:
+        with lock:
+            while pending:
+                for run in pending:
+                    states = [by_name[n].status for n in run.needs]
+                    if all(state in ("done", "reused", "failed", "skipped") for state in states):
+                        pending.remove(run)
+                        if any(state in ("failed", "skipped") for state in states):
+                            run.status = "skipped"
+                            print(f"  skipped {run.name} (an input failed)", flush=True)
+                            lock.notify_all()
+                            break
+                        run.status = "running"
+                        return run
+                else:
+                    lock.wait()
+            return None
+
+    def slot() -> None:
+        while (run := take()) is not None:
+            try:
                 execute(run, log_dir, pool)
-            else:
-                with slots:
-                    execute(run, log_dir, pool)
+            finally:
+                if run.status == "running":
+                    run.status = "failed"
+                with lock:
+                    lock.notify_all()
             print(f"  {run.status:7s} {run.name} ({run.seconds:.0f}s)", flush=True)
-        finally:
-            finished[run.name].set()
 
-    threads = []
-    for run in runs:  # started in order: the pool's queue follows the list among the ready runs
-        thread = threading.Thread(target=go, args=(run,), daemon=True)
+    threads = [threading.Thread(target=slot, daemon=True) for _ in range(max(1, jobs))]
+    for thread in threads:
         thread.start()
-        threads.append(thread)
-        time.sleep(0.01)
     for thread in threads:
         thread.join()
 
