@@ -115,6 +115,9 @@ def make_demo_clip(label: int, rng: np.random.Generator, size: int = 32, num_fra
     return frames
 
 
+FF_QP2LAMBDA = 118  # FFmpeg's lambda units per quantizer step (global_quality = q * FF_QP2LAMBDA)
+
+
 def encode_mp4(frames: np.ndarray, fps: int = 8) -> bytes:
     """MPEG-4 Part 2 MP4 bytes of uint8 (T, H, W, 3) frames, deterministic.
 
@@ -131,7 +134,10 @@ def encode_mp4(frames: np.ndarray, fps: int = 8) -> bytes:
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
         stream.codec_context.thread_count = 1
-        stream.options = {"qscale": "2"}  # near-lossless; fixed quantizer: no rate control
+        # Near-lossless fixed quantizer (q 2), no rate control. `qscale` is an option of the ffmpeg command line, not
+        # of the encoder: given as a codec option it was ignored and the default rate control made the last frames of
+        # a clip blocky (~24 dB PSNR at 32 px against ~33 dB with this).
+        stream.options = {"flags": "+qscale", "global_quality": str(2 * FF_QP2LAMBDA)}
         for index, array in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(array, format="rgb24").reformat(format="yuv420p")
             frame.pts = index  # without explicit timestamps the encoder output varies from run to run
