@@ -98,7 +98,7 @@ PRETRAINING_RECIPE = PretrainingRecipe(
 )
 # No data flags: a tiny model on 64 px synthetic shards, a minute on a laptop CPU, predicting normalised pixels:
 # informative targets with nothing to download (the recipe's tokenizer ids need a converted or trained tokenizer).
-# Measured on the demo (120 steps, seed 0): masked-patch R^2 0.33 (video) / 0.28 (images) for pixels; HOG stays at
+# Measured on the demo (120 steps, seed 0): masked-patch R^2 0.30 (video) / 0.23 (images) for pixels; HOG stays at
 # the mean predictor's (-0.05 / -0.04), so pixels are the demo's target (README: "Choosing the target").
 PRETRAINING_DEMO = PretrainingRecipe(
     name="demo",
