@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import math
 import os
@@ -64,6 +63,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:  # this checkout's package first (the worker processes inherit sys.path)
     sys.path.insert(0, str(ROOT / "src"))
+
+from bevt.data.demo_finetuning import MotionRanges, encode_mp4, trajectory  # noqa: E402 (after the path)
 
 CLASS_NAMES: tuple[str, ...] = (
     "moving right",
@@ -101,14 +102,14 @@ FINETUNE_FLAGS = [
     "--dataset_name", "bevt-transfer-synthetic",
 ]  # fmt: skip
 FINETUNE_LR, FINETUNE_LABEL_SMOOTHING = "1e-3", "0.1"
-PROBE_LR = "1e-2"
+PROBE_LR = "1e-2"  # BatchNorm + linear on frozen features: a larger step than full fine-tuning
 # run_tokenizer_training.py's demo recipe (the pretraining demo's tokenizer geometry: 32 px -> 4x4 ids of a 64 px input)
 TOKENIZER_FLAGS = [
     "--image_size", str(IMAGE_SIZE // 2), "--crop_scale", "0.64", "1.0", "--image_batch_size", "32",
     "--shuffle_buffer", "64", "--num_workers", "0", "--tokenizer_type", "vqgan", "--vocab_size", "64", "--width", "16",
     "--ema_decay", "0.9", "--dead_code_restart_steps", "10", "--learning_rate", "2e-3", "--weight_decay", "0.0",
     "--max_grad_norm", "1.0", "--warmup_ratio", "0.0", "--torch_threads", "1",
-]  # fmt: skip  # BatchNorm + linear on frozen features: a larger step than full fine-tuning
+]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -116,32 +117,13 @@ TOKENIZER_FLAGS = [
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _trajectory(
-    label: int, size: int, num_frames: int, rng: np.random.Generator
-) -> list[tuple[float, float, float]]:
-    """(cy, cx, radius) of the moving shape in every frame for class `label`."""
-    t = np.linspace(0.0, 1.0, num_frames)
-    if label in (0, 1, 2, 3):
-        radius = rng.uniform(0.12, 0.18) * size
-        margin = radius + 1
-        travel = rng.uniform(0.4, 0.6) * size
-        start = rng.uniform(margin, size - margin - travel)
-        across = rng.uniform(margin, size - margin)
-        along = start + travel * t
-        if label in (1, 3):
-            along = along[::-1]
-        if label in (0, 1):
-            return [(across, a, radius) for a in along]
-        return [(a, across, radius) for a in along]
-    if label in (4, 5):
-        small = rng.uniform(0.08, 0.12) * size
-        big = small * rng.uniform(2.0, 2.6)
-        radii = small + (big - small) * t
-        if label == 5:
-            radii = radii[::-1]
-        cy, cx = (rng.uniform(big + 1, size - big - 1) for _ in range(2))
-        return [(cy, cx, r) for r in radii]
-    raise ValueError(f"label must be in [0, {len(CLASS_NAMES)}), got {label!r}")
+# The task's motion: larger, longer-travelling shapes than the fine-tuning demo's; classes 1 (left) and 3 (up) run
+# backwards along their axis (CLASS_NAMES).
+TASK_MOTION = MotionRanges(
+    radius=(0.12, 0.18), travel=(0.4, 0.6), small=(0.08, 0.12), growth=(2.0, 2.6), reversed_labels=(1, 3)
+)
+# 3 Mb/s keeps every frame of these textured 72 px clips at ~29 dB (the bit rate every benchmark clip was made with).
+TASK_BIT_RATE = 3_000_000
 
 
 def _gradient_background(size: int, rng: np.random.Generator) -> np.ndarray:
@@ -185,35 +167,11 @@ def make_task_clip(
     textures = TEXTURES if TASK == "shapes" else ("flat",)
     texture = _bright_texture(textures[int(rng.integers(len(textures)))], size, rng)
     frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
-    for i, (cy, cx, radius) in enumerate(_trajectory(label, size, num_frames, rng)):
+    for i, (cy, cx, radius) in enumerate(trajectory(label, size, num_frames, rng, TASK_MOTION)):
         alpha = _shape_alpha(shape, size, cy, cx, radius)[..., None]
         frame = background * (1 - alpha) + texture * alpha
         frames[i] = np.clip(frame, 0, 255).round().astype(np.uint8)
     return frames
-
-
-def encode_clip(frames: np.ndarray, fps: int = 8, bit_rate: int = 3_000_000) -> bytes:
-    """MPEG-4 Part 2 MP4 bytes of uint8 `(T, H, W, 3)` frames at a fixed high bit rate (single-threaded, explicit
-    timestamps: deterministic bytes). `bevt.data.demo_finetuning.encode_mp4` is left to the encoder's default rate
-    control, which degrades these textured 72 px clips to ~24 dB by the last frames (blocky: the motion is lost);
-    3 Mb/s keeps every frame at ~29 dB of a noisy source."""
-    import av
-
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.codec_context.thread_count = 1
-        stream.codec_context.bit_rate = bit_rate
-        for index, array in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(array, format="rgb24").reformat(format="yuv420p")
-            frame.pts = index
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buffer.getvalue()
 
 
 def _labeled_samples(
@@ -225,7 +183,7 @@ def _labeled_samples(
         label = index % len(CLASS_NAMES) if with_labels else int(rng.integers(len(CLASS_NAMES)))
         key = f"{split}_{index:06d}"
         meta = {"label": label, "label_name": CLASS_NAMES[label]} if with_labels else {"label": None}
-        yield key, "mp4", encode_clip(make_task_clip(label, rng)), {**meta, "path": f"synthetic/{key}.mp4"}
+        yield key, "mp4", encode_mp4(make_task_clip(label, rng), bit_rate=TASK_BIT_RATE), {**meta, "path": f"synthetic/{key}.mp4"}
 
 
 def _image_samples(count: int, seed: int, per_clip: int = 4) -> Iterator[tuple[str, str, bytes, dict]]:
@@ -451,15 +409,6 @@ def run_all(runs: list[Run], log_dir: Path, jobs: int, pool: ProcessPoolExecutor
         thread.join()
 
 
-def supports_target_flag() -> bool:
-    """Whether this checkout's run_pretraining.py has `--target` (hog / pixel / tokenizer targets)."""
-    import dataclasses
-
-    from bevt.training.pretraining_arguments import PretrainingArguments
-
-    return "target" in {f.name for f in dataclasses.fields(PretrainingArguments)}
-
-
 @dataclass(frozen=True)
 class Pretraining:
     """One pretraining variant: its target and which streams' losses count."""
@@ -486,11 +435,10 @@ def pretraining_variants(targets: list[str], ablation_target: str | None) -> lis
 
 
 def plan(
-    args: argparse.Namespace, data: dict[str, str], work: Path, has_target: bool
+    args: argparse.Namespace, data: dict[str, str], work: Path
 ) -> tuple[list[list[Run]], dict]:
     """The phases of runs (tokenizers, pretrainings, fine-tunings) and the table's layout."""
     variants = pretraining_variants(args.targets, args.ablation_target)
-    unavailable = {v.name for v in variants if v.target in ("hog", "pixel") and not has_target}
     tokenizers, pretrainings, finetunings = [], [], []
     starts: dict[str, str] = {"scratch": "none (random init)"}
     for variant in variants:
@@ -504,8 +452,6 @@ def plan(
                     "--held_out_samples", str(min(64, args.sizes.unlabeled_images // 4)), *TOKENIZER_FLAGS]  # fmt: skip
             tokenizers.append(Run(f"tokenizer-s{seed}", "run_tokenizer_training.py", argv, tokenizer_dir))
         for variant in variants:
-            if variant.name in unavailable:
-                continue
             out = work / f"pretrain-{variant.name}-s{seed}"
             argv = ["--video_shards", data["videos"], "--image_shards", data["images"], "--output_dir", str(out),
                     "--seed", str(seed), "--max_train_steps", str(args.pretrain_steps), "--logging_steps",
@@ -516,8 +462,8 @@ def plan(
                 argv += ["--tokenizer_name_or_path", str(tokenizer_dir)]
                 needs.append(f"tokenizer-s{seed}")
             if variant.target == "random":
-                argv += ["--target", "tokenizer", "--random_tokenizer"] if has_target else []
-            elif has_target:
+                argv += ["--target", "tokenizer", "--random_tokenizer"]
+            else:
                 argv += ["--target", variant.target]
             if variant.streams == "video-only":
                 argv += ["--image_loss_weight", "0"]
@@ -527,8 +473,6 @@ def plan(
                 Run(f"pretrain-{variant.name}-s{seed}", "run_pretraining.py", argv, out, needs)
             )
         for start in starts:
-            if start in unavailable:
-                continue
             for protocol in ("finetune", "probe"):
                 out = work / f"{protocol}-{start}-s{seed}"
                 argv = ["--train_shards", data["train"], "--validation_shards", data[args.split], "--output_dir",
@@ -553,7 +497,7 @@ def plan(
                     argv += ["--model_name_or_path", str(work / f"pretrain-{start}-s{seed}")]
                     needs.append(f"pretrain-{start}-s{seed}")
                 finetunings.append(Run(f"{protocol}-{start}-s{seed}", "run_finetuning.py", argv, out, needs))
-    layout = {"starts": starts, "unavailable": sorted(unavailable)}
+    layout = {"starts": starts}
     return [tokenizers, pretrainings, finetunings], layout
 
 
@@ -608,7 +552,7 @@ def _cell(values: list[float], expected: int) -> str:
 def collect(args: argparse.Namespace, runs: dict[str, Run], layout: dict, work: Path) -> dict:
     rows = []
     for start, label in layout["starts"].items():
-        row = {"start": start, "pretraining": label, "available": start not in layout["unavailable"]}
+        row = {"start": start, "pretraining": label}
         for protocol in ("finetune", "probe"):
             per_seed = {s: _top1(runs.get(f"{protocol}-{start}-s{s}")) for s in args.seeds}
             row[protocol] = {"per_seed": per_seed, "values": [v for v in per_seed.values() if v is not None]}
@@ -650,11 +594,6 @@ def markdown(args: argparse.Namespace, results: dict, meta: dict) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
-        if not row["available"]:
-            lines.append(
-                f"| {row['pretraining']} | not run (`run_pretraining.py` has no `--target`) | | | | |"
-            )
-            continue
         finals = [f for f in (row.get("pretraining_final") or {}).values() if f]
         masked = "—"
         if finals:
@@ -771,10 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     data = write_task_data(
         out / f"data-{args.task}", args.sizes, ("videos", "images", "train", args.split), jobs=args.jobs
     )
-    has_target = supports_target_flag()
-    if not has_target:
-        print("run_pretraining.py has no --target: the hog / pixel rows are not run", flush=True)
-    phases, layout = plan(args, data, work, has_target)
+    phases, layout = plan(args, data, work)
     runs = {run.name: run for phase in phases for run in phase}
     fingerprint = hashlib.sha256(
         "".join(sorted((out / f"data-{args.task}" / f"{split}.json").read_text() for split in data)).encode()

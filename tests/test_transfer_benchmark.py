@@ -21,14 +21,10 @@ def test_transfer_benchmark_smoke_writes_every_row(tmp_path):
     assert starts == expected
     for row in report["rows"]:
         assert row["pretraining"] in table
-        if row["available"]:  # every run of the row finished and was scored on the eval split
-            for protocol in ("finetune", "probe"):
-                (value,) = row[protocol]["values"]
-                assert 0.0 <= value <= 1.0
-            if row["start"] != "scratch":
-                assert row["pretraining_final"]["0"] is not None  # JSON keys are strings
-    assert (
-        report["rows"][0]["available"] and report["rows"][4]["available"]
-    )  # scratch and the random tokenizer
+        for protocol in ("finetune", "probe"):  # every run of every row finished and was scored on the eval split
+            (value,) = row[protocol]["values"]
+            assert 0.0 <= value <= 1.0
+        if row["start"] != "scratch":
+            assert row["pretraining_final"]["0"] is not None  # JSON keys are strings
     assert {"psnr", "codebook_usage"} <= set(report["tokenizers"]["0"])
     assert all(run["status"] == "done" for run in report["runs"].values())

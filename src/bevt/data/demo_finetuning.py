@@ -30,9 +30,11 @@ import numpy as np
 __all__ = [
     "DEMO_LABEL_NAMES",
     "DemoShards",
+    "MotionRanges",
     "demo_samples",
     "encode_mp4",
     "make_demo_clip",
+    "trajectory",
     "write_demo_shards",
 ]
 
@@ -63,32 +65,46 @@ def _disc(height: int, width: int, cy: float, cx: float, radius: float) -> np.nd
     return np.clip(radius - dist + 0.5, 0.0, 1.0)
 
 
-def _trajectory(
-    label: int, size: int, num_frames: int, rng: np.random.Generator
+@dataclass(frozen=True)
+class MotionRanges:
+    """The random ranges of a clip's motion, as fractions of the clip size: the radius and travel of the objects that
+    move along an axis (classes 0-3), the smallest radius and the growth factor of those that grow or shrink
+    (classes 4, 5), and which of classes 0-3 run backwards along their axis."""
+
+    radius: tuple[float, float] = (0.09, 0.15)
+    travel: tuple[float, float] = (0.35, 0.55)
+    small: tuple[float, float] = (0.06, 0.1)
+    growth: tuple[float, float] = (2.2, 3.0)
+    reversed_labels: tuple[int, ...] = (1, 2)  # right-to-left and up (DEMO_LABEL_NAMES)
+
+
+def trajectory(
+    label: int, size: int, num_frames: int, rng: np.random.Generator, ranges: MotionRanges = MotionRanges()
 ) -> list[tuple[float, float, float]]:
-    """(cy, cx, radius) of the object in every frame for class `label`."""
+    """(cy, cx, radius) of the object in every frame for class `label`: classes 0/1 move horizontally, 2/3
+    vertically, 4 grows and 5 shrinks."""
     t = np.linspace(0.0, 1.0, num_frames)
     if label in (0, 1, 2, 3):
-        radius = rng.uniform(0.09, 0.15) * size
-        travel = rng.uniform(0.35, 0.55) * size
+        radius = rng.uniform(*ranges.radius) * size
+        travel = rng.uniform(*ranges.travel) * size
         margin = radius + 1
         start = rng.uniform(margin, size - margin - travel)  # along the motion axis
         across = rng.uniform(margin, size - margin)  # the other axis, constant
         along = start + travel * t
-        if label in (1, 2):  # right-to-left and up run backwards along the axis
+        if label in ranges.reversed_labels:
             along = along[::-1]
         if label in (0, 1):
             return [(across, a, radius) for a in along]
         return [(a, across, radius) for a in along]
     if label in (4, 5):
-        small = rng.uniform(0.06, 0.1) * size
-        big = small * rng.uniform(2.2, 3.0)
+        small = rng.uniform(*ranges.small) * size
+        big = small * rng.uniform(*ranges.growth)
         radii = small + (big - small) * t
         if label == 5:
             radii = radii[::-1]
         cy, cx = (rng.uniform(big + 1, size - big - 1) for _ in range(2))
         return [(cy, cx, r) for r in radii]
-    raise ValueError(f"demo label must be in [0, {len(DEMO_LABEL_NAMES)}), got {label!r}")
+    raise ValueError(f"label must be in [0, {len(DEMO_LABEL_NAMES)}), got {label!r}")
 
 
 def make_demo_clip(label: int, rng: np.random.Generator, size: int = 32, num_frames: int = 16) -> np.ndarray:
@@ -105,7 +121,7 @@ def make_demo_clip(label: int, rng: np.random.Generator, size: int = 32, num_fra
     side = int(rng.integers(3, max(4, size // 6)))
     dy, dx = (int(rng.integers(0, size - side)) for _ in range(2))
     frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
-    for i, (cy, cx, radius) in enumerate(_trajectory(label, size, num_frames, rng)):
+    for i, (cy, cx, radius) in enumerate(trajectory(label, size, num_frames, rng)):
         frame = np.broadcast_to(background, (size, size, 3)).copy()
         frame += rng.normal(0.0, 6.0, size=(size, size, 1))
         frame[dy : dy + side, dx : dx + side] = distractor
@@ -118,8 +134,9 @@ def make_demo_clip(label: int, rng: np.random.Generator, size: int = 32, num_fra
 FF_QP2LAMBDA = 118  # FFmpeg's lambda units per quantizer step (global_quality = q * FF_QP2LAMBDA)
 
 
-def encode_mp4(frames: np.ndarray, fps: int = 8) -> bytes:
-    """MPEG-4 Part 2 MP4 bytes of uint8 (T, H, W, 3) frames, deterministic.
+def encode_mp4(frames: np.ndarray, fps: int = 8, bit_rate: int | None = None) -> bytes:
+    """MPEG-4 Part 2 MP4 bytes of uint8 (T, H, W, 3) frames, deterministic: near-lossless (a fixed quantizer), or
+    at `bit_rate` bits/s when given.
 
     FFmpeg's own `mpeg4` encoder, single-threaded with explicit timestamps, gives the same bytes on every run;
     libx264 in the PyAV wheel was measured to vary (even in decoded pixels) on a loaded machine.
@@ -134,10 +151,13 @@ def encode_mp4(frames: np.ndarray, fps: int = 8) -> bytes:
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
         stream.codec_context.thread_count = 1
-        # Near-lossless fixed quantizer (q 2), no rate control. `qscale` is an option of the ffmpeg command line, not
-        # of the encoder: given as a codec option it was ignored and the default rate control made the last frames of
-        # a clip blocky (~24 dB PSNR at 32 px against ~33 dB with this).
-        stream.options = {"flags": "+qscale", "global_quality": str(2 * FF_QP2LAMBDA)}
+        if bit_rate is not None:
+            stream.codec_context.bit_rate = bit_rate
+        else:
+            # Near-lossless fixed quantizer (q 2), no rate control. `qscale` is an option of the ffmpeg command line,
+            # not of the encoder: given as a codec option it was ignored and the default rate control made the last
+            # frames of a clip blocky (~24 dB PSNR at 32 px against ~33 dB with this).
+            stream.options = {"flags": "+qscale", "global_quality": str(2 * FF_QP2LAMBDA)}
         for index, array in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(array, format="rgb24").reformat(format="yuv420p")
             frame.pts = index  # without explicit timestamps the encoder output varies from run to run
