@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("BEVT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -24,6 +25,22 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "videos").is_dir():
         pytest.skip(f"real test media not found at {SHARED_DATA} (set BEVT_SHARED_DATA)")
     return SHARED_DATA
+
+
+# The three training scripts imported as modules (without running main), once per test module.
+@pytest.fixture(scope="module")
+def pretraining():
+    return load_script("run_pretraining.py")
+
+
+@pytest.fixture(scope="module")
+def finetuning():
+    return load_script("run_finetuning.py")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_training():
+    return load_script("run_tokenizer_training.py")
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import load_script
 
 from bevt.pretraining import PretrainingDataConfig
 from bevt.training.arguments import MASKED, BEVTArgumentParser, UsageError, save_training_args, tracker_config
@@ -22,16 +21,6 @@ from bevt.training.runtime import run_script
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "hf_NotARealTokenButSecret1234567890"
-
-
-@pytest.fixture(scope="module")
-def pretraining():
-    return load_script("run_pretraining.py")
-
-
-@pytest.fixture(scope="module")
-def finetuning():
-    return load_script("run_finetuning.py")
 
 
 def test_yaml_config_gives_typed_values_and_flags_override_it(pretraining, tmp_path):

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate import PartialState
-from helpers import load_script
 from safetensors.torch import save_file
 from test_shards import encode_jpeg
 
@@ -22,21 +21,6 @@ from bevt.data.make_shards import main as make_shards_main
 from bevt.finetuning import dataset_name_from_shards
 from bevt.modelcard import card_source
 from bevt.training.arguments import UsageError, load_error, missing_folder_reason
-
-
-@pytest.fixture(scope="module")
-def pretraining():
-    return load_script("run_pretraining.py")
-
-
-@pytest.fixture(scope="module")
-def finetuning():
-    return load_script("run_finetuning.py")
-
-
-@pytest.fixture(scope="module")
-def tokenizer_training():
-    return load_script("run_tokenizer_training.py")
 
 
 @pytest.fixture(scope="module")

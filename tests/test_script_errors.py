@@ -16,7 +16,6 @@ import pytest
 import torch
 import yaml
 from accelerate import PartialState
-from helpers import load_script
 from test_shards import encode_jpeg
 
 from bevt import BEVTConfig, BEVTForVideoClassification, BEVTVisualTokenizer
@@ -24,16 +23,6 @@ from bevt.configuration_tokenizer import BEVTVisualTokenizerConfig
 from bevt.data.shards import write_shards
 from bevt.training.arguments import UsageError
 from bevt.training.checkpoints import CheckpointManager
-
-
-@pytest.fixture(scope="module")
-def finetuning():
-    return load_script("run_finetuning.py")
-
-
-@pytest.fixture(scope="module")
-def pretraining():
-    return load_script("run_pretraining.py")
 
 
 @pytest.fixture(scope="module")
