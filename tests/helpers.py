@@ -37,3 +37,19 @@ class HostilePayload:
         if self.kind == "os.system":
             return os.system, (f"touch '{self.marker}'",)
         return builtins.eval, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+def tiny_pretraining_inputs() -> dict:
+    """Seeded `BEVTForMaskedVideoModeling` inputs for the `test` preset (64 px, 8 frames, 64 ids): 2 videos with tube
+    masks and token labels `(2, 8, 4, 4)`, 3 images with block masks and labels `(3, 4, 4)`."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return {
+        "pixel_values": torch.randn(2, 8, 3, 64, 64, generator=g),
+        "bool_masked_pos": torch.rand(2, 4, 4, 4, generator=g) < 0.5,
+        "labels": torch.randint(0, 64, (2, 8, 4, 4), generator=g),
+        "image_pixel_values": torch.randn(3, 3, 64, 64, generator=g),
+        "image_bool_masked_pos": torch.rand(3, 4, 4, generator=g) < 0.5,
+        "image_labels": torch.randint(0, 64, (3, 4, 4), generator=g),
+    }

@@ -10,6 +10,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from helpers import tiny_pretraining_inputs  # noqa: E402
 from reference_bevt import reference_pretraining_loss  # noqa: E402
 
 from bevt import BEVTConfig, BEVTForMaskedVideoModeling  # noqa: E402
@@ -21,15 +22,7 @@ def test_reference_matches_model_loss_and_gradients():
     for name, p in model.named_parameters():
         if "relative_position_bias_table" in name:
             p.data.normal_(std=1.0)
-    g = torch.Generator().manual_seed(0)
-    inputs = {
-        "pixel_values": torch.randn(2, 8, 3, 64, 64, generator=g),
-        "bool_masked_pos": torch.rand(2, 4, 4, 4, generator=g) < 0.5,
-        "labels": torch.randint(0, 64, (2, 8, 4, 4), generator=g),
-        "image_pixel_values": torch.randn(3, 3, 64, 64, generator=g),
-        "image_bool_masked_pos": torch.rand(3, 4, 4, generator=g) < 0.5,
-        "image_labels": torch.randint(0, 64, (3, 4, 4), generator=g),
-    }
+    inputs = tiny_pretraining_inputs()
     ours = model(**inputs, return_logits=True)
     ours.loss.backward()
     ours_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

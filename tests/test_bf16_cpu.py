@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_pretraining_inputs
 
 from bevt import BEVTConfig, BEVTForMaskedVideoModeling
 
@@ -34,18 +35,6 @@ def _model(attn: str) -> BEVTForMaskedVideoModeling:
         if "relative_position_bias_table" in name:
             param.data.normal_(std=1.0)  # non-trivial bias: its gradient path matters
     return model
-
-
-def _inputs() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {
-        "pixel_values": torch.randn(2, 8, 3, 64, 64, generator=g),
-        "bool_masked_pos": torch.rand(2, 4, 4, 4, generator=g) < 0.5,
-        "labels": torch.randint(0, 64, (2, 8, 4, 4), generator=g),
-        "image_pixel_values": torch.randn(3, 3, 64, 64, generator=g),
-        "image_bool_masked_pos": torch.rand(3, 4, 4, generator=g) < 0.5,
-        "image_labels": torch.randint(0, 64, (3, 4, 4), generator=g),
-    }
 
 
 def _graph_functions(loss: torch.Tensor) -> set[str]:
@@ -87,7 +76,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_bf16_autocast_step_matches_fp32_within_bf16_tolerance(attn, mode):
     torch.set_num_threads(1)
     model = _model(attn).train(mode == "train")
-    inputs = _inputs()
+    inputs = tiny_pretraining_inputs()
     loss32, grads32, fused32 = _step(model, inputs, bf16=False)
     loss16, grads16, fused16 = _step(model, inputs, bf16=True)
     loss_plain, grads_plain, fused_plain = _step(model, inputs, bf16=True, plain=True)
@@ -114,7 +103,7 @@ def test_bf16_autocast_inference_matches_fp32(attn):
     """Inference under autocast (no autograd: SDPA's fused CPU kernel with a bf16 mask, oneDNN bf16 linears)."""
     torch.set_num_threads(1)
     model = _model(attn).eval()
-    inputs = _inputs()
+    inputs = tiny_pretraining_inputs()
     with torch.no_grad():
         want = model(**inputs, return_logits=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -146,7 +135,7 @@ def test_accelerate_bf16_autocasts_on_cpu(fresh_accelerate_state):
     accelerator = Accelerator(cpu=True, mixed_precision="bf16")
     assert accelerator.device.type == "cpu" and accelerator.mixed_precision == "bf16"
     model = _model("sdpa").train()
-    inputs = _inputs()
+    inputs = tiny_pretraining_inputs()
     _, grads32, _ = _step(model, inputs, bf16=False)
     prepared = accelerator.prepare(model)
     seen = []
