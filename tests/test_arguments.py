@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from bevt.pretraining import PretrainingDataConfig
@@ -109,10 +110,17 @@ def test_diving48_is_the_ssv2_recipe_for_48_classes(finetuning):
 def test_pretraining_data_settings_come_from_one_config(pretraining):
     recipe = pretraining.parse_args(["--image_shards", "i.tar", "--video_shards", "v.tar"])
     assert recipe.data_config() == PretrainingDataConfig(tokenizer_size=112)
-    demo = pretraining.parse_args(["--flip_prob", "0.25"]).data_config()
+    demo = pretraining.parse_args(["--flip_prob", "0.25", "--target", "tokenizer", "--random_tokenizer"]).data_config()
     assert (demo.image_size, demo.num_frames, demo.tokenizer_input_size, demo.flip_prob) == (64, 8, 32, 0.25)
     transform = demo.video_transform()
     assert (transform.image_size, transform.flip_prob, transform.tokenizer_size) == (64, 0.25, 32)
+    # HOG / pixel targets read the model input: the workers make no half-size tokenizer copy of the frames
+    for target in ("pixel", "hog"):
+        config = pretraining.parse_args(["--target", target]).data_config()
+        assert config.tokenizer_input_size == 0
+        sample = config.video_transform()(torch.zeros(8, 72, 72, 3, dtype=torch.uint8))
+        assert set(sample) == {"pixel_values"}
+    assert pretraining.parse_args([]).data_config().tokenizer_input_size == 0  # the demo's default: pixel
     tube, block = demo.mask_generators()
     assert block.shape == (4, 4) and tube.shape == (4, 4, 4)
 

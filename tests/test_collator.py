@@ -74,6 +74,29 @@ def test_single_stream_batches():
     }
 
 
+def test_batches_without_tokenizer_copies():
+    """Transforms built with tokenizer_size=0 (HOG / pixel targets) give batches without the tokenizer keys; a
+    tokenizer target then names what is missing instead of failing on a KeyError."""
+    from bevt.pretraining import model_inputs
+    from bevt.targets import PatchTargets
+
+    def bare(sample: dict) -> dict:
+        return {k: v for k, v in sample.items() if k != "tokenizer_pixel_values"}
+
+    batch = _collator()([bare(_video(1)), bare(_image(2))])
+    assert set(batch) == {"pixel_values", "bool_masked_pos", "image_pixel_values", "image_bool_masked_pos"}
+    inputs = model_inputs(batch, PatchTargets("pixel", patch_size=16), "cpu")
+    assert inputs["labels"].shape == (1, T, S // 16, S // 16, 768)
+    assert inputs["image_labels"].shape == (1, S // 16, S // 16, 768)
+
+    class Tokenizer:
+        def get_codebook_indices(self, pixels):  # pragma: no cover - never reached
+            raise AssertionError
+
+    with pytest.raises(ValueError, match="no tokenizer_pixel_values for the tokenizer targets"):
+        model_inputs(batch, Tokenizer(), "cpu")
+
+
 def test_masks_follow_the_sample_seed():
     a = _collator(seed=0)([_video(11), _video(12), _image(13)])
     b = _collator(seed=99)([_video(12), _video(11), _image(13)])  # another collator, order swapped
@@ -100,8 +123,8 @@ def test_collator_errors():
         BEVTPretrainingCollator()([_image()])  # default 14x14 masks vs 64-pixel images
     with pytest.raises(ValueError, match="different 'pixel_values' shapes"):
         _collator()([_video(), {**_video(), "pixel_values": torch.randn(T, 3, 32, 32)}])
-    with pytest.raises(ValueError, match="lacks 'tokenizer_pixel_values'"):
-        _collator()([{"pixel_values": torch.randn(3, S, S)}])
+    with pytest.raises(ValueError, match="image sample 1 lacks 'tokenizer_pixel_values' while others"):
+        _collator()([_image(), {"pixel_values": torch.randn(3, S, S)}])
     with pytest.raises(ValueError, match="must be"):
         _collator()([{"pixel_values": torch.randn(S, S)}])
 

@@ -133,6 +133,18 @@ def test_pretraining_video_transform_flip_and_determinism():
     assert not torch.equal(a["pixel_values"], other["pixel_values"])
 
 
+def test_no_tokenizer_copy_leaves_the_model_input_unchanged():
+    clip, image = _clip(), _clip(1)[0]
+    kwargs = dict(image_size=32, scale_range=(40, 48))
+    for cls, x in ((PretrainingVideoTransform, clip), (PretrainingImageTransform, image)):
+        full = cls(**kwargs)(x, generator=torch.Generator().manual_seed(3))
+        bare = cls(tokenizer_size=0, **kwargs)(x, generator=torch.Generator().manual_seed(3))
+        assert set(full) == {"pixel_values", "tokenizer_pixel_values"} and set(bare) == {"pixel_values"}
+        assert torch.equal(full["pixel_values"], bare["pixel_values"])  # same draws, same crop
+    with pytest.raises(ValueError, match=r"tokenizer_size must be in \[0, image_size\]"):
+        PretrainingVideoTransform(image_size=32, scale_range=(40, 48), tokenizer_size=-1)
+
+
 def test_tokenizer_view_is_lanczos_of_the_crop():
     clip = _clip(2, 48, 48)
     transform = PretrainingVideoTransform(image_size=48, scale_range=(48, 48), flip_prob=0.0)  # crop == input

@@ -81,7 +81,8 @@ class PretrainingDataConfig:
         image_size: crop size `S` (a multiple of 32); the mask grid is `S // 16`.
         num_frames, frame_interval: dense clip sampling (`num_frames` even: patches span 2 frames).
         scale_range: random short-side rescale range before the crop (`image_size <= low <= high`).
-        tokenizer_size: the tokenizer's input size (None: `image_size // 2`, one token per 16-px patch).
+        tokenizer_size: the tokenizer's input size (None: `image_size // 2`, one token per 16-px patch; 0: no
+            tokenizer copy of the frames, for HOG / pixel targets, which read the model input).
         flip_prob: horizontal flip probability (videos and images).
         color_jitter: brightness / contrast / saturation jitter of images.
         mask_ratio, min_mask_patches, tube_range: see `build_mask_generators`.
@@ -283,6 +284,11 @@ def model_inputs(
         inputs[f"{prefix}pixel_values"] = pixels
         inputs[f"{prefix}bool_masked_pos"] = batch[f"{prefix}bool_masked_pos"].to(device, non_blocking=True)
         if tokenizer:
+            if f"{prefix}tokenizer_pixel_values" not in batch:
+                raise ValueError(
+                    f"the batch has no {prefix}tokenizer_pixel_values for the tokenizer targets: its data was built "
+                    "with tokenizer_size=0 (no tokenizer copy)"
+                )
             tokenizer_pixels = batch[f"{prefix}tokenizer_pixel_values"].to(device, non_blocking=True)
             inputs[f"{prefix}labels"] = targets.get_codebook_indices(tokenizer_pixels)
         else:

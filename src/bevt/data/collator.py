@@ -10,7 +10,8 @@ Batch contract (``S`` = crop size, ``S_tok`` = tokenizer input size, ``(T2, h, w
     image_bool_masked_pos         bool    (Bi, h, w)             block masks
     image_tokenizer_pixel_values  float32 (Bi, 3, S_tok, S_tok)  in [0, 1]
 
-A stream's keys are present only when the batch holds samples of it. Samples come from
+A stream's keys are present only when the batch holds samples of it; the tokenizer keys only when the samples
+carry a tokenizer copy (transforms built with ``tokenizer_size=0`` make none: HOG / pixel targets). Samples come from
 :class:`bevt.data.transforms.PretrainingVideoTransform` (``pixel_values`` 4-D) and
 :class:`bevt.data.transforms.PretrainingImageTransform` (3-D); a list may mix both, or the training loop calls
 the collator once per stream and merges the dicts.
@@ -90,9 +91,13 @@ class BEVTPretrainingCollator:
 
     def _collate_stream(
         self, samples: Sequence[Mapping[str, Any]], generator: Any, stream: str
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         pixels = self._stack(samples, "pixel_values", stream)
-        tokenizer = self._stack(samples, "tokenizer_pixel_values", stream)
+        with_tokenizer = ["tokenizer_pixel_values" in s for s in samples]
+        if any(with_tokenizer) and not all(with_tokenizer):
+            missing = next(s.get("__key__", i) for i, s in enumerate(samples) if "tokenizer_pixel_values" not in s)
+            raise ValueError(f"{stream} sample {missing} lacks 'tokenizer_pixel_values' while others in its batch have it")
+        tokenizer = self._stack(samples, "tokenizer_pixel_values", stream) if all(with_tokenizer) else None
         masks = torch.stack([self._mask(s, generator, stream) for s in samples])
         # The mask grid must tile the pixels: (T2, h, w) over (T, S, S) for videos, (h, w) over (S, S) for images.
         pixel_grid = (pixels.shape[1], *pixels.shape[-2:]) if stream == "video" else tuple(pixels.shape[-2:])
@@ -125,10 +130,12 @@ class BEVTPretrainingCollator:
         batch: dict[str, torch.Tensor] = {}
         if videos:
             pixels, masks, tokenizer = self._collate_stream(videos, self.mask_generator, "video")
-            batch.update(pixel_values=pixels, bool_masked_pos=masks, tokenizer_pixel_values=tokenizer)
+            batch.update(pixel_values=pixels, bool_masked_pos=masks)
+            if tokenizer is not None:
+                batch["tokenizer_pixel_values"] = tokenizer
         if images:
             pixels, masks, tokenizer = self._collate_stream(images, self.image_mask_generator, "image")
-            batch.update(
-                image_pixel_values=pixels, image_bool_masked_pos=masks, image_tokenizer_pixel_values=tokenizer
-            )
+            batch.update(image_pixel_values=pixels, image_bool_masked_pos=masks)
+            if tokenizer is not None:
+                batch["image_tokenizer_pixel_values"] = tokenizer
         return batch

@@ -212,7 +212,8 @@ _CACHE_BLOCK_FRAMES = 4
 def _model_and_tokenizer_views(
     crop: torch.Tensor, tokenizer_size: int, mean: Sequence[float], std: Sequence[float]
 ) -> dict[str, torch.Tensor]:
-    """uint8 crop ``(N, 3, S, S)`` -> the normalised model input and the tokenizer copy.
+    """uint8 crop ``(N, 3, S, S)`` -> the normalised model input and the tokenizer copy (none when
+    ``tokenizer_size`` is 0: HOG / pixel targets are computed from the model input).
 
     Both come from one float conversion of the crop, written straight into the output. The work runs in blocks
     of a few frames: each block's float pixels are read by ~20 elementwise passes (Lanczos taps, normalisation),
@@ -220,13 +221,18 @@ def _model_and_tokenizer_views(
     more when other processes compete for memory bandwidth).
     """
     pixels = torch.empty(crop.shape, dtype=torch.float32)
-    tokens = torch.empty((*crop.shape[:-2], tokenizer_size, tokenizer_size), dtype=torch.float32)
+    tokens = None
+    if tokenizer_size:
+        tokens = torch.empty((*crop.shape[:-2], tokenizer_size, tokenizer_size), dtype=torch.float32)
     for start in range(0, crop.shape[0], _CACHE_BLOCK_FRAMES):
         block = slice(start, start + _CACHE_BLOCK_FRAMES)
         x = pixels[block]
         x.copy_(crop[block])  # uint8 -> float32, contiguous
-        tokens[block] = _tokenizer_view(x, tokenizer_size)  # reads x
+        if tokens is not None:
+            tokens[block] = _tokenizer_view(x, tokenizer_size)  # reads x
         _normalize_(x, mean, std)  # in place: x is the model input now
+    if tokens is None:
+        return {"pixel_values": pixels}
     return {"pixel_values": pixels, "tokenizer_pixel_values": tokens}
 
 
@@ -252,12 +258,14 @@ class PretrainingVideoTransform:
     Args:
         image_size: crop size ``S`` (model input); the mask grid is ``S // 16``.
         scale_range: inclusive short-side range; its low end must be >= ``image_size``.
-        tokenizer_size: tokenizer input size (``S // 2`` by default).
+        tokenizer_size: tokenizer input size (``S // 2`` by default; 0: no tokenizer copy, for HOG / pixel
+            targets).
         flip_prob: horizontal flip probability.
         mean, std: normalisation of ``pixel_values`` (ImageNet by default).
 
     Call: ``transform(frames uint8 (T, H, W, 3), generator=None) -> dict`` with ``pixel_values`` float32
-    ``(T, 3, S, S)`` and ``tokenizer_pixel_values`` float32 in ``[0, 1]`` ``(T, 3, S_tok, S_tok)``.
+    ``(T, 3, S, S)`` and (unless ``tokenizer_size`` is 0) ``tokenizer_pixel_values`` float32 in ``[0, 1]``
+    ``(T, 3, S_tok, S_tok)``.
     """
 
     def __init__(
@@ -282,8 +290,10 @@ class PretrainingVideoTransform:
         self.image_size = int(image_size)
         self.scale_range = (low, high)
         self.tokenizer_size = int(tokenizer_size) if tokenizer_size is not None else self.image_size // 2
-        if not 1 <= self.tokenizer_size <= self.image_size:
-            raise ValueError(f"tokenizer_size must be in [1, image_size], got {self.tokenizer_size}")
+        if not 0 <= self.tokenizer_size <= self.image_size:
+            raise ValueError(
+                f"tokenizer_size must be in [0, image_size] (0: no tokenizer copy), got {self.tokenizer_size}"
+            )
         self.flip_prob = float(flip_prob)
         self.mean = tuple(mean)
         self.std = tuple(std)

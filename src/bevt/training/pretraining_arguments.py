@@ -383,8 +383,12 @@ class PretrainingArguments(
             check_local_source("--tokenizer_name_or_path", self.tokenizer_name_or_path)
 
     def data_config(self) -> PretrainingDataConfig:
-        """The resolved data settings."""
-        return PretrainingDataConfig.from_values(self)
+        """The resolved data settings: no tokenizer copy of the frames unless the targets come from a tokenizer
+        (HOG / pixel targets are computed from the model input)."""
+        config = PretrainingDataConfig.from_values(self)
+        if getattr(self, "target", "tokenizer") != "tokenizer":
+            config = dataclasses.replace(config, tokenizer_size=0)
+        return config
 
 
 def parse_config_overrides(text: str | None) -> dict[str, Any]:
