@@ -35,7 +35,7 @@ from accelerate.utils import set_seed
 
 from bevt import BEVTConfig, BEVTForMaskedVideoModeling
 from bevt.modeling_tokenizer import BEVTVisualTokenizer
-from bevt.pretraining import PretrainingData, model_inputs, random_tokenizer
+from bevt.pretraining import PretrainingData, inflate_video_patch_embedding, model_inputs, random_tokenizer
 from bevt.targets import PatchTargets
 from bevt.training import (
     BEVTArgumentParser,
@@ -338,6 +338,16 @@ def save_final_model(
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     state_dict = accelerator.get_state_dict(model)  # gathers FSDP / DeepSpeed shards
+    if state_dict and (args.stage == "image" or args.video_loss_weight == 0):  # empty on non-main FSDP ranks
+        # The video patch embedding got no gradient: make it from the image one (as stage 2 starts officially)
+        state_dict = inflate_video_patch_embedding(state_dict)
+        logger.info(
+            "No video loss trained the video patch embedding (Conv3d): saved it inflated from the trained image "
+            "one (Conv2d weight repeated over the %d-frame temporal patch / %d, bias and norm copied), as the "
+            "official code initialises stage 2 from stage 1",
+            unwrapped.config.patch_size[0],
+            unwrapped.config.patch_size[0],
+        )
     unwrapped.save_pretrained(
         args.output_dir,
         is_main_process=accelerator.is_main_process,

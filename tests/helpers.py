@@ -3,6 +3,7 @@
 import builtins
 import importlib.util
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -53,3 +54,17 @@ def tiny_pretraining_inputs() -> dict:
         "image_bool_masked_pos": torch.rand(3, 4, 4, generator=g) < 0.5,
         "image_labels": torch.randint(0, 64, (3, 4, 4), generator=g),
     }
+
+
+def run_in_process(script: ModuleType, output_dir: Path, args: list[str], demo_data: Path | None = None) -> int:
+    """`script.main(["--output_dir", output_dir, *args])` in this process (no interpreter start-up), with the demo
+    shards copied to `<output_dir>/demo_data` (where the scripts find them), restoring torch's thread count."""
+    import torch
+
+    if demo_data is not None and not (output_dir / "demo_data").exists():
+        shutil.copytree(demo_data, output_dir / "demo_data")
+    threads = torch.get_num_threads()
+    try:
+        return script.main(["--output_dir", str(output_dir), *args])
+    finally:
+        torch.set_num_threads(threads)

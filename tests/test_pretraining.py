@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import free_port, load_script  # noqa: E402
+from helpers import free_port, load_script, run_in_process  # noqa: E402
 from safetensors.torch import load_file
 
 from bevt import BEVTConfig, BEVTForMaskedVideoModeling
@@ -25,6 +25,7 @@ from bevt.pretraining import (
     PretrainingData,
     PretrainingDataConfig,
     build_mask_generators,
+    inflate_video_patch_embedding,
     model_inputs,
     random_tokenizer,
 )
@@ -586,3 +587,32 @@ def test_torch_compile_flag_trains_like_eager(tmp_path, demo_data):
     assert first[1]["final_window"]["loss"] < first[1]["first"]["loss"]
     saved = load_file(tmp_path / "compiled" / "model.safetensors")
     assert saved.keys() == load_file(tmp_path / "eager" / "model.safetensors").keys()
+
+
+def test_inflate_video_patch_embedding_embeds_a_still_clip_like_its_frame():
+    model = BEVTForMaskedVideoModeling(BEVTConfig.from_preset("test")).eval()
+    inflated = inflate_video_patch_embedding(model.state_dict())
+    model.load_state_dict(inflated)
+    embeddings = model.bevt.embeddings.patch_embeddings
+    frame = torch.randn(2, 3, 64, 64)
+    still = frame[:, :, None].repeat(1, 1, 2, 1, 1)  # (B, C, T=2, H, W): one temporal patch of identical frames
+    with torch.no_grad():
+        torch.testing.assert_close(embeddings(still)[:, 0], embeddings(frame), atol=1e-5, rtol=1e-5)
+    key = "bevt.embeddings.patch_embeddings."
+    assert torch.equal(inflated[key + "norm.weight"], inflated[key + "image_norm.weight"])
+    assert all(torch.equal(inflated[k], v) for k, v in model.state_dict().items() if "patch_embeddings" not in k)
+
+
+@pytest.mark.slow
+def test_image_only_training_saves_an_inflated_video_patch_embedding(tmp_path, demo_data, script):
+    """`--stage image` (and a zero video loss weight) never train the Conv3d patch embedding: the saved folder has
+    it made from the trained Conv2d one, so stage 2 and video fine-tuning do not start from random embeddings."""
+    out = tmp_path / "stage1"
+    args = ["--stage", "image", "--max_train_steps", "2", "--image_batch_size", "4", "--checkpointing_steps", "0"]
+    assert run_in_process(script, out, args, demo_data) == 0
+    saved = load_file(out / "model.safetensors")
+    key = "bevt.embeddings.patch_embeddings."
+    expected = inflate_video_patch_embedding(saved)
+    assert all(torch.equal(saved[key + k], expected[key + k]) for k in ("projection.weight", "norm.bias"))
+    initial = BEVTForMaskedVideoModeling(BEVTConfig.from_pretrained(out)).state_dict()  # any random init differs
+    assert not torch.equal(saved[key + "projection.weight"], initial[key + "projection.weight"])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_script
+from helpers import load_script, run_in_process
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -50,17 +50,6 @@ def run(
 @pytest.fixture(scope="module")
 def script():
     return load_script("run_tokenizer_training.py")
-
-
-def run_in_process(script, output_dir: Path, args: list[str], demo_data: Path | None = None) -> int:
-    """`script.main(args)` in this process (no interpreter start-up), restoring torch's thread count."""
-    if demo_data is not None and not (output_dir / "demo_data").exists():
-        shutil.copytree(demo_data, output_dir / "demo_data")
-    threads = torch.get_num_threads()
-    try:
-        return script.main(["--output_dir", str(output_dir), *args])
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,7 @@ __all__ = [
     "PretrainingDataConfig",
     "build_mask_generators",
     "calibration_images",
+    "inflate_video_patch_embedding",
     "model_inputs",
     "random_tokenizer",
 ]
@@ -294,6 +295,33 @@ def model_inputs(
         else:
             inputs[f"{prefix}labels"] = targets(pixels)
     return inputs
+
+
+_PATCH_EMBEDDINGS = "bevt.embeddings.patch_embeddings."
+
+
+def inflate_video_patch_embedding(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A `BEVTForMaskedVideoModeling` state dict trained on images only (`--stage image`, or a video loss weight of
+    0) -> the same with the video patch embedding (Conv3d + LayerNorm, never trained: no video loss reached it) made
+    from the trained image one as the official code initialises stage 2 from stage 1: the Conv2d weight repeated
+    over the temporal kernel and divided by its size (a clip of identical frames embeds like the frame), bias and
+    norm copied. Without it a video model (stage 2, or fine-tuning) would feed random patch embeddings to blocks
+    trained on the image ones."""
+    from .conversion_swin import inflate_patch_embedding
+
+    out = dict(state_dict)
+    video_weight = out[_PATCH_EMBEDDINGS + "projection.weight"]
+    image_weight = out[_PATCH_EMBEDDINGS + "image_projection.weight"]
+    inflated = inflate_patch_embedding(image_weight, video_weight.shape[2])
+    out[_PATCH_EMBEDDINGS + "projection.weight"] = inflated.to(video_weight.dtype)
+    for video_key, image_key in (
+        ("projection.bias", "image_projection.bias"),
+        ("norm.weight", "image_norm.weight"),
+        ("norm.bias", "image_norm.bias"),
+    ):
+        if _PATCH_EMBEDDINGS + image_key in out:
+            out[_PATCH_EMBEDDINGS + video_key] = out[_PATCH_EMBEDDINGS + image_key].clone()
+    return out
 
 
 def calibration_images(size: int, count: int = 64, seed: int = 0) -> torch.Tensor:
