@@ -172,6 +172,9 @@ def build_model(
             )
     model.config.video_loss_weight = args.video_loss_weight
     model.config.image_loss_weight = args.image_loss_weight
+    if args.freeze_video_patch_embedding:
+        model.bevt.embeddings.patch_embeddings.projection.requires_grad_(False)
+        logger.info("The video patch embedding (Conv3d) stays at its initial weights (--freeze_video_patch_embedding)")
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
     return model
@@ -338,7 +341,8 @@ def save_final_model(
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     state_dict = accelerator.get_state_dict(model)  # gathers FSDP / DeepSpeed shards
-    if state_dict and (args.stage == "image" or args.video_loss_weight == 0):  # empty on non-main FSDP ranks
+    video_trained = args.stage == "joint" and args.video_loss_weight > 0
+    if state_dict and not video_trained and not args.freeze_video_patch_embedding:  # empty on non-main FSDP ranks
         # The video patch embedding got no gradient: make it from the image one (as stage 2 starts officially)
         state_dict = inflate_video_patch_embedding(state_dict)
         logger.info(

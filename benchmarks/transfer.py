@@ -2,7 +2,7 @@
 """What BEVT pretraining buys at small scale: pretrain on unlabeled clips (+ images), fine-tune / linear-probe with
 few labels, against scratch at equal fine-tuning steps, on a held-out synthetic temporal task. CPU, one command.
 
-    python benchmarks/transfer.py                          # the default budget (~30 min on 2 cores)
+    python benchmarks/transfer.py                          # the default budget (~45 min on 2 cores, ~12 on 8)
     python benchmarks/transfer.py --split dev              # the same runs scored on the dev split (for tuning)
     python benchmarks/transfer.py --smoke                  # a tiny end-to-end run (CI)
 
@@ -659,9 +659,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Target of the video-only / image-only ablation ('' skips it).",
     )
     p.add_argument("--tokenizer_steps", type=int, default=100)
-    p.add_argument("--pretrain_steps", type=int, default=150)
+    p.add_argument("--pretrain_steps", type=int, default=600)
     p.add_argument(
-        "--finetune_steps", type=int, default=120, help="Steps of every fine-tuning and linear probe."
+        "--finetune_steps", type=int, default=300, help="Steps of every fine-tuning and linear probe."
     )
     p.add_argument("--finetune_lr", default=FINETUNE_LR)
     p.add_argument("--probe_lr", default=PROBE_LR)
@@ -670,7 +670,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--finetune_extra", default="", help="More run_finetuning.py flags for the fine-tunings.")
     p.add_argument("--probe_extra", default="", help="More run_finetuning.py flags for the linear probes.")
-    p.add_argument("--jobs", type=int, default=2, help="Runs at a time (each on one thread).")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1),
+        help="Runs at a time, each on one thread (default: one per CPU this process may use).",
+    )
     p.add_argument(
         "--subprocess",
         action="store_true",

@@ -616,3 +616,20 @@ def test_image_only_training_saves_an_inflated_video_patch_embedding(tmp_path, d
     assert all(torch.equal(saved[key + k], expected[key + k]) for k in ("projection.weight", "norm.bias"))
     initial = BEVTForMaskedVideoModeling(BEVTConfig.from_pretrained(out)).state_dict()  # any random init differs
     assert not torch.equal(saved[key + "projection.weight"], initial[key + "projection.weight"])
+
+
+@pytest.mark.slow
+def test_freeze_video_patch_embedding_keeps_the_conv3d_and_trains_the_rest(
+    tmp_path, demo_data, script, tiny_pretrained_folder
+):
+    out = tmp_path / "frozen"
+    args = ["--model_name_or_path", str(tiny_pretrained_folder), "--random_tokenizer", "--freeze_video_patch_embedding",
+            "--max_train_steps", "2", "--video_batch_size", "2", "--image_batch_size", "4", "--checkpointing_steps", "0"]  # fmt: skip
+    assert run_in_process(script, out, args, demo_data) == 0
+    before, after = load_file(tiny_pretrained_folder / "model.safetensors"), load_file(out / "model.safetensors")
+    key = "bevt.embeddings.patch_embeddings."
+    assert torch.equal(before[key + "projection.weight"], after[key + "projection.weight"])
+    assert torch.equal(before[key + "projection.bias"], after[key + "projection.bias"])
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert key + "image_projection.weight" in changed and key + "norm.weight" in changed
+    assert any(k.startswith("bevt.encoder.") for k in changed)

@@ -230,6 +230,12 @@ class PretrainingModelArguments(ArgumentGroup):
         default=False,
         help="--target tokenizer with a RANDOM-weight tokenizer (tests only: its targets mean nothing).",
     )
+    freeze_video_patch_embedding: bool = HfArg(
+        default=False,
+        help="Keep the video patch embedding (the Conv3d over 2-frame tubelets) at its initial weights, as MoCo v3 "
+        "freezes its patch projection. Measured (BENCHMARKS.md, Transfer): pixel / token targets make the "
+        "trained Conv3d average the two frames of each tubelet, and fine-tuning on a motion task then fails.",
+    )
     video_loss_weight: float = HfArg(default=1.0, help="Weight of the video loss (joint stage).")
     image_loss_weight: float = HfArg(default=1.0, help="Weight of the image loss.")
 
