@@ -266,7 +266,7 @@ class Run:
     status: str = "pending"  # pending, done, reused, failed, skipped
     seconds: float = 0.0
 
-    data_version: str = ""  # the data manifests: a run on regenerated data is not reused
+    data_version: str = ""  # the data manifests + the keys of the runs it needs: such changes are not reused
 
     @property
     def key(self) -> str:
@@ -416,20 +416,27 @@ class Pretraining:
     name: str
     target: str  # tokenizer (trained), random (random-weight tokenizer), hog, pixel
     streams: str = "joint"  # joint, video-only, image-only
+    frozen_embedding: bool = False  # run_pretraining.py --freeze_video_patch_embedding
 
     @property
     def label(self) -> str:
         target = {"tokenizer": "trained tokenizer", "random": "random tokenizer"}.get(
             self.target, self.target
         )
-        return f"{self.streams}, {target}"
+        return f"{self.streams}, {target}" + (", frozen tubelet embedding" if self.frozen_embedding else "")
 
 
-def pretraining_variants(targets: list[str], ablation_target: str | None) -> list[Pretraining]:
+def pretraining_variants(
+    targets: list[str], ablation_target: str | None, frozen_targets: list[str] = ()
+) -> list[Pretraining]:
     variants = [Pretraining(f"joint-{t}", t) for t in targets]
+    variants += [Pretraining(f"joint-{t}-frozen", t, frozen_embedding=True) for t in frozen_targets]
     if ablation_target:
+        frozen = ablation_target.endswith("-frozen")
+        target = ablation_target.removesuffix("-frozen")
         variants += [
-            Pretraining(f"{s}-{ablation_target}", ablation_target, s) for s in ("video-only", "image-only")
+            Pretraining(f"{s}-{ablation_target}", target, s, frozen_embedding=frozen)
+            for s in ("video-only", "image-only")
         ]
     return variants
 
@@ -438,7 +445,7 @@ def plan(
     args: argparse.Namespace, data: dict[str, str], work: Path
 ) -> tuple[list[list[Run]], dict]:
     """The phases of runs (tokenizers, pretrainings, fine-tunings) and the table's layout."""
-    variants = pretraining_variants(args.targets, args.ablation_target)
+    variants = pretraining_variants(args.targets, args.ablation_target, args.frozen_embedding_targets)
     tokenizers, pretrainings, finetunings = [], [], []
     starts: dict[str, str] = {"scratch": "none (random init)"}
     for variant in variants:
@@ -469,6 +476,8 @@ def plan(
                 argv += ["--image_loss_weight", "0"]
             elif variant.streams == "image-only":
                 argv += ["--video_loss_weight", "0"]
+            if variant.frozen_embedding:
+                argv += ["--freeze_video_patch_embedding"]
             pretrainings.append(
                 Run(f"pretrain-{variant.name}-s{seed}", "run_pretraining.py", argv, out, needs)
             )
@@ -499,6 +508,16 @@ def plan(
                 finetunings.append(Run(f"{protocol}-{start}-s{seed}", "run_finetuning.py", argv, out, needs))
     layout = {"starts": starts}
     return [tokenizers, pretrainings, finetunings], layout
+
+
+def assign_versions(phases: list[list[Run]], fingerprint: str) -> None:
+    """Every run's `data_version`: the data fingerprint and the keys of the runs it needs (in phase order, so the
+    inputs have theirs first). A run whose input changed (a pretraining run with other flags, a retrained
+    tokenizer) gets a new key and runs again instead of being reused with stale results."""
+    by_name = {run.name: run for phase in phases for run in phase}
+    for phase in phases:
+        for run in phase:
+            run.data_version = ":".join([fingerprint, *(by_name[name].key for name in run.needs)])
 
 
 def seed_major(phases: list[list[Run]], seeds: list[int]) -> list[Run]:
@@ -653,10 +672,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--targets", nargs="*", default=["tokenizer", "hog", "pixel", "random"],
                    choices=("tokenizer", "hog", "pixel", "random"), help="Joint-pretraining targets.")  # fmt: skip
+    p.add_argument("--frozen_embedding_targets", nargs="*", default=["tokenizer", "pixel", "random"],
+                   choices=("tokenizer", "hog", "pixel", "random"),
+                   help="Joint-pretraining targets run again with --freeze_video_patch_embedding.")  # fmt: skip
     p.add_argument(
         "--ablation_target",
         default="hog",
-        help="Target of the video-only / image-only ablation ('' skips it).",
+        help="Target of the video-only / image-only ablation, e.g. hog or pixel-frozen ('' skips it).",
     )
     p.add_argument("--tokenizer_steps", type=int, default=100)
     p.add_argument("--pretrain_steps", type=int, default=600)
@@ -720,8 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     fingerprint = hashlib.sha256(
         "".join(sorted((out / f"data-{args.task}" / f"{split}.json").read_text() for split in data)).encode()
     ).hexdigest()[:16]
-    for run in runs.values():
-        run.data_version = fingerprint
+    assign_versions(phases, fingerprint)
     os.environ.update(
         OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false"
     )  # for the workers

@@ -16,8 +16,8 @@ def test_transfer_benchmark_smoke_writes_every_row(tmp_path):
     report = json.loads((tmp_path / "transfer_eval.json").read_text())
     table = (tmp_path / "transfer_eval.md").read_text()
     starts = [row["start"] for row in report["rows"]]
-    expected = ["scratch", "joint-tokenizer", "joint-hog", "joint-pixel", "joint-random", "video-only-hog",
-                "image-only-hog"]  # fmt: skip
+    expected = ["scratch", "joint-tokenizer", "joint-hog", "joint-pixel", "joint-random", "joint-tokenizer-frozen",
+                "joint-pixel-frozen", "joint-random-frozen", "video-only-hog", "image-only-hog"]  # fmt: skip
     assert starts == expected
     for row in report["rows"]:
         assert row["pretraining"] in table
@@ -28,3 +28,27 @@ def test_transfer_benchmark_smoke_writes_every_row(tmp_path):
             assert row["pretraining_final"]["0"] is not None  # JSON keys are strings
     assert {"psnr", "codebook_usage"} <= set(report["tokenizers"]["0"])
     assert all(run["status"] == "done" for run in report["runs"].values())
+
+
+def test_a_changed_pretraining_is_not_reused_by_its_finetunings(tmp_path):
+    """A fine-tuning's key follows its pretraining's (and a pretraining's its tokenizer's): changing the pretraining
+    flags reruns the fine-tunings from it instead of reusing their stale results; scratch runs stay reused."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import transfer
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    data = {split: str(tmp_path / split) for split in ("videos", "images", "train", "eval")}
+
+    def keys(*argv: str) -> dict[str, str]:
+        args = transfer.parse_args(["--seeds", "0", "--targets", "tokenizer", "--frozen_embedding_targets",
+                                    "--ablation_target", "", *argv])  # fmt: skip
+        phases, _ = transfer.plan(args, data, tmp_path / "runs")
+        transfer.assign_versions(phases, "data")
+        return {run.name: run.key for phase in phases for run in phase}
+
+    before, after = keys(), keys("--pretrain_extra=--mask_ratio 0.75")
+    changed = {name for name in before if before[name] != after[name]}
+    assert changed == {"pretrain-joint-tokenizer-s0", "finetune-joint-tokenizer-s0", "probe-joint-tokenizer-s0"}
+    retrained = keys("--tokenizer_steps", "3")  # the tokenizer's own argv changes: everything downstream reruns
+    assert {n for n in before if before[n] != retrained[n]} == changed | {"tokenizer-s0"}
