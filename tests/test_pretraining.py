@@ -334,6 +334,12 @@ def test_demo_defaults_and_recipe_defaults(script):
     recipe = script.parse_args(["--image_shards", "i.tar", "--video_shards", "v.tar"])
     assert not recipe.demo and recipe.image_size == 224 and recipe.tokenizer_size == 112
     assert recipe.target == "tokenizer"  # the paper's
+    # the demo keeps the tubelet embedding at its initial weights (trained on pixels it stops seeing motion);
+    # the official recipe trains it; either way the flag wins
+    assert demo.freeze_video_patch_embedding is True and recipe.freeze_video_patch_embedding is False
+    assert script.parse_args(["--freeze_video_patch_embedding", "false"]).freeze_video_patch_embedding is False
+    given = script.parse_args(["--image_shards", "i.tar", "--video_shards", "v.tar", "--freeze_video_patch_embedding"])
+    assert given.freeze_video_patch_embedding is True
     # a tokenizer flag alone selects the tokenizer target (e.g. the demo data with a real tokenizer)
     assert script.parse_args(["--tokenizer_name_or_path", "tok"]).target == "tokenizer"
     assert script.parse_args(["--random_tokenizer"]).target == "tokenizer"
