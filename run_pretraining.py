@@ -342,7 +342,7 @@ def save_final_model(
     unwrapped = accelerator.unwrap_model(model)
     state_dict = accelerator.get_state_dict(model)  # gathers FSDP / DeepSpeed shards
     video_trained = args.stage == "joint" and args.video_loss_weight > 0
-    if state_dict and not video_trained and not args.freeze_video_patch_embedding:  # empty on non-main FSDP ranks
+    if state_dict and not video_trained:  # (state_dict is empty on non-main FSDP ranks)
         # The video patch embedding got no gradient: make it from the image one (as stage 2 starts officially)
         state_dict = inflate_video_patch_embedding(state_dict)
         logger.info(

@@ -612,7 +612,8 @@ def test_inflate_video_patch_embedding_embeds_a_still_clip_like_its_frame():
 @pytest.mark.slow
 def test_image_only_training_saves_an_inflated_video_patch_embedding(tmp_path, demo_data, script):
     """`--stage image` (and a zero video loss weight) never train the Conv3d patch embedding: the saved folder has
-    it made from the trained Conv2d one, so stage 2 and video fine-tuning do not start from random embeddings."""
+    it made from the trained Conv2d one, so stage 2 and video fine-tuning do not start from random embeddings (also
+    under the demo's --freeze_video_patch_embedding, which only keeps it out of training)."""
     out = tmp_path / "stage1"
     args = ["--stage", "image", "--max_train_steps", "2", "--image_batch_size", "4", "--checkpointing_steps", "0"]
     assert run_in_process(script, out, args, demo_data) == 0
