@@ -25,17 +25,18 @@ Runs (each a subprocess of the real scripts, as a user would type them, `OMP_NUM
 1. per seed, `run_tokenizer_training.py` on the unlabeled frames (its demo recipe: VQGAN, 32 px -> 4x4 ids,
    64 codes, width 16);
 2. per seed and pretraining variant, `run_pretraining.py` (preset `test`, 64 px, 8 frames, window 4x2x2): joint
-   image + video with each target (trained tokenizer, HOG, pixels, the random tokenizer as control), and the
-   paper's ablation for `--ablation_target`: video-only (`--image_loss_weight 0`) and image-only
-   (`--video_loss_weight 0`) at the same steps and batches;
+   image + video with each target (trained tokenizer, HOG, pixels, the random tokenizer as control), the targets of
+   `--frozen_embedding_targets` again with `--freeze_video_patch_embedding`, and the paper's ablation for
+   `--ablation_target`: video-only (`--image_loss_weight 0`) and image-only (`--video_loss_weight 0`) at the same
+   steps and batches;
 3. per seed and start (scratch or a pretraining folder), `run_finetuning.py` full fine-tuning and `--linear_probe`
    with `--max_train_samples --labels`, the same steps, `--final_model last` (no checkpoint picked on the scored
    split), evaluated once at the end.
 
 Every hyperparameter is fixed before looking at the eval split (the module constants below; `--split dev` is for
 choosing them). The table reports mean +- std over the seeds (never the best seed), written to
-`<output_dir>/transfer_<split>.md` and `.json`; a finished run is reused when its command is unchanged (rerun after a
-change and only the changed runs run again).
+`<output_dir>/transfer_<split>.md` and `.json`; a finished run is reused when its command, the data and the runs it
+builds on are unchanged (rerun after a change and only the changed runs and those downstream of them run again).
 """
 
 from __future__ import annotations
