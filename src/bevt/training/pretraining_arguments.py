@@ -102,7 +102,7 @@ PRETRAINING_RECIPE = PretrainingRecipe(
 # informative targets with nothing to download (the recipe's tokenizer ids need a converted or trained tokenizer).
 # Pixels, not HOG: the tiny model's HOG stays at the mean predictor (README: "Choosing the target"). The video patch
 # embedding stays at its initial weights: trained on pixels it averages the two frames of each tubelet, and a
-# fine-tuning on a motion task from the folder then ends near chance (BENCHMARKS.md: "Transfer", "The demo chain").
+# fine-tuning on a motion task from the folder then ends near chance (BENCHMARKS.md: "Transfer").
 PRETRAINING_DEMO = PretrainingRecipe(
     name="demo",
     data=PretrainingDataConfig(
@@ -398,7 +398,7 @@ class PretrainingArguments(
         """The resolved data settings: no tokenizer copy of the frames unless the targets come from a tokenizer
         (HOG / pixel targets are computed from the model input)."""
         config = PretrainingDataConfig.from_values(self)
-        if getattr(self, "target", "tokenizer") != "tokenizer":
+        if self.target != "tokenizer":
             config = dataclasses.replace(config, tokenizer_size=0)
         return config
 
