@@ -19,13 +19,15 @@ has the table and `--help` every value); every flag still overrides them.
 
 The output folder is Hub-ready: config with `id2label`, safetensors weights (EMA weights when `--ema_decay` is set),
 a `BEVTVideoProcessor`, the modeling code + `auto_map` (loads with `trust_remote_code=True`), `eval_results.json`,
-`confusion_matrix.png` and a model card `README.md` with the results in `model-index`. It holds the best evaluated
-weights (`--final_model best`, default) or the last ones. The flags and recipes: `bevt.training.finetuning_arguments`;
+`confusion_matrix.png`, `training_results.json` (training loss / accuracy of the first step and the last logging
+window) and a model card `README.md` with the results in `model-index`. It holds the best evaluated weights
+(`--final_model best`, default) or the last ones. The flags and recipes: `bevt.training.finetuning_arguments`;
 the loop: `bevt.training.TrainingEngine` (this script gives it `finetuning_step`).
 """
 
 from __future__ import annotations
 
+import math
 import pickle
 import time
 from dataclasses import dataclass, field
@@ -382,6 +384,38 @@ def export_final(
     return metrics
 
 
+def write_training_results(
+    args: FinetuningArguments,
+    engine: TrainingEngine,
+    validation: ValidationDuringTraining | None,
+    final_metrics: dict[str, float] | None,
+) -> Path:
+    """`<output_dir>/training_results.json` (main process): steps, clips seen, the first step's and the last logging
+    window's training loss and accuracy (how well the training clips are fitted: beside the validation metrics, the
+    generalisation gap of a low-label run), which model was exported and its validation metrics."""
+    state = engine.state
+
+    def finite(metrics: dict[str, float]) -> dict[str, float | None]:
+        return {k: (float(v) if math.isfinite(v) else None) for k, v in metrics.items()}
+
+    best = validation is not None and args.final_model == "best" and validation.best_step is not None
+    chosen = "best" if best else "last"
+    results = {
+        "steps": state.step,
+        "samples": dict(state.samples),
+        "first": finite(state.first_metrics),
+        "final_window": finite(state.last_window),
+        "logging_steps": args.logging_steps,
+        "mode": "linear_probe" if args.linear_probe else "freeze_backbone" if args.freeze_backbone else "full",
+        "max_train_samples": args.max_train_samples,
+        "train_fraction": args.train_fraction,
+        "exported_model": chosen,
+        "exported_step": validation.best_step if chosen == "best" else state.step,
+        "validation": final_metrics or None,
+    }
+    return write_json(Path(args.output_dir, "training_results.json"), results)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     accelerator = start_run(args, quiet_accelerate=False)
@@ -448,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     if exit_code == 0:
         final_metrics = export_final(engine, validation, exporter)
         if accelerator.is_main_process:
+            write_training_results(args, engine, validation, final_metrics)
             lines = []
             if final_metrics:
                 chosen = "best" if args.final_model == "best" else "last"

@@ -548,6 +548,18 @@ def _top1(run: Run | None) -> float | None:
     return float(json.loads(history.read_text())[-1]["top1_accuracy"])
 
 
+def _train_accuracy(run: Run | None) -> float | None:
+    """Training-clip accuracy over the last logging window (`run_finetuning.py`'s training_results.json): how well
+    the labeled subset was fitted, to read beside the held-out top-1 (the generalisation gap)."""
+    if run is None or run.status not in ("done", "reused"):
+        return None
+    path = run.output_dir / "training_results.json"
+    if not path.is_file():
+        return None
+    value = json.loads(path.read_text()).get("final_window", {}).get("accuracy")
+    return None if value is None else float(value)
+
+
 def _pretraining_summary(run: Run | None) -> dict | None:
     if run is None or run.status not in ("done", "reused"):
         return None
@@ -577,6 +589,8 @@ def collect(args: argparse.Namespace, runs: dict[str, Run], layout: dict, work: 
             per_seed = {s: _top1(runs.get(f"{protocol}-{start}-s{s}")) for s in args.seeds}
             row[protocol] = {"per_seed": per_seed, "values": [v for v in per_seed.values() if v is not None]}
             row[protocol]["mean"], row[protocol]["std"] = _mean_std(row[protocol]["values"])
+            fitted = {s: _train_accuracy(runs.get(f"{protocol}-{start}-s{s}")) for s in args.seeds}
+            row[protocol]["train_accuracy"] = {"per_seed": fitted, "values": [v for v in fitted.values() if v is not None]}
         if start != "scratch":
             row["pretraining_final"] = {
                 s: _pretraining_summary(runs.get(f"pretrain-{start}-s{s}")) for s in args.seeds
@@ -610,8 +624,8 @@ def markdown(args: argparse.Namespace, results: dict, meta: dict) -> str:
         f"probing steps; {args.pretrain_steps} pretraining steps; Δ = paired difference to the scratch row "
         "(same seed: same labeled subset).",
         "",
-        "| start (pretraining streams, target) | fine-tune top-1 | Δ vs scratch | linear probe top-1 | Δ vs random-init probe | pretraining, masked video / image (last steps) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| start (pretraining streams, target) | fine-tune top-1 | Δ vs scratch | fine-tune, training-clip accuracy (last steps) | linear probe top-1 | Δ vs random-init probe | pretraining, masked video / image (last steps) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         finals = [f for f in (row.get("pretraining_final") or {}).values() if f]
@@ -624,8 +638,24 @@ def markdown(args: argparse.Namespace, results: dict, meta: dict) -> str:
         is_base = row is base
         lines.append(
             f"| {row['pretraining']} | {_cell(row['finetune']['values'], seeds)} | "
-            f"{'—' if is_base else paired_delta(row, base, 'finetune', args.seeds)} | {_cell(row['probe']['values'], seeds)} | "
+            f"{'—' if is_base else paired_delta(row, base, 'finetune', args.seeds)} | "
+            f"{_cell(row['finetune']['train_accuracy']['values'], seeds)} | {_cell(row['probe']['values'], seeds)} | "
             f"{'—' if is_base else paired_delta(row, base, 'probe', args.seeds)} | {masked} |"
+        )
+    def per_seed(values: dict[int, float | None]) -> str:
+        return " / ".join("n/a" if values.get(s) is None else f"{100 * values[s]:.1f}" for s in args.seeds)
+
+    lines += [
+        "",
+        f"Per seed ({' / '.join(map(str, args.seeds))}), %:",
+        "",
+        "| start | fine-tune top-1 | fine-tune, training-clip accuracy | linear probe top-1 |",
+        "| --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['pretraining']} | {per_seed(row['finetune']['per_seed'])} | "
+            f"{per_seed(row['finetune']['train_accuracy']['per_seed'])} | {per_seed(row['probe']['per_seed'])} |"
         )
     if results["tokenizers"]:
         psnr = statistics.fmean(t["psnr"] for t in results["tokenizers"].values())

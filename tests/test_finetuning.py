@@ -456,6 +456,12 @@ def test_few_step_finetune_from_pretraining_with_multiview_eval_and_hub_ready_ex
     best = max(history, key=lambda h: h["top1_accuracy"])  # first best wins ties
     assert report["step"] == best["step"] and report["metrics"]["top1_accuracy"] == best["top1_accuracy"]
     assert sum(map(sum, report["confusion_matrix"])) == 12
+    # what was fitted beside what was exported: the training loss / accuracy of the first step and the last window
+    results = json.loads((out / "training_results.json").read_text())
+    assert results["steps"] == 6 and results["mode"] == "full" and results["exported_model"] == "best"
+    assert results["exported_step"] == best["step"] and results["validation"] == report["metrics"]
+    assert set(results["first"]) == set(results["final_window"]) == {"loss", "accuracy"}
+    assert 0.0 <= results["final_window"]["accuracy"] <= 1.0 and results["first"]["loss"] > 0
 
     card = (out / "README.md").read_text()
     meta = yaml.safe_load(card.split("---\n")[1])

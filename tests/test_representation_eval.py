@@ -205,3 +205,6 @@ def test_linear_probe_on_a_seeded_subset_end_to_end(tmp_path, finetuning_demo_da
     during = json.loads((out / "eval_results.json").read_text())["metrics"]
     after = json.loads((tmp_path / "eval" / "eval_results.json").read_text())["metrics"]
     assert after == pytest.approx(during, abs=1e-6)
+    results = json.loads((out / "training_results.json").read_text())
+    assert (results["mode"], results["max_train_samples"], results["steps"]) == ("linear_probe", 12, 6)
+    assert results["samples"] == {"video": 6 * 4} and 0.0 <= results["final_window"]["accuracy"] <= 1.0

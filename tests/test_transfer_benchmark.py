@@ -24,8 +24,11 @@ def test_transfer_benchmark_smoke_writes_every_row(tmp_path):
         for protocol in ("finetune", "probe"):  # every run of every row finished and was scored on the eval split
             (value,) = row[protocol]["values"]
             assert 0.0 <= value <= 1.0
+            (fitted,) = row[protocol]["train_accuracy"]["values"]  # from the run's training_results.json
+            assert 0.0 <= fitted <= 1.0
         if row["start"] != "scratch":
             assert row["pretraining_final"]["0"] is not None  # JSON keys are strings
+    assert "training-clip accuracy" in table and "Per seed (0), %:" in table
     assert {"psnr", "codebook_usage"} <= set(report["tokenizers"]["0"])
     assert all(run["status"] == "done" for run in report["runs"].values())
 
