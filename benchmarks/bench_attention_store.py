@@ -1,13 +1,16 @@
-"""Recompute or store the attention probabilities? One stage-1 shifted window attention of a 16x224 clip (64 windows x
+"""Recompute or keep the attention probabilities? One stage-1 shifted window attention of a 16x224 clip (64 windows x
 3 heads x 392 tokens, head dim 32, windows folded into the head axis), forward + backward, fp32 and bf16 autocast.
 
     python benchmarks/bench_attention_store.py --repeats 5
+    python benchmarks/bench_attention_store.py --model --repeats 5   # the whole training step (bench_model's)
 
-`kernels_bevt.WindowAttentionFunction` (what the model runs on CPU) stores no attention matrix and recomputes the
-probabilities chunk by chunk in backward. `StoredProbabilities` below is a prototype of the other side of the trade
-(not used by the model): the same chunked forward, keeping the probabilities in the input dtype (bf16 under autocast:
-2 bytes per entry, ~59 MB for this layer) so that backward skips the score product, the bias/mask adds and the
-softmax. The run checks both give the same gradients and times them interleaved (process CPU time, one thread).
+`kernels_bevt.WindowAttentionFunction` (what the model runs on CPU training) keeps the probabilities for backward
+when they fit `BEVT_ATTENTION_STORE_MB` (in the input dtype: bf16 under autocast, 2 bytes per entry, ~56 MiB for this
+layer) and otherwise recomputes them chunk by chunk in backward (the score product, the bias / mask adds and the
+softmax again). This script forces each side (`store=True` / `store=False`), checks both give the same gradients
+and times them interleaved (process CPU time, one thread). `--model`: the same choice over a whole training step of
+`bench_model.py` (Swin-T dims, one 16x224 clip + 4 images, joint masked-token loss), switched with
+`BEVT_ATTENTION_STORE_MB` (default budget vs 0) between interleaved steps.
 """
 
 from __future__ import annotations
@@ -15,49 +18,47 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from bevt.kernels_bevt import WindowAttentionFunction
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-class StoredProbabilities(torch.autograd.Function):
-    """WindowAttentionFunction's math, with the (B', H', N, N) probabilities stored instead of recomputed."""
 
-    @staticmethod
-    def forward(ctx, query, key, value, bias, shift_mask, scaling):
-        heads = bias.shape[0]
-        out = torch.empty_like(query)
-        probs = torch.empty(*query.shape[:3], query.shape[2], dtype=value.dtype)
-        for bs, hs in WindowAttentionFunction._chunks(query.shape[0], query.shape[1], query.shape[2], heads):
-            scores = WindowAttentionFunction._scores(
-                query[bs, hs], key[bs, hs], bias, shift_mask, hs, heads, scaling
-            )
-            probs[bs, hs] = torch.softmax(scores, dim=-1).to(value.dtype)
-            out[bs, hs] = torch.matmul(probs[bs, hs], value[bs, hs])
-        ctx.save_for_backward(query, key, value, probs)
-        ctx.scaling, ctx.bias_shape = scaling, bias.shape
-        return out
+def model_step_comparison(repeats: int) -> None:
+    """Training step with the probabilities kept (default budget) against recomputed (budget 0), fp32 and bf16."""
+    from bench_model import build_inputs, build_model, ours_step, precision_context
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        query, key, value, probs = ctx.saved_tensors
-        heads = ctx.bias_shape[0]
-        grad_q, grad_k, grad_v = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
-        grad_bias = torch.zeros(ctx.bias_shape)
-        grad_out = grad_out.contiguous()
-        for bs, hs in WindowAttentionFunction._chunks(query.shape[0], query.shape[1], query.shape[2], heads):
-            p, go = probs[bs, hs], grad_out[bs, hs]
-            grad_v[bs, hs] = torch.matmul(p.transpose(-1, -2), go)
-            grad_probs = torch.matmul(go, value[bs, hs].transpose(-1, -2)).float()
-            grad_scores = torch._softmax_backward_data(grad_probs, p.float(), -1, torch.float32)
-            grad_bias += grad_scores.view(grad_scores.shape[0], -1, *ctx.bias_shape).sum((0, 1))
-            grad_scores = grad_scores.mul_(ctx.scaling).to(query.dtype)
-            grad_q[bs, hs] = torch.matmul(grad_scores, key[bs, hs])
-            grad_k[bs, hs] = torch.matmul(grad_scores.transpose(-1, -2), query[bs, hs])
-        return grad_q, grad_k, grad_v, grad_bias, None, None
+    model = build_model("tiny")
+    inputs = build_inputs(16, 224, 4, model.config.vocab_size)
+    budgets = {"recompute": "0", "store": os.environ.get("BEVT_ATTENTION_STORE_MB", "256")}
+    for precision in ("fp32", "bf16"):
+        def step(name: str, precision: str = precision) -> tuple[float, float]:
+            os.environ["BEVT_ATTENTION_STORE_MB"] = budgets[name]
+            model.zero_grad(set_to_none=True)
+            start = time.process_time()
+            with precision_context(precision):
+                loss = ours_step(model, inputs)
+            return time.process_time() - start, loss.item()
+
+        losses = {name: step(name)[1] for name in budgets}  # warm-up, and the same loss both ways
+        times: dict[str, list[float]] = {name: [] for name in budgets}
+        for _ in range(repeats):
+            for name in budgets:
+                times[name].append(step(name)[0])
+        med = {name: statistics.median(t) for name, t in times.items()}
+        print(
+            f"training step {precision}: recompute {med['recompute']:.3f} s ({min(times['recompute']):.3f}-"
+            f"{max(times['recompute']):.3f}), store {med['store']:.3f} s ({min(times['store']):.3f}-"
+            f"{max(times['store']):.3f}); store is {med['recompute'] / med['store']:.2f}x faster; losses "
+            f"{losses['recompute']:.6f} / {losses['store']:.6f}; load average {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
+    os.environ["BEVT_ATTENTION_STORE_MB"] = budgets["store"]
 
 
 def main() -> None:
@@ -68,8 +69,12 @@ def main() -> None:
     parser.add_argument(
         "--windows", type=int, default=64, help="64 for stage 1 of a 16x224 clip; fewer for a quick run"
     )
+    parser.add_argument("--model", action="store_true", help="time whole training steps instead of one layer")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.model:
+        model_step_comparison(args.repeats)
+        return
     n, heads, dim = 392, 3, 32
     g = torch.Generator().manual_seed(0)
     bias = torch.randn(heads, n, n, generator=g).requires_grad_()
@@ -81,21 +86,21 @@ def main() -> None:
             for _ in range(3)
         )
 
-        def step(fn, q=q, k=k, v=v, dtype=dtype):
+        def step(store: bool, q=q, k=k, v=v, dtype=dtype):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                out = fn.apply(q, k, v, bias, shift, dim**-0.5)
+                out = WindowAttentionFunction.apply(q, k, v, bias, shift, dim**-0.5, store)
             grads = torch.autograd.grad(out.float().square().sum(), (q, k, v, bias))
             return grads
 
-        recomputed, stored = step(WindowAttentionFunction), step(StoredProbabilities)
+        recomputed, stored = step(False), step(True)
         worst = max(
             ((a.float() - b.float()).norm() / a.float().norm()).item() for a, b in zip(recomputed, stored)
         )
         times: dict[str, list[float]] = {"recompute": [], "store": []}
         for _ in range(args.repeats):
-            for name, fn in (("recompute", WindowAttentionFunction), ("store", StoredProbabilities)):
+            for name, store in (("recompute", False), ("store", True)):
                 start = time.process_time()
-                step(fn)
+                step(store)
                 times[name].append(time.process_time() - start)
         med = {name: statistics.median(t) for name, t in times.items()}
         print(

@@ -448,9 +448,12 @@ def test_trust_remote_code_without_bevt(tmp_path):
     shutil.rmtree(folder)
 
 
-def test_sdpa_training_gradients_equal_eager():
+@pytest.mark.parametrize("store_mb", ["256", "0"])
+def test_sdpa_training_gradients_equal_eager(store_mb, monkeypatch):
     """On CPU the "sdpa" path trains with WindowAttentionFunction (no stored attention matrix): same gradients,
-    including those of the relative position bias tables."""
+    including those of the relative position bias tables, with the probabilities kept (the default budget) or
+    recomputed in backward (BEVT_ATTENTION_STORE_MB=0)."""
+    monkeypatch.setenv("BEVT_ATTENTION_STORE_MB", store_mb)
     torch.manual_seed(0)
     model = BEVTForMaskedVideoModeling(tiny_config())
     for name, p in model.named_parameters():
@@ -477,7 +480,8 @@ def test_sdpa_training_gradients_equal_eager():
         torch.testing.assert_close(sdpa_grads[name], eager_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_window_attention_function_chunks_match_reference():
+@pytest.mark.parametrize("store", [True, False, None])
+def test_window_attention_function_chunks_match_reference(store):
     from bevt.kernels_bevt import WindowAttentionFunction
 
     g = torch.Generator().manual_seed(0)
@@ -488,16 +492,35 @@ def test_window_attention_function_chunks_match_reference():
     old = WindowAttentionFunction.CHUNK_BYTES
     WindowAttentionFunction.CHUNK_BYTES = n * n * 4 * heads  # one window per chunk: exercise the chunk loop
     try:
-        out = WindowAttentionFunction.apply(q, k, v, bias, shift, d**-0.5)
+        out = WindowAttentionFunction.apply(q, k, v, bias, shift, d**-0.5, store)
+        kept = out.grad_fn.saved_tensors[-1]  # the probabilities, when kept for backward
         grads = torch.autograd.grad(out.square().sum(), (q, k, v, bias))
     finally:
         WindowAttentionFunction.CHUNK_BYTES = old
+    assert (kept is not None) == (store is not False)  # None: the default budget holds this tiny call
     mask = (bias[None] + shift[:, None]).reshape(1, windows * heads, n, n)
     expected = torch.softmax(q @ k.transpose(-1, -2) * d**-0.5 + mask, -1) @ v
     expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v, bias))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_attention_store_budget_reads_the_environment(monkeypatch):
+    from bevt.kernels_bevt import WindowAttentionFunction, attention_store_budget
+
+    monkeypatch.setenv("BEVT_ATTENTION_STORE_MB", "0.5")
+    assert attention_store_budget() == 2**19
+    q, k, v = (torch.randn(1, 2, 16, 4, requires_grad=True) for _ in range(3))
+    bias = torch.zeros(2, 16, 16, requires_grad=True)
+    monkeypatch.setenv("BEVT_ATTENTION_STORE_MB", "0")  # nothing kept: recomputed in backward
+    assert WindowAttentionFunction.apply(q, k, v, bias, None, 0.5).grad_fn.saved_tensors[-1] is None
+    monkeypatch.delenv("BEVT_ATTENTION_STORE_MB")
+    assert attention_store_budget() == 256 * 2**20
+    for bad in ("lots", "-1", "nan"):
+        monkeypatch.setenv("BEVT_ATTENTION_STORE_MB", bad)
+        with pytest.raises(ValueError, match="BEVT_ATTENTION_STORE_MB"):
+            attention_store_budget()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

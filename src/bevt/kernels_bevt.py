@@ -5,7 +5,8 @@ the plain PyTorch code (so results never depend on it beyond summation order):
 
 - `BEVTLinear` / `fast_linear`: `nn.Linear` whose float32 CPU products run through oneDNN.
 - `sdpa_window_attention_forward`: the model's "sdpa" attention; on CPU training it is `WindowAttentionFunction`,
-  chunked window attention that stores no attention matrix.
+  chunked window attention without an autograd graph over the scores (probabilities kept within a memory budget,
+  `BEVT_ATTENTION_STORE_MB`, else recomputed in backward).
 - `norm_linear(x, norm, linear, then)`: `linear(then(norm(x)))` with the LayerNorm (and `then`: padding, shift,
   window partition) recomputed in backward instead of stored.
 - `activation_linear(h, act, linear)`: `linear(act(h))` with the GELU recomputed in backward.
@@ -74,12 +75,31 @@ def window_attention_mask(
     return (bias[None] + shift_mask[:, None]).reshape(1, num_windows * bias.shape[0], n, n).to(dtype)
 
 
+def attention_store_budget() -> int:
+    """Bytes of attention probabilities one `WindowAttentionFunction` call may keep for its backward pass instead of
+    recomputing them: `BEVT_ATTENTION_STORE_MB` (MiB, default 256; 0 always recomputes). Storing skips the score
+    product, the bias / mask adds and the softmax in backward (1.33x fp32, 1.50x bf16 on a stage-1 block of a 16x224
+    clip, `benchmarks/bench_attention_store.py`) at the cost of the (B', H', N, N) probabilities in the input dtype;
+    a call over the budget (large batches, long clips) recomputes them chunk by chunk and keeps nothing."""
+    value = os.environ.get("BEVT_ATTENTION_STORE_MB", "256")
+    try:
+        megabytes = float(value)
+    except ValueError:
+        raise ValueError(f"BEVT_ATTENTION_STORE_MB must be a number of MiB (0 recomputes), got {value!r}") from None
+    if megabytes < 0 or megabytes != megabytes:
+        raise ValueError(f"BEVT_ATTENTION_STORE_MB must be >= 0, got {value!r}")
+    return int(megabytes * 2**20)
+
+
 class WindowAttentionFunction(torch.autograd.Function):
-    """Softmax window attention that stores no attention matrix: the backward pass recomputes the probabilities
-    chunk by chunk (and returns the gradient of the relative position bias). Same math as the eager path.
+    """Softmax window attention without an autograd graph over the (N x N) scores: chunk by chunk, the probabilities
+    are either kept for backward (when they fit `attention_store_budget()`) or recomputed there, and backward returns
+    the gradient of the relative position bias. Same math as the eager path; the query is scaled before the score
+    product ((N x D) instead of (N x N) multiplies), which changes the rounding only.
 
     query/key/value (B', H', N, D). Head h' of the layout uses `bias[h' % heads]` and, when a shift mask
     (windows, N, N) is given (windows folded into the head axis, H' = windows * heads), `shift_mask[h' // heads]`.
+    `store`: None follows the budget, True / False forces keeping / recomputing the probabilities.
     """
 
     CHUNK_BYTES = 8 * 2**20  # temporaries per chunk: a few cache-sized (rows, N, N) blocks
@@ -96,51 +116,66 @@ class WindowAttentionFunction(torch.autograd.Function):
                 yield slice(b0, min(batch, b0 + batch_chunk)), slice(h0, min(heads_total, h0 + head_chunk))
 
     @staticmethod
-    def _scores(q, k, bias, shift_mask, hs: slice, heads: int, scaling: float) -> torch.Tensor:
-        """Scaled scores + bias (+ shift mask) of one chunk, float32 (b, rows, N, N); chunks hold whole windows."""
-        scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scaling)
-        n = scores.shape[-1]
-        per_window = scores.view(scores.shape[0], -1, heads, n, n)  # (b, windows in chunk, heads, N, N)
-        per_window += bias
-        if shift_mask is not None:
-            per_window += shift_mask[hs.start // heads : hs.stop // heads, None]
-        return scores
+    def _scores(q_scaled, k, bias, shift_mask, hs: slice, heads: int) -> torch.Tensor:
+        """(scaled q) k^T + bias (+ shift mask) of one chunk, float32 (b, rows, N, N); chunks hold whole windows.
+        bf16 products are widened to float32 by the mask addition itself (one pass, no separate cast)."""
+        raw = torch.matmul(q_scaled, k.transpose(-1, -2))
+        b, rows, n = raw.shape[0], raw.shape[1], raw.shape[-1]
+        mask = bias if shift_mask is None else bias + shift_mask[hs.start // heads : hs.stop // heads, None]
+        if raw.dtype == torch.float32:
+            raw.view(b, -1, heads, n, n).add_(mask)  # (b, windows in chunk, heads, N, N)
+            return raw
+        return torch.add(raw.view(b, -1, heads, n, n), mask.float()).view(b, rows, n, n)
 
     @staticmethod
-    def forward(ctx, query, key, value, bias, shift_mask, scaling):
+    def forward(ctx, query, key, value, bias, shift_mask, scaling, store=None):
         heads = bias.shape[0]
+        batch, heads_total, n = query.shape[:3]
+        if store is None:
+            store = batch * heads_total * n * n * value.element_size() <= attention_store_budget()
         out = torch.empty_like(query)
-        for bs, hs in WindowAttentionFunction._chunks(query.shape[0], query.shape[1], query.shape[2], heads):
-            scores = WindowAttentionFunction._scores(
-                query[bs, hs], key[bs, hs], bias, shift_mask, hs, heads, scaling
-            )
-            probs = torch.softmax(scores, dim=-1).to(value.dtype)
-            out[bs, hs] = torch.matmul(probs, value[bs, hs])
-        ctx.save_for_backward(query, key, value, bias, shift_mask)
+        probs = torch.empty(batch, heads_total, n, n, dtype=value.dtype, device=value.device) if store else None
+        for bs, hs in WindowAttentionFunction._chunks(batch, heads_total, n, heads):
+            scores = WindowAttentionFunction._scores(query[bs, hs] * scaling, key[bs, hs], bias, shift_mask, hs, heads)
+            if probs is None:
+                chunk = torch.softmax(scores, dim=-1).to(value.dtype)
+            else:  # written straight into the kept tensor (chunks are contiguous slices of it)
+                chunk = probs[bs, hs]
+                if chunk.dtype == torch.float32:
+                    torch.ops.aten._softmax.out(scores, -1, False, out=chunk)
+                else:
+                    chunk.copy_(torch.softmax(scores, dim=-1))
+            out[bs, hs] = torch.matmul(chunk, value[bs, hs])
+        ctx.save_for_backward(query, key, value, bias, shift_mask, probs)
         ctx.scaling = scaling
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        query, key, value, bias, shift_mask = ctx.saved_tensors
+        query, key, value, bias, shift_mask, stored = ctx.saved_tensors
         scaling, heads = ctx.scaling, bias.shape[0]
         grad_q, grad_k, grad_v = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
         grad_out = grad_out.contiguous()
         for bs, hs in WindowAttentionFunction._chunks(query.shape[0], query.shape[1], query.shape[2], heads):
-            q, k, v, go = query[bs, hs], key[bs, hs], value[bs, hs], grad_out[bs, hs]
-            probs = torch.softmax(
-                WindowAttentionFunction._scores(q, k, bias, shift_mask, hs, heads, scaling), -1
-            )
-            grad_v[bs, hs] = torch.matmul(probs.transpose(-1, -2).to(go.dtype), go)
-            grad_probs = torch.matmul(go, v.transpose(-1, -2)).float()
-            grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, torch.float32)
-            grad_bias += grad_scores.view(grad_scores.shape[0], -1, *bias.shape).sum((0, 1))
-            grad_scores = grad_scores.mul_(scaling).to(q.dtype)
-            grad_q[bs, hs] = torch.matmul(grad_scores, k)
-            grad_k[bs, hs] = torch.matmul(grad_scores.transpose(-1, -2), q)
-        return grad_q, grad_k, grad_v, grad_bias.to(bias.dtype), None, None
+            q_scaled, k, v, go = query[bs, hs] * scaling, key[bs, hs], value[bs, hs], grad_out[bs, hs]
+            if stored is not None:  # kept in the input dtype: the softmax gradient in that dtype too
+                probs = stored[bs, hs]
+                grad_v[bs, hs] = torch.matmul(probs.transpose(-1, -2), go)
+                grad_probs = torch.matmul(go, v.transpose(-1, -2)).to(probs.dtype)
+            else:
+                probs = torch.softmax(
+                    WindowAttentionFunction._scores(q_scaled, k, bias, shift_mask, hs, heads), dim=-1
+                )
+                grad_v[bs, hs] = torch.matmul(probs.transpose(-1, -2).to(go.dtype), go)
+                grad_probs = torch.matmul(go, v.transpose(-1, -2)).float()
+            grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+            grad_bias += grad_scores.view(grad_scores.shape[0], -1, *bias.shape).sum((0, 1), dtype=torch.float32)
+            grad_scores = grad_scores.to(q_scaled.dtype)
+            grad_q[bs, hs] = torch.matmul(grad_scores, k).mul_(scaling)
+            grad_k[bs, hs] = torch.matmul(grad_scores.transpose(-1, -2), q_scaled)
+        return grad_q, grad_k, grad_v, grad_bias.to(bias.dtype), None, None, None
 
 
 def sdpa_window_attention_forward(
