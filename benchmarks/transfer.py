@@ -10,6 +10,8 @@ The task (`make_task_clip`, `--task shapes`): 72 px, 16-frame clips of one shape
 with the pretraining demo's textures (stripes, checkerboard, flat) in brighter colours, over a smooth darker colour
 gradient; the class is what the shape does over time (6 classes: moving right / left / down / up, growing,
 shrinking). No single frame tells the class; a horizontal flip swaps two classes (fine-tuning does not flip).
+`--task shape-motion`: the same clips, but the class is the shape and its horizontal direction (3 shapes x right /
+left: appearance and motion both needed, the setting where the image stream has something to teach).
 `--task demo` uses the fine-tuning demo's clips (`bevt.data.demo_finetuning.make_demo_clip`: scratch reaches
 98% with 32 labels, no room to show a gain); `--task flat-shapes` flat shapes of any colour on any gradient
 (scratch at chance with 32 labels).
@@ -75,7 +77,12 @@ CLASS_NAMES: tuple[str, ...] = (
     "growing",
     "shrinking",
 )
-TASKS = ("shapes", "flat-shapes", "demo")
+TASKS = ("shapes", "flat-shapes", "demo", "shape-motion")
+# --task shape-motion: the class is the shape AND its direction (3 shapes x right / left): appearance counts as much
+# as motion, where the other tasks make every class a motion (the image stream can only teach appearance).
+SHAPE_MOTION_CLASS_NAMES: tuple[str, ...] = tuple(
+    f"{shape} moving {way}" for shape in ("disc", "square", "triangle") for way in ("right", "left")
+)
 TASK = "shapes"  # set by --task
 SHAPES = ("disc", "square", "triangle")
 TEXTURES = ("stripes", "checker", "flat")
@@ -164,11 +171,14 @@ def make_task_clip(
 
         return make_demo_clip(label, rng, size=size, num_frames=num_frames)
     background = _gradient_background(size, rng)
-    shape = SHAPES[int(rng.integers(len(SHAPES)))]
-    textures = TEXTURES if TASK == "shapes" else ("flat",)
+    if TASK == "shape-motion":  # label = 2 * shape + direction (0: right, 1: left)
+        shape, motion = SHAPES[label // 2], label % 2
+    else:
+        shape, motion = SHAPES[int(rng.integers(len(SHAPES)))], label
+    textures = TEXTURES if TASK in ("shapes", "shape-motion") else ("flat",)
     texture = _bright_texture(textures[int(rng.integers(len(textures)))], size, rng)
     frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
-    for i, (cy, cx, radius) in enumerate(trajectory(label, size, num_frames, rng, TASK_MOTION)):
+    for i, (cy, cx, radius) in enumerate(trajectory(motion, size, num_frames, rng, TASK_MOTION)):
         alpha = _shape_alpha(shape, size, cy, cx, radius)[..., None]
         frame = background * (1 - alpha) + texture * alpha
         frames[i] = np.clip(frame, 0, 255).round().astype(np.uint8)
@@ -758,8 +768,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     args = parse_args(argv)
-    global TASK
+    global TASK, CLASS_NAMES
     TASK = args.task
+    if TASK == "shape-motion":
+        CLASS_NAMES = SHAPE_MOTION_CLASS_NAMES
     started = time.perf_counter()
     out = Path(args.output_dir).resolve()
     work, logs = out / f"runs-{args.split}", out / f"logs-{args.split}"

@@ -55,3 +55,35 @@ def test_a_changed_pretraining_is_not_reused_by_its_finetunings(tmp_path):
     assert changed == {"pretrain-joint-tokenizer-s0", "finetune-joint-tokenizer-s0", "probe-joint-tokenizer-s0"}
     retrained = keys("--tokenizer_steps", "3")  # the tokenizer's own argv changes: everything downstream reruns
     assert {n for n in before if before[n] != retrained[n]} == changed | {"tokenizer-s0"}
+
+
+def test_shape_motion_task_labels_are_shape_and_direction(monkeypatch):
+    """--task shape-motion: class 2 * shape + direction draws that shape (disc, square, triangle) moving right (even
+    labels) or left (odd), where --task shapes draws a random shape doing the class's motion."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import transfer
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import numpy as np
+
+    import bevt.data.demo_pretraining as demo_pretraining
+
+    drawn: list[tuple[str, int]] = []
+    real_alpha, real_trajectory = demo_pretraining._shape_alpha, transfer.trajectory
+    monkeypatch.setattr(
+        demo_pretraining, "_shape_alpha", lambda shape, *a: drawn.append(("shape", shape)) or real_alpha(shape, *a)
+    )
+    monkeypatch.setattr(
+        transfer, "trajectory", lambda motion, *a: drawn.append(("motion", motion)) or real_trajectory(motion, *a)
+    )
+    monkeypatch.setattr(transfer, "TASK", "shape-motion")
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(transfer.SHAPE_MOTION_CLASS_NAMES):
+        drawn.clear()
+        clip = transfer.make_task_clip(label, rng, size=24, num_frames=4)
+        assert clip.shape == (4, 24, 24, 3) and clip.dtype == np.uint8
+        shapes = {value for kind, value in drawn if kind == "shape"}
+        motions = [value for kind, value in drawn if kind == "motion"]
+        assert shapes == {name.split()[0]} and motions == [label % 2]
+        assert name.endswith("right" if label % 2 == 0 else "left")
