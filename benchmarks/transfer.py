@@ -49,6 +49,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -452,6 +453,14 @@ def pretraining_variants(
     return variants
 
 
+def run_name(protocol: str, start: str, seed: int, finetune_tag: str | None = None) -> str:
+    """`finetune-<start>-s<seed>` / `probe-<start>-s<seed>`; `--finetune_tag T` names the fine-tunings
+    `finetune-T-<start>-s<seed>`, so that another fine-tuning recipe runs beside the first on the same pretrainings
+    (the probes keep their names: their recipe is `--probe_lr` / `--probe_extra`)."""
+    tag = f"-{finetune_tag}" if finetune_tag and protocol == "finetune" else ""
+    return f"{protocol}{tag}-{start}-s{seed}"
+
+
 def plan(
     args: argparse.Namespace, data: dict[str, str], work: Path
 ) -> tuple[list[list[Run]], dict]:
@@ -494,7 +503,8 @@ def plan(
             )
         for start in starts:
             for protocol in ("finetune", "probe"):
-                out = work / f"{protocol}-{start}-s{seed}"
+                name = run_name(protocol, start, seed, args.finetune_tag)
+                out = work / name
                 argv = ["--train_shards", data["train"], "--validation_shards", data[args.split], "--output_dir",
                         str(out), "--seed", str(seed), "--max_train_samples", str(args.labels), "--max_train_steps",
                         str(args.finetune_steps), "--eval_steps", str(args.finetune_steps), "--logging_steps",
@@ -516,7 +526,7 @@ def plan(
                 else:
                     argv += ["--model_name_or_path", str(work / f"pretrain-{start}-s{seed}")]
                     needs.append(f"pretrain-{start}-s{seed}")
-                finetunings.append(Run(f"{protocol}-{start}-s{seed}", "run_finetuning.py", argv, out, needs))
+                finetunings.append(Run(name, "run_finetuning.py", argv, out, needs))
     layout = {"starts": starts}
     return [tokenizers, pretrainings, finetunings], layout
 
@@ -596,10 +606,11 @@ def collect(args: argparse.Namespace, runs: dict[str, Run], layout: dict, work: 
     for start, label in layout["starts"].items():
         row = {"start": start, "pretraining": label}
         for protocol in ("finetune", "probe"):
-            per_seed = {s: _top1(runs.get(f"{protocol}-{start}-s{s}")) for s in args.seeds}
+            names = {s: run_name(protocol, start, s, args.finetune_tag) for s in args.seeds}
+            per_seed = {s: _top1(runs.get(names[s])) for s in args.seeds}
             row[protocol] = {"per_seed": per_seed, "values": [v for v in per_seed.values() if v is not None]}
             row[protocol]["mean"], row[protocol]["std"] = _mean_std(row[protocol]["values"])
-            fitted = {s: _train_accuracy(runs.get(f"{protocol}-{start}-s{s}")) for s in args.seeds}
+            fitted = {s: _train_accuracy(runs.get(names[s])) for s in args.seeds}
             row[protocol]["train_accuracy"] = {"per_seed": fitted, "values": [v for v in fitted.values() if v is not None]}
         if start != "scratch":
             row["pretraining_final"] = {
@@ -633,6 +644,10 @@ def markdown(args: argparse.Namespace, results: dict, meta: dict) -> str:
         f"seeds {', '.join(map(str, args.seeds))}; {args.labels} labeled clips; {args.finetune_steps} fine-tuning / "
         f"probing steps; {args.pretrain_steps} pretraining steps; Δ = paired difference to the scratch row "
         "(same seed: same labeled subset).",
+        "",
+        f"Fine-tuning recipe{' ' + repr(args.finetune_tag) if args.finetune_tag else ''}: learning rate "
+        f"{args.finetune_lr}{', ' + ' '.join(args.finetune_extra) if args.finetune_extra else ''}; linear probe: "
+        f"learning rate {args.probe_lr}{', ' + ' '.join(args.probe_extra) if args.probe_extra else ''}.",
         "",
         "| start (pretraining streams, target) | fine-tune top-1 | Δ vs scratch | fine-tune, training-clip accuracy (last steps) | linear probe top-1 | Δ vs random-init probe | pretraining, masked video / image (last steps) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -732,6 +747,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--pretrain_extra", default="", help="More run_pretraining.py flags (one string, for dev runs)."
     )
     p.add_argument("--finetune_extra", default="", help="More run_finetuning.py flags for the fine-tunings.")
+    p.add_argument(
+        "--finetune_tag",
+        default=None,
+        help="Name another fine-tuning recipe (--finetune_lr / --finetune_extra): its runs are finetune-TAG-<start>-s<seed> "
+        "beside the first recipe's, on the same pretrainings; the table reports them.",
+    )
     p.add_argument("--probe_extra", default="", help="More run_finetuning.py flags for the linear probes.")
     p.add_argument(
         "--jobs",
@@ -753,6 +774,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     args.ablation_target = args.ablation_target or None
+    if args.finetune_tag is not None and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", args.finetune_tag):
+        p.error(f"--finetune_tag must be letters, digits, '.', '_' or '-' (it names run folders), got {args.finetune_tag!r}")
     if args.smoke:
         args.seeds = args.seeds if argv and "--seeds" in argv else [0]
         args.labels, args.tokenizer_steps, args.pretrain_steps, args.finetune_steps = 8, 2, 2, 2

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -87,3 +89,29 @@ def test_shape_motion_task_labels_are_shape_and_direction(monkeypatch):
         motions = [value for kind, value in drawn if kind == "motion"]
         assert shapes == {name.split()[0]} and motions == [label % 2]
         assert name.endswith("right" if label % 2 == 0 else "left")
+
+
+def test_a_second_finetuning_recipe_reuses_the_pretrainings(tmp_path):
+    """--finetune_tag: the tagged recipe's fine-tunings are new runs beside the first recipe's, on the same
+    pretrainings and probes (same names and keys)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import transfer
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    data = {split: str(tmp_path / split) for split in ("videos", "images", "train", "eval")}
+
+    def runs(*argv: str) -> dict[str, str]:
+        args = transfer.parse_args(["--seeds", "0", "--targets", "hog", "--frozen_embedding_targets",
+                                    "--ablation_target", "", *argv])  # fmt: skip
+        phases, _ = transfer.plan(args, data, tmp_path / "runs")
+        transfer.assign_versions(phases, "data")
+        return {run.name: run.key for phase in phases for run in phase}
+
+    first = runs()
+    second = runs("--finetune_lr", "3e-3", "--finetune_extra=--layer_decay 0.75", "--finetune_tag", "lr3e-3_ld0.75")
+    shared = {"pretrain-joint-hog-s0", "probe-scratch-s0", "probe-joint-hog-s0"}
+    assert {n: first[n] for n in shared} == {n: second[n] for n in shared}
+    assert set(second) - set(first) == {"finetune-lr3e-3_ld0.75-scratch-s0", "finetune-lr3e-3_ld0.75-joint-hog-s0"}
+    with pytest.raises(SystemExit):
+        transfer.parse_args(["--finetune_tag", "../elsewhere"])
