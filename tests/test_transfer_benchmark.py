@@ -1,4 +1,5 @@
-"""benchmarks/transfer.py runs end to end at a tiny budget and writes its table with every row."""
+"""benchmarks/transfer.py: runs end to end at a tiny budget and writes its table with every row; plans, names and
+reuses its runs; draws the clips of its tasks."""
 
 import json
 import subprocess
@@ -8,6 +9,27 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _transfer():
+    """benchmarks/transfer.py as a module."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import transfer
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return transfer
+
+
+def _run_keys(tmp_path: Path, target: str, *argv: str) -> dict[str, str]:
+    """name -> reuse key of every run that transfer.py plans for seed 0, joint `target` pretraining, no ablation."""
+    transfer = _transfer()
+    data = {split: str(tmp_path / split) for split in ("videos", "images", "train", "eval")}
+    args = transfer.parse_args(["--seeds", "0", "--targets", target, "--frozen_embedding_targets",
+                                "--ablation_target", "", *argv])  # fmt: skip
+    phases, _ = transfer.plan(args, data, tmp_path / "runs")
+    transfer.assign_versions(phases, "data")
+    return {run.name: run.key for phase in phases for run in phase}
 
 
 def test_transfer_benchmark_smoke_writes_every_row(tmp_path):
@@ -38,35 +60,18 @@ def test_transfer_benchmark_smoke_writes_every_row(tmp_path):
 def test_a_changed_pretraining_is_not_reused_by_its_finetunings(tmp_path):
     """A fine-tuning's key follows its pretraining's (and a pretraining's its tokenizer's): changing the pretraining
     flags reruns the fine-tunings from it instead of reusing their stale results; scratch runs stay reused."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import transfer
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    data = {split: str(tmp_path / split) for split in ("videos", "images", "train", "eval")}
-
-    def keys(*argv: str) -> dict[str, str]:
-        args = transfer.parse_args(["--seeds", "0", "--targets", "tokenizer", "--frozen_embedding_targets",
-                                    "--ablation_target", "", *argv])  # fmt: skip
-        phases, _ = transfer.plan(args, data, tmp_path / "runs")
-        transfer.assign_versions(phases, "data")
-        return {run.name: run.key for phase in phases for run in phase}
-
-    before, after = keys(), keys("--pretrain_extra=--mask_ratio 0.75")
+    before = _run_keys(tmp_path, "tokenizer")
+    after = _run_keys(tmp_path, "tokenizer", "--pretrain_extra=--mask_ratio 0.75")
     changed = {name for name in before if before[name] != after[name]}
     assert changed == {"pretrain-joint-tokenizer-s0", "finetune-joint-tokenizer-s0", "probe-joint-tokenizer-s0"}
-    retrained = keys("--tokenizer_steps", "3")  # the tokenizer's own argv changes: everything downstream reruns
+    retrained = _run_keys(tmp_path, "tokenizer", "--tokenizer_steps", "3")  # the tokenizer's own argv changes: everything downstream reruns
     assert {n for n in before if before[n] != retrained[n]} == changed | {"tokenizer-s0"}
 
 
 def test_shape_motion_task_labels_are_shape_and_direction(monkeypatch):
     """--task shape-motion: class 2 * shape + direction draws that shape (disc, square, triangle) moving right (even
     labels) or left (odd), where --task shapes draws a random shape doing the class's motion."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import transfer
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    transfer = _transfer()
     import numpy as np
 
     import bevt.data.demo_pretraining as demo_pretraining
@@ -94,24 +99,11 @@ def test_shape_motion_task_labels_are_shape_and_direction(monkeypatch):
 def test_a_second_finetuning_recipe_reuses_the_pretrainings(tmp_path):
     """--finetune_tag: the tagged recipe's fine-tunings are new runs beside the first recipe's, on the same
     pretrainings and probes (same names and keys)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import transfer
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    data = {split: str(tmp_path / split) for split in ("videos", "images", "train", "eval")}
-
-    def runs(*argv: str) -> dict[str, str]:
-        args = transfer.parse_args(["--seeds", "0", "--targets", "hog", "--frozen_embedding_targets",
-                                    "--ablation_target", "", *argv])  # fmt: skip
-        phases, _ = transfer.plan(args, data, tmp_path / "runs")
-        transfer.assign_versions(phases, "data")
-        return {run.name: run.key for phase in phases for run in phase}
-
-    first = runs()
-    second = runs("--finetune_lr", "3e-3", "--finetune_extra=--layer_decay 0.75", "--finetune_tag", "lr3e-3_ld0.75")
+    first = _run_keys(tmp_path, "hog")
+    tag = ("--finetune_lr", "3e-3", "--finetune_extra=--layer_decay 0.75", "--finetune_tag", "lr3e-3_ld0.75")
+    second = _run_keys(tmp_path, "hog", *tag)
     shared = {"pretrain-joint-hog-s0", "probe-scratch-s0", "probe-joint-hog-s0"}
     assert {n: first[n] for n in shared} == {n: second[n] for n in shared}
     assert set(second) - set(first) == {"finetune-lr3e-3_ld0.75-scratch-s0", "finetune-lr3e-3_ld0.75-joint-hog-s0"}
     with pytest.raises(SystemExit):
-        transfer.parse_args(["--finetune_tag", "../elsewhere"])
+        _transfer().parse_args(["--finetune_tag", "../elsewhere"])
