@@ -363,13 +363,23 @@ def evaluate_only(args: FinetuningArguments, accelerator: Accelerator) -> int:
     return 0
 
 
+def exported_model(
+    args: FinetuningArguments, engine: TrainingEngine, validation: ValidationDuringTraining | None
+) -> tuple[str, int]:
+    """Which weights the folder holds at the end, and their step: ("best", step) when the best evaluation was
+    exported (`--final_model best` and something evaluated), else ("last", the final step)."""
+    if validation is not None and args.final_model == "best" and validation.best_step is not None:
+        return "best", validation.best_step
+    return "last", engine.state.step
+
+
 def export_final(
     engine: TrainingEngine, validation: ValidationDuringTraining | None, exporter: Exporter
 ) -> dict | None:
     """Export the last weights unless the best ones are already exported; returns the exported model's metrics."""
     args, accelerator = exporter.args, engine.accelerator
     accelerator.wait_for_everyone()
-    if validation is not None and args.final_model == "best" and validation.best_step is not None:
+    if exported_model(args, engine, validation)[0] == "best":
         return validation.best_metrics
     final = engine.ema.module if engine.ema is not None else accelerator.unwrap_model(engine.model)
     last = validation.history[-1] if validation and validation.history else None
@@ -398,8 +408,7 @@ def write_training_results(
     def finite(metrics: dict[str, float]) -> dict[str, float | None]:
         return {k: (float(v) if math.isfinite(v) else None) for k, v in metrics.items()}
 
-    best = validation is not None and args.final_model == "best" and validation.best_step is not None
-    chosen = "best" if best else "last"
+    chosen, step = exported_model(args, engine, validation)
     results = {
         "steps": state.step,
         "samples": dict(state.samples),
@@ -410,7 +419,7 @@ def write_training_results(
         "max_train_samples": args.max_train_samples,
         "train_fraction": args.train_fraction,
         "exported_model": chosen,
-        "exported_step": validation.best_step if chosen == "best" else state.step,
+        "exported_step": step,
         "validation": final_metrics or None,
     }
     return write_json(Path(args.output_dir, "training_results.json"), results)
@@ -485,8 +494,7 @@ def main(argv: list[str] | None = None) -> int:
             write_training_results(args, engine, validation, final_metrics)
             lines = []
             if final_metrics:
-                chosen = "best" if args.final_model == "best" else "last"
-                step = validation.best_step if chosen == "best" else engine.state.step
+                chosen, step = exported_model(args, engine, validation)
                 lines.append(
                     f"Validation ({chosen} model, step {step}): "
                     + ", ".join(f"{k} {100 * v:.2f}%" for k, v in final_metrics.items())

@@ -33,12 +33,18 @@ def model_step_comparison(repeats: int) -> None:
     """Training step with the probabilities kept (default budget) against recomputed (budget 0), fp32 and bf16."""
     from bench_model import build_inputs, build_model, ours_step, precision_context
 
+    def set_budget(value: str | None) -> None:
+        if value is None:
+            os.environ.pop("BEVT_ATTENTION_STORE_MB", None)
+        else:
+            os.environ["BEVT_ATTENTION_STORE_MB"] = value
+
     model = build_model("tiny")
     inputs = build_inputs(16, 224, 4, model.config.vocab_size)
-    budgets = {"recompute": "0", "store": os.environ.get("BEVT_ATTENTION_STORE_MB", "256")}
+    budgets = {"recompute": "0", "store": os.environ.get("BEVT_ATTENTION_STORE_MB")}  # None: the library default
     for precision in ("fp32", "bf16"):
         def step(name: str, precision: str = precision) -> tuple[float, float]:
-            os.environ["BEVT_ATTENTION_STORE_MB"] = budgets[name]
+            set_budget(budgets[name])
             model.zero_grad(set_to_none=True)
             start = time.process_time()
             with precision_context(precision):
@@ -58,7 +64,7 @@ def model_step_comparison(repeats: int) -> None:
             f"{losses['recompute']:.6f} / {losses['store']:.6f}; load average {os.getloadavg()[0]:.1f}",
             flush=True,
         )
-    os.environ["BEVT_ATTENTION_STORE_MB"] = budgets["store"]
+    set_budget(budgets["store"])
 
 
 def main() -> None:

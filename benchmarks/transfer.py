@@ -81,11 +81,11 @@ CLASS_NAMES: tuple[str, ...] = (
 TASKS = ("shapes", "flat-shapes", "demo", "shape-motion")
 # --task shape-motion: the class is the shape AND its direction (3 shapes x right / left): appearance counts as much
 # as motion, where the other tasks make every class a motion (the image stream can only teach appearance).
-SHAPE_MOTION_CLASS_NAMES: tuple[str, ...] = tuple(
-    f"{shape} moving {way}" for shape in ("disc", "square", "triangle") for way in ("right", "left")
-)
 TASK = "shapes"  # set by --task
 SHAPES = ("disc", "square", "triangle")
+SHAPE_MOTION_CLASS_NAMES: tuple[str, ...] = tuple(
+    f"{shape} moving {way}" for shape in SHAPES for way in ("right", "left")
+)  # label = 2 * shape index + direction, as make_task_clip draws them
 TEXTURES = ("stripes", "checker", "flat")
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -568,23 +568,20 @@ def _top1(run: Run | None) -> float | None:
     return float(json.loads(history.read_text())[-1]["top1_accuracy"])
 
 
-def _train_accuracy(run: Run | None) -> float | None:
-    """Training-clip accuracy over the last logging window (`run_finetuning.py`'s training_results.json): how well
-    the labeled subset was fitted, to read beside the held-out top-1 (the generalisation gap)."""
-    if run is None or run.status not in ("done", "reused"):
-        return None
-    path = run.output_dir / "training_results.json"
-    if not path.is_file():
-        return None
-    value = json.loads(path.read_text()).get("final_window", {}).get("accuracy")
-    return None if value is None else float(value)
-
-
-def _pretraining_summary(run: Run | None) -> dict | None:
+def _final_window(run: Run | None) -> dict | None:
+    """The metrics of a finished run's last logging window (its training_results.json: run_pretraining.py's masked
+    R^2 / accuracy, run_finetuning.py's training loss and accuracy)."""
     if run is None or run.status not in ("done", "reused"):
         return None
     path = run.output_dir / "training_results.json"
     return json.loads(path.read_text()).get("final_window") if path.is_file() else None
+
+
+def _train_accuracy(run: Run | None) -> float | None:
+    """A fine-tuning's training-clip accuracy over its last logging window: how well the labeled subset was fitted,
+    to read beside the held-out top-1 (the generalisation gap)."""
+    value = (_final_window(run) or {}).get("accuracy")
+    return None if value is None else float(value)
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -614,7 +611,7 @@ def collect(args: argparse.Namespace, runs: dict[str, Run], layout: dict, work: 
             row[protocol]["train_accuracy"] = {"per_seed": fitted, "values": [v for v in fitted.values() if v is not None]}
         if start != "scratch":
             row["pretraining_final"] = {
-                s: _pretraining_summary(runs.get(f"pretrain-{start}-s{s}")) for s in args.seeds
+                s: _final_window(runs.get(f"pretrain-{start}-s{s}")) for s in args.seeds
             }
         rows.append(row)
     tokenizers = {}
@@ -667,6 +664,7 @@ def markdown(args: argparse.Namespace, results: dict, meta: dict) -> str:
             f"{_cell(row['finetune']['train_accuracy']['values'], seeds)} | {_cell(row['probe']['values'], seeds)} | "
             f"{'—' if is_base else paired_delta(row, base, 'probe', args.seeds)} | {masked} |"
         )
+
     def per_seed(values: dict[int, float | None]) -> str:
         return " / ".join("n/a" if values.get(s) is None else f"{100 * values[s]:.1f}" for s in args.seeds)
 

@@ -450,7 +450,7 @@ def test_trust_remote_code_without_bevt(tmp_path):
 
 @pytest.mark.parametrize("store_mb", ["256", "0"])
 def test_sdpa_training_gradients_equal_eager(store_mb, monkeypatch):
-    """On CPU the "sdpa" path trains with WindowAttentionFunction (no stored attention matrix): same gradients,
+    """On CPU the "sdpa" path trains with WindowAttentionFunction (no autograd graph over the scores): same gradients,
     including those of the relative position bias tables, with the probabilities kept (the default budget) or
     recomputed in backward (BEVT_ATTENTION_STORE_MB=0)."""
     monkeypatch.setenv("BEVT_ATTENTION_STORE_MB", store_mb)
