@@ -337,43 +337,72 @@ def fresh_clip(rng: np.random.Generator) -> np.ndarray:
 KINDS = {"static": static_clip, "fresh": fresh_clip}
 
 
+def static_texture_clip(rng: np.random.Generator) -> np.ndarray:
+    """For pixel targets (a flat cell has no normalised pixels to predict): one picture of smooth random blobs in
+    every frame, so a masked cell is visible at the same place in the unmasked frames (R^2 ceiling 1)."""
+    return np.repeat(_distinct_frames(rng, 1, SIZE, SIZE), FRAMES, axis=0)
+
+
+def fresh_texture_clip(rng: np.random.Generator) -> np.ndarray:
+    """A new blob picture per frame pair: nothing masked is visible anywhere (R^2 cannot exceed ~0)."""
+    return np.repeat(_distinct_frames(rng, FRAMES // 2, SIZE, SIZE), 2, axis=0)
+
+
+TEXTURE_KINDS = {"static": static_texture_clip, "fresh": fresh_texture_clip}
+
+
 def _shuffle_cells(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Targets misaligned in space: one random permutation of the cells per sample (the same in every frame)."""
-    flat = labels.flatten(-2)
+    if labels.is_floating_point():  # regression targets (B, T, h, w, D): move whole D-vectors between cells
+        flat = labels.flatten(-3, -2).movedim(-1, -2)  # (B, T, D, h*w)
+    else:  # token ids (B, T, h, w)
+        flat = labels.flatten(-2)
     perms = torch.stack([torch.randperm(flat.shape[-1], generator=generator) for _ in range(len(labels))])
     perms = perms.view(len(labels), *(1,) * (flat.ndim - 2), -1).expand_as(flat)
-    return flat.gather(-1, perms).view_as(labels)
+    shuffled = flat.gather(-1, perms)
+    if labels.is_floating_point():
+        return shuffled.movedim(-2, -1).view_as(labels)
+    return shuffled.view_as(labels)
 
 
 def train_and_evaluate(
-    seed: int, steps: int, misalign: bool, batch_size: int = 8, lr: float = 5e-3
+    seed: int, steps: int, misalign: bool, batch_size: int = 8, lr: float = 5e-3, target: str = "tokenizer"
 ) -> dict[str, float]:
-    """Pretrain the `test` preset (vocab 8) on static clips through the real transforms, tube masks, collator,
-    `model_inputs` (with the `ColourQuantiser`) and `BEVTForMaskedVideoModeling`, AdamW with a cosine schedule.
-    `misalign`: the targets are shuffled in space (per clip), in training and evaluation.
+    """Pretrain the `test` preset on static clips through the real transforms, tube masks, collator,
+    `model_inputs` and `BEVTForMaskedVideoModeling`, AdamW with a cosine schedule. `target` "tokenizer": the
+    `ColourQuantiser`'s ids (vocab 8) on the cell-layout clips (`KINDS`); "pixel": `PatchTargets`' normalised
+    pixels (the regression path: 5-D float labels, the regression head, the MSE) on the blob clips
+    (`TEXTURE_KINDS`). `misalign`: the targets are shuffled in space (per clip), in training and evaluation.
 
-    Returns the masked-token accuracy on 16 held-out clips of each kind (`static`, `fresh`)."""
+    Returns the masked-token accuracy (tokenizer) or masked R^2 (pixel) on 16 held-out clips of each kind
+    (`static`, `fresh`)."""
     from transformers import get_scheduler
 
     from bevt import BEVTConfig, BEVTForMaskedVideoModeling
+    from bevt.targets import PatchTargets
     from bevt.training import build_param_groups
 
     torch.manual_seed(seed)
-    quantiser = ColourQuantiser(levels=LEVELS)
-    model = BEVTForMaskedVideoModeling(BEVTConfig.from_preset("test", vocab_size=quantiser.vocab_size))
+    if target == "tokenizer":
+        targets, kinds, tokenizer_size = ColourQuantiser(levels=LEVELS), KINDS, TOKENIZER_SIZE
+        config = BEVTConfig.from_preset("test", vocab_size=targets.vocab_size)
+    else:
+        config = BEVTConfig.from_preset("test", target_type=target)
+        targets, kinds, tokenizer_size = PatchTargets.from_config(config), TEXTURE_KINDS, 0
+    model = BEVTForMaskedVideoModeling(config)
     tube, block = build_mask_generators(SIZE, FRAMES, min_mask_patches=2, tube_range=(0.25, 0.5))  # 1-2 of 4
     collator = BEVTPretrainingCollator(tube, block)
-    transform = PretrainingVideoTransform(SIZE, (SIZE, SIZE), TOKENIZER_SIZE, flip_prob=0.5)
+    transform = PretrainingVideoTransform(SIZE, (SIZE, SIZE), tokenizer_size, flip_prob=0.5)
 
     def batch(
         kind: str, rng: np.random.Generator, generator: torch.Generator, step: int
     ) -> dict[str, torch.Tensor]:
         samples = []
         for n in range(batch_size):
-            sample = transform(torch.from_numpy(KINDS[kind](rng)), generator=generator)
+            sample = transform(torch.from_numpy(kinds[kind](rng)), generator=generator)
             sample["seed"] = derive_seed(seed, step, kind, n)  # masks seeded per sample, as the stream does
             samples.append(sample)
-        inputs = model_inputs(collator(samples), quantiser, "cpu")
+        inputs = model_inputs(collator(samples), targets, "cpu")
         if misalign:
             inputs["labels"] = _shuffle_cells(inputs["labels"], generator)
         return inputs
@@ -392,12 +421,13 @@ def train_and_evaluate(
 
     model.eval()
     rng, generator = np.random.default_rng([seed, 2]), torch.Generator().manual_seed(seed + 1)
+    quality = "video_mask_accuracy" if target == "tokenizer" else "video_mask_r2"
     with torch.no_grad():
         return {
             kind: float(
-                np.mean([model(**batch(kind, rng, generator, -1 - n)).video_mask_accuracy for n in range(2)])
+                np.mean([getattr(model(**batch(kind, rng, generator, -1 - n)), quality) for n in range(2)])
             )
-            for kind in KINDS
+            for kind in kinds
         }
 
 
@@ -417,3 +447,27 @@ def test_static_clips_with_targets_shuffled_in_space_stay_at_chance():
     """The same training with each clip's targets permuted over the cells: nothing to copy, accuracy near chance."""
     shuffled = train_and_evaluate(seed=0, steps=STEPS, misalign=True)
     assert shuffled["static"] <= 2 * CHANCE  # measured: 0.11-0.17 (chance 0.125)
+
+
+# The regression path (5-D float labels, `labels[loss_mask]` over (B, T, h, w, D), the regression head, the MSE,
+# `video_mask_r2`) with pixel targets, which a copy reproduces exactly. Measured with this code, 60 steps, seeds 0-5:
+# static 0.44-0.71; fresh -0.49 to -0.69 (below 0: the model copies from the other frames, wrong on fresh clips);
+# shuffled 0.01-0.02 below 0. HOG targets cannot make this test: the `test` preset does not learn them within a CI
+# budget even where copying suffices (static R^2 -0.01 to 0.03 after 100-400 steps, at embed 16 and at embed 64,
+# where pixels reach 0.61 and 0.90): a histogram of gradient orientations is a far less linear function of the
+# pixels than the normalised pixels are (see BENCHMARKS.md, "Transfer").
+PIXEL_STEPS = 60
+
+
+def test_static_clips_are_learned_with_pixel_targets_and_nothing_leaks_to_fresh_ones():
+    """Pixel regression targets: R^2 well above 0 where the masked cells are visible in other frames, not above 0
+    where nothing masked is visible anywhere."""
+    aligned = train_and_evaluate(seed=0, steps=PIXEL_STEPS, misalign=False, target="pixel")
+    assert aligned["static"] >= 0.3  # measured: 0.44-0.71 (seed 0: 0.60)
+    assert aligned["fresh"] <= 0.05  # measured: -0.69 to -0.49
+
+
+def test_pixel_targets_shuffled_in_space_are_not_learned():
+    """The same training with each clip's target vectors permuted over the cells: R^2 stays at (or just below) 0."""
+    shuffled = train_and_evaluate(seed=0, steps=PIXEL_STEPS, misalign=True, target="pixel")
+    assert shuffled["static"] <= 0.05  # measured: -0.017 to -0.011
