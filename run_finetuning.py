@@ -64,6 +64,7 @@ from bevt.training import (
     build_lr_scheduler,
     build_optimizer,
     fail,
+    frequent_evaluation_warning,
     layer_decay_lr_scale,
     resolve_schedule,
 )
@@ -485,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         f"  steps: {schedule.max_train_steps} (warmup {schedule.num_warmup_steps}), evaluation every "
         f"{schedule.eval_steps or 'end'} steps, starting at {engine.state.step}"
     )
+    if validation is not None and (warning := frequent_evaluation_warning(schedule, args.eval_steps is not None)):
+        logger.warning(warning)
     exit_code = engine.run(
         finetuning_step(args, model, len(label_names)), evaluate=validation, format_metrics=format_metrics
     )

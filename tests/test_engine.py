@@ -20,6 +20,7 @@ from bevt.training import (
     TrainingEngine,
     build_lr_scheduler,
     build_optimizer,
+    frequent_evaluation_warning,
     resolve_schedule,
 )
 from bevt.training.arguments import (
@@ -214,3 +215,24 @@ def test_resume_refuses_changed_hyperparameters_and_names_them(tmp_path, caplog)
     changed = [r.getMessage() for r in caplog.records if "changed argument" in r.getMessage()]
     assert len(changed) == 1, changed
     assert changed[0].endswith(f"resuming {checkpoint} with a changed argument: --max_grad_norm 0.0 -> 1.0")
+
+
+def test_an_epoch_cadence_on_a_tiny_subset_warns_of_its_many_evaluations():
+    """30 labeled clips, 16 a step: 2-step epochs; `--eval_every_epochs 1` over 240 steps evaluates 120 times (the
+    low-label demo chain's trap): warned, naming --eval_steps. A chosen --eval_steps, or a normal run, is not."""
+    tiny = resolve_schedule(
+        samples_per_epoch=30, samples_per_step=16, max_train_steps=240, num_train_epochs=None, eval_every_epochs=1.0
+    )
+    assert (tiny.steps_per_epoch, tiny.eval_steps, tiny.num_evaluations) == (2, 2, 120)
+    warning = frequent_evaluation_warning(tiny, eval_steps_given=False)
+    assert warning is not None and "120 evaluations in 240 steps" in warning and "--eval_steps" in warning
+    assert frequent_evaluation_warning(tiny, eval_steps_given=True) is None  # the user asked for it
+    normal = resolve_schedule(
+        samples_per_epoch=9600, samples_per_step=64, max_train_steps=None, num_train_epochs=30, eval_every_epochs=1.0
+    )
+    assert (normal.max_train_steps, normal.num_evaluations) == (4500, 30)
+    assert frequent_evaluation_warning(normal, eval_steps_given=False) is None
+    uneven = resolve_schedule(samples_per_epoch=None, samples_per_step=4, max_train_steps=10, num_train_epochs=None, eval_steps=4)
+    assert uneven.num_evaluations == 3  # steps 4, 8 and the end (10)
+    at_end = resolve_schedule(samples_per_epoch=None, samples_per_step=4, max_train_steps=10, num_train_epochs=None)
+    assert at_end.num_evaluations == 1

@@ -192,6 +192,29 @@ class Schedule:
     def epoch(self, step: int) -> float | None:
         return step / self.steps_per_epoch if self.steps_per_epoch else None
 
+    @property
+    def num_evaluations(self) -> int:
+        """Evaluations during the run: every `eval_steps` and once at the end (1 without `eval_steps`)."""
+        if not self.eval_steps:
+            return 1
+        return self.max_train_steps // self.eval_steps + bool(self.max_train_steps % self.eval_steps)
+
+
+MANY_EVALUATIONS = 50  # more evaluations than this from an epoch cadence: most likely tiny epochs, not a choice
+
+
+def frequent_evaluation_warning(schedule: Schedule, eval_steps_given: bool) -> str | None:
+    """A warning when the evaluation cadence, derived from epochs (`--eval_every_epochs`, not `--eval_steps`),
+    evaluates more than `MANY_EVALUATIONS` times: a few labeled clips (`--max_train_samples`) make epochs of a step
+    or two, and evaluating after each can take longer than the training. None when the cadence is fine or chosen."""
+    if eval_steps_given or schedule.num_evaluations <= MANY_EVALUATIONS:
+        return None
+    return (
+        f"evaluating every {schedule.eval_steps} steps (every {schedule.eval_steps / schedule.steps_per_epoch:g} "
+        f"epochs of {schedule.steps_per_epoch} steps) makes {schedule.num_evaluations} evaluations in "
+        f"{schedule.max_train_steps} steps; pass --eval_steps N (or a larger --eval_every_epochs) to evaluate less often"
+    )
+
 
 def resolve_schedule(
     *,
