@@ -57,7 +57,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -295,6 +295,15 @@ class Run:
             return False
         return json.loads(self.marker.read_text()).get("key") == self.key
 
+    def record(self) -> dict:
+        """What the finished run's marker says of it: `seconds`, `finished` (UTC, "%Y-%m-%d %H:%M"; the marker's
+        modification time for markers written before it was recorded) and `machine` (None where not recorded)."""
+        record = json.loads(self.marker.read_text())
+        finished = record.get("finished") or time.strftime(
+            "%Y-%m-%d %H:%M", time.gmtime(self.marker.stat().st_mtime)
+        )
+        return {"seconds": float(record.get("seconds", 0.0)), "finished": finished, "machine": record.get("machine")}
+
     def command(self) -> list[str]:
         return [sys.executable, str(ROOT / self.script), *self.argv]
 
@@ -348,6 +357,7 @@ def execute(run: Run, log_dir: Path, pool: ProcessPoolExecutor | None) -> None:
     user would type it; both with OMP_NUM_THREADS=1 and the output in `log_dir/<name>.log`."""
     if run.finished_before():
         run.status = "reused"
+        run.seconds = run.record()["seconds"]
         return
     shutil.rmtree(run.output_dir, ignore_errors=True)
     log = log_dir / f"{run.name}.log"
@@ -365,7 +375,9 @@ def execute(run: Run, log_dir: Path, pool: ProcessPoolExecutor | None) -> None:
     run.status = "done" if code == 0 else "failed"
     if code == 0:
         run.output_dir.mkdir(parents=True, exist_ok=True)
-        run.marker.write_text(json.dumps({"key": run.key, "seconds": run.seconds, "argv": run.argv}) + "\n")
+        record = {"key": run.key, "seconds": run.seconds, "argv": run.argv, "machine": machine(),
+                  "finished": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}  # fmt: skip
+        run.marker.write_text(json.dumps(record) + "\n")
     else:
         print(f"  FAILED ({code}): {run.name}, see {log}", flush=True)
 
@@ -637,7 +649,8 @@ def markdown(args: argparse.Namespace, results: dict, meta: dict) -> str:
     lines = [
         f"# Transfer benchmark ({args.split} split)",
         "",
-        f"Top-1 (%) on the {args.split} split ({meta['num_scored']} clips, 6 classes, chance 16.7), mean ± std over "
+        f"Top-1 (%) on the {args.split} split ({meta['num_scored']} clips, {meta['num_classes']} classes, chance "
+        f"{100 / meta['num_classes']:.1f}), mean ± std over "
         f"seeds {', '.join(map(str, args.seeds))}; {args.labels} labeled clips; {args.finetune_steps} fine-tuning / "
         f"probing steps; {args.pretrain_steps} pretraining steps; Δ = paired difference to the scratch row "
         "(same seed: same labeled subset).",
@@ -686,9 +699,38 @@ def markdown(args: argparse.Namespace, results: dict, meta: dict) -> str:
         usage = statistics.fmean(t["codebook_usage"] for t in results["tokenizers"].values())
         lines += ["", f"Trained tokenizer ({args.tokenizer_steps} steps, 64 codes): held-out PSNR {psnr:.2f} dB "
                   f"(mean-colour baseline {base_psnr:.2f} dB), codebook usage {usage:.2f}."]  # fmt: skip
-    lines += ["", f"Command: `{meta['command']}`", f"Date: {meta['date']}; machine: {meta['machine']}; "
-              f"wall time {meta['wall_s'] / 60:.1f} min ({meta['jobs']} runs at a time)."]  # fmt: skip
+    lines += ["", f"Command: `{meta['command']}`", run_provenance_line(meta)]
     return "\n".join(lines) + "\n"
+
+
+def provenance(runs: Iterable[Run]) -> dict:
+    """When, where and for how long the table's finished runs (done now or reused) ran, from their markers:
+    `runs_finished` [first, last] (UTC), `run_machines` (recorded machines; None: some runs did not record theirs),
+    `run_seconds` (summed), `runs_now` / `runs_reused` (counts)."""
+    finished = [run for run in runs if run.status in ("done", "reused") and run.marker.is_file()]
+    records = [run.record() for run in finished]
+    machines = sorted({r["machine"] for r in records if r["machine"]})
+    return {
+        "runs_finished": [min(r["finished"] for r in records), max(r["finished"] for r in records)] if records else None,
+        "run_machines": machines + (["not recorded"] if any(not r["machine"] for r in records) else []),
+        "run_seconds": round(sum(r["seconds"] for r in records), 1),
+        "runs_now": sum(run.status == "done" for run in finished),
+        "runs_reused": sum(run.status == "reused" for run in finished),
+    }
+
+
+def run_provenance_line(meta: dict) -> str:
+    """The table's last line: the runs' own dates, machines and run time (a --report_only or a rerun that reused
+    runs does not stamp them with its own date), then this invocation's."""
+    if meta["runs_finished"]:
+        first, last = meta["runs_finished"]
+        span = first if first == last else f"{first} to {last}"
+        runs = (f"Runs finished {span} UTC on {' / '.join(meta['run_machines'])}; {meta['run_seconds'] / 60:.1f} min "
+                f"of run time ({meta['jobs']} at a time). ")  # fmt: skip
+    else:
+        runs = "No finished runs. "
+    return (f"{runs}This table: {meta['date']} on {meta['machine']}, {meta['runs_now']} runs now and "
+            f"{meta['runs_reused']} reused, {meta['wall_s'] / 60:.1f} min.")  # fmt: skip
 
 
 def machine() -> str:
@@ -814,6 +856,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         for run in runs.values():
             run.status = "reused" if run.finished_before() else "missing"
+            run.seconds = run.record()["seconds"] if run.status == "reused" else 0.0
     elif not args.subprocess:
         import multiprocessing
 
@@ -847,6 +890,8 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": round(time.perf_counter() - started, 1),
         "jobs": args.jobs,
         "num_scored": getattr(args.sizes, args.split),
+        "num_classes": len(CLASS_NAMES),
+        **provenance(runs.values()),
     }
     table = markdown(args, results, meta)
     (out / f"transfer_{args.split}.md").write_text(table)

@@ -55,6 +55,18 @@ def test_transfer_benchmark_smoke_writes_every_row(tmp_path):
     assert "training-clip accuracy" in table and "Per seed (0), %:" in table
     assert {"psnr", "codebook_usage"} <= set(report["tokenizers"]["0"])
     assert all(run["status"] == "done" for run in report["runs"].values())
+    assert report["runs_now"] == len(report["runs"]) and report["runs_reused"] == 0
+    assert report["run_machines"] == [report["machine"]] and "Runs finished" in table
+
+    # --report_only keeps the runs' own dates, machine and run time (it ran nothing itself)
+    again = subprocess.run([*command, "--report_only"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rewritten = json.loads((tmp_path / "transfer_eval.json").read_text())
+    for key in ("runs_finished", "run_machines", "run_seconds"):
+        assert rewritten[key] == report[key], key
+    assert (rewritten["runs_now"], rewritten["runs_reused"]) == (0, len(report["runs"]))
+    assert f"0 runs now and {len(report['runs'])} reused" in (tmp_path / "transfer_eval.md").read_text()
+    assert [row["finetune"]["values"] for row in rewritten["rows"]] == [row["finetune"]["values"] for row in report["rows"]]
 
 
 def test_a_changed_pretraining_is_not_reused_by_its_finetunings(tmp_path):
