@@ -125,6 +125,16 @@ def machine_info(threads: int) -> dict[str, object]:
     info["logical_cpus"] = os.cpu_count()
     info["torch"] = torch.__version__
     info["load_average_at_start"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    from dataclasses import asdict
+
+    from bevt.kernels_bevt import linear_kernels
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:  # the fp32 linear kernels this machine's calibration chose (BEVT_ONEDNN_LINEAR=auto), for these threads
+        info["linear_kernels"] = asdict(linear_kernels())
+    finally:
+        torch.set_num_threads(previous)
     return info
 
 
@@ -558,6 +568,13 @@ def summary(results: dict, precisions: list[str]) -> str:
         f"CPU: {m['cpu_model']} ({m.get('cpu_id', '?')}); ISA: {', '.join(m['isa'])}; torch CPU capability "
         f"{m['torch_cpu_capability']}; {m['threads']} threads of {m['logical_cpus']} logical CPUs; torch {m['torch']}; "
         f"load average {m['load_average_at_start']:.2f} -> {m['load_average_at_end']:.2f}; clock: {results['clock']}",
+        "fp32 linears (BEVT_ONEDNN_LINEAR): "
+        + (
+            f"forward {'oneDNN' if k['forward'] else 'F.linear'}, weight gradient "
+            f"{'oneDNN' if k['weight_grad'] else 'torch.mm'} ({k['source']})"
+            if (k := m.get("linear_kernels"))
+            else "?"
+        ),
         f"GEMM {gemm['shape']}: "
         + ", ".join(
             f"{p} {gemm[f'{p}_gflops']['mean']:.0f} GFLOP/s (start {gemm[f'{p}_gflops']['start']:.0f}, "

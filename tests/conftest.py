@@ -19,6 +19,19 @@ def _deterministic() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _kernel_calibration_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The linear-kernel calibration (`bevt.kernels_bevt.linear_kernels`) caches its choice in a session file, not
+    in the user's ~/.cache; the scripts the tests start inherit it (one calibration per thread count)."""
+    previous = os.environ.get("BEVT_KERNEL_CACHE")
+    os.environ["BEVT_KERNEL_CACHE"] = str(tmp_path_factory.mktemp("kernel_cache") / "kernels.json")
+    yield
+    if previous is None:
+        os.environ.pop("BEVT_KERNEL_CACHE", None)
+    else:
+        os.environ["BEVT_KERNEL_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real videos/images of ../shared/data; tests using it skip when it is absent."""

@@ -65,6 +65,8 @@ def test_bench_model_smoke_reports_machine_rates_flops_and_utilisation(tmp_path)
     machine = report["machine"]
     assert machine["cpu_model"] and machine["isa"] and machine["threads"] == 1
     assert machine["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    kernels = machine["linear_kernels"]  # what this machine's calibration chose for the fp32 linears
+    assert kernels["source"] in ("calibrated", "cache", "disabled") and "fp32 linears (BEVT_ONEDNN_LINEAR)" in result.stdout
     for p in ("fp32", "bf16"):
         assert report["gemm"][f"{p}_gflops"]["mean"] > 0
         assert (

@@ -3,7 +3,8 @@
 The model calls each one through a single function that checks whether the fast path applies and otherwise runs
 the plain PyTorch code (so results never depend on it beyond summation order):
 
-- `BEVTLinear` / `fast_linear`: `nn.Linear` whose float32 CPU products run through oneDNN.
+- `BEVTLinear` / `fast_linear`: `nn.Linear` whose float32 CPU products run through oneDNN where a calibration on
+  the running machine measured it faster (`linear_kernels`, cached; BEVT_ONEDNN_LINEAR=auto / 1 / 0).
 - `sdpa_window_attention_forward`: the model's "sdpa" attention; on CPU training it is `WindowAttentionFunction`,
   chunked window attention without an autograd graph over the scores (probabilities kept within a memory budget,
   `BEVT_ATTENTION_STORE_MB`, else recomputed in backward).
@@ -17,9 +18,16 @@ This file is copied next to `modeling_bevt.py` into saved folders (remote code):
 transformers.
 """
 
+import json
 import os
+import platform
+import statistics
+import tempfile
+import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from functools import lru_cache, partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -212,13 +220,16 @@ def sdpa_window_attention_forward(
 # On CPU, `F.linear` in float32 runs MKL's sgemm. `torch.ops.mkldnn._linear_pointwise` runs the same float32 product
 # through oneDNN, which uses the CPU's widest vector units (on the AMD Zen 5 benchmark machine MKL takes its AVX2
 # path and reaches ~200 GFLOP/s on two cores, oneDNN's AVX-512 kernels ~400). Same math in float32; only the
-# summation order differs (relative differences ~1e-7). Set BEVT_ONEDNN_LINEAR=0 to use `F.linear` everywhere.
+# summation order differs (relative differences ~1e-7). Whether it is faster depends on the CPU (on an Intel Sapphire
+# Rapids VM MKL already runs AVX-512 and oneDNN's weight gradient was slower), so the choice is measured on the
+# running machine (`linear_kernels`: a short calibration, cached per CPU model, torch version and thread count).
+# BEVT_ONEDNN_LINEAR: "auto" (default, calibrated), "1" (always oneDNN), "0" (`F.linear` everywhere).
 
 
 @lru_cache(maxsize=1)
 def onednn_linear_op() -> Callable | None:
     """oneDNN's linear op, or None where it is unavailable, disabled (BEVT_ONEDNN_LINEAR=0) or fails its check."""
-    if os.environ.get("BEVT_ONEDNN_LINEAR", "1").strip().lower() in ("0", "false", "no", "off"):
+    if _onednn_setting() == "off":
         return None
     try:
         if not torch.backends.mkldnn.is_available():
@@ -241,7 +252,169 @@ def onednn_linear_op() -> Callable | None:
         return None
 
 
-def _onednn_eligible(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+def _onednn_setting() -> str:
+    """BEVT_ONEDNN_LINEAR: "off" (0 / false / no / off), "on" (1 / true / yes / on) or "auto" (unset, "auto")."""
+    value = os.environ.get("BEVT_ONEDNN_LINEAR", "auto").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return "off"
+    if value in ("1", "true", "yes", "on"):
+        return "on"
+    if value in ("", "auto"):
+        return "auto"
+    raise ValueError(f"BEVT_ONEDNN_LINEAR must be auto, 1 or 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LinearKernels:
+    """Which float32 CPU products go through oneDNN: `forward` (the forward and input-gradient products) and
+    `weight_grad` (the weight gradients of deep layers, N*K/(N+K) >= ONEDNN_WEIGHT_GRAD_MIN_DEPTH); `source`:
+    "calibrated" (measured now), "cache" (measured earlier on this machine), "forced" / "disabled"
+    (BEVT_ONEDNN_LINEAR=1 / 0 or oneDNN unavailable); `timings`: the calibration's seconds per candidate."""
+
+    forward: bool
+    weight_grad: bool
+    source: str
+    timings: dict | None = None
+
+
+# oneDNN's weight-gradient kernel needs both operands converted to its own tensor type (one copy each, ~M*(N+K)
+# values); it pays off once each copied value feeds enough multiply-adds, i.e. when N*K/(N+K) is large.
+ONEDNN_WEIGHT_GRAD_MIN_DEPTH = 128
+
+# Shapes of the calibration, (rows, in, out): a shallow and a deep projection of a Swin block (the qkv of a 128-wide
+# stage, an MLP of a 384-wide one); the weight gradient is measured on the deep one only (the only kind that may use
+# oneDNN's). Each candidate runs `CALIBRATION_REPEATS` times, alternating, after a warm-up; the median counts.
+CALIBRATION_SHAPES = ((2048, 128, 384), (2048, 384, 1536))
+CALIBRATION_REPEATS = 5
+CALIBRATION_MARGIN = 0.95  # oneDNN must take less than 95% of the standard product's time to be chosen
+CALIBRATION_VERSION = 1
+
+
+def linear_calibration_path() -> Path:
+    """Where measured choices are kept: BEVT_KERNEL_CACHE, else `$XDG_CACHE_HOME/bevt/kernels.json` (default
+    `~/.cache`)."""
+    if os.environ.get("BEVT_KERNEL_CACHE"):
+        return Path(os.environ["BEVT_KERNEL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bevt" / "kernels.json"
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo, else `platform.processor()`): a cache key only, never a decision."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _calibration_key(threads: int) -> str:
+    return f"v{CALIBRATION_VERSION}|{_cpu_model()}|torch {torch.__version__}|{threads} threads"
+
+
+def _median_seconds(run: Callable[[], object]) -> float:
+    times = []
+    for _ in range(CALIBRATION_REPEATS):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def choose_linear_kernels(timings: dict[str, float]) -> tuple[bool, bool]:
+    """(forward, weight_grad) from calibration timings: oneDNN where it beats the standard product by the margin.
+    `timings`: seconds of "forward_aten" / "forward_onednn" (summed over the shapes) and "weight_grad_aten" /
+    "weight_grad_onednn"."""
+    forward = timings["forward_onednn"] < CALIBRATION_MARGIN * timings["forward_aten"]
+    weight_grad = timings["weight_grad_onednn"] < CALIBRATION_MARGIN * timings["weight_grad_aten"]
+    return forward, weight_grad
+
+
+def _calibration_candidates(op: Callable, rows: int, k: int, n: int, g: torch.Generator) -> dict[str, Callable]:
+    """The products compared on one shape: forward (standard / oneDNN), and for a deep layer the weight gradient."""
+    x, w, b = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    candidates = {"forward_aten": partial(F.linear, x, w, b), "forward_onednn": partial(op, x, w, b, "none", [], "")}
+    if n * k >= ONEDNN_WEIGHT_GRAD_MIN_DEPTH * (n + k):
+        grad = torch.randn(rows, n, generator=g)
+        candidates["weight_grad_aten"] = partial(torch.mm, grad.t(), x)
+        candidates["weight_grad_onednn"] = lambda: torch.mkldnn_linear_backward_weights(
+            grad.to_mkldnn(), x.to_mkldnn(), w, False
+        )
+    return candidates
+
+
+def _calibrate(op: Callable) -> dict[str, float]:
+    """Seconds of the standard and the oneDNN products on `CALIBRATION_SHAPES` with the current threads."""
+    g = torch.Generator().manual_seed(0)
+    timings = dict.fromkeys(("forward_aten", "forward_onednn", "weight_grad_aten", "weight_grad_onednn"), 0.0)
+    with torch.no_grad():
+        for rows, k, n in CALIBRATION_SHAPES:
+            candidates = _calibration_candidates(op, rows, k, n, g)
+            for run in candidates.values():
+                run()  # warm-up: first-call allocations, oneDNN primitive creation
+            measured: dict[str, list[float]] = {name: [] for name in candidates}
+            for _ in range(2):  # two alternating rounds: a slow spell of the machine hits both candidates
+                for name, run in candidates.items():
+                    measured[name].append(_median_seconds(run))
+            for name, values in measured.items():
+                timings[name] += min(values)
+    return timings
+
+
+def _read_calibration(path: Path, key: str) -> dict | None:
+    try:
+        entry = json.loads(path.read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return entry if isinstance(entry, dict) and {"forward", "weight_grad"} <= set(entry) else None
+
+
+def _write_calibration(path: Path, key: str, entry: dict) -> None:
+    """Add `entry` under `key` (atomic replace; an unwritable cache only costs a calibration per process)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            data = json.loads(path.read_text())
+            data = data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            data = {}
+        data[key] = entry
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+            json.dump(data, handle, indent=1)
+        os.replace(handle.name, path)
+    except OSError:
+        pass
+
+
+def linear_kernels() -> LinearKernels:
+    """The oneDNN choices for this process at the current `torch.get_num_threads()` (see `LinearKernels`)."""
+    return _linear_kernels(torch.get_num_threads(), _onednn_setting())
+
+
+@lru_cache(maxsize=8)
+def _linear_kernels(threads: int, setting: str) -> LinearKernels:
+    op = onednn_linear_op()
+    if op is None:
+        return LinearKernels(False, False, "disabled")
+    if setting == "on":
+        return LinearKernels(True, True, "forced")
+    path, key = linear_calibration_path(), _calibration_key(threads)
+    cached = _read_calibration(path, key)
+    if cached is not None:
+        forward, weight_grad = bool(cached["forward"]), bool(cached["weight_grad"])
+        return LinearKernels(forward, weight_grad, "cache", cached.get("timings"))
+    try:
+        timings = _calibrate(op)
+    except (RuntimeError, NotImplementedError):
+        return LinearKernels(False, False, "disabled")
+    forward, weight_grad = choose_linear_kernels(timings)
+    choice = LinearKernels(forward, weight_grad, "calibrated", timings)
+    _write_calibration(path, key, {k: v for k, v in asdict(choice).items() if k != "source"})
+    return choice
+
+
+def _onednn_usable(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `hidden @ weight.T` can go through oneDNN: plain float32 CPU tensors, eager mode (not compiling or
     tracing), no autocast, no dispatch mode."""
     return (
@@ -260,20 +433,26 @@ def _onednn_eligible(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def _onednn_eligible(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the forward / input-gradient product `hidden @ weight.T` goes through oneDNN: usable, and chosen for
+    this machine (`linear_kernels().forward`)."""
+    return _onednn_usable(hidden, weight) and linear_kernels().forward
+
+
 def _onednn_matmul(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """rows (M, K) @ weight (N, K).T (+ bias (N,)) -> (M, N) through oneDNN."""
     return onednn_linear_op()(rows, weight, bias, "none", [], "")
 
 
-# oneDNN's weight-gradient kernel needs both operands converted to its own tensor type (one copy each, ~M*(N+K)
-# values); it pays off once each copied value feeds enough multiply-adds, i.e. when N*K/(N+K) is large.
-ONEDNN_WEIGHT_GRAD_MIN_DEPTH = 128
-
 
 def _linear_weight_grad(grad_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """grad_rows (M, N).T @ rows (M, K) -> (N, K): the weight gradient of a linear layer."""
     n, k = grad_rows.shape[1], rows.shape[1]
-    if n * k >= ONEDNN_WEIGHT_GRAD_MIN_DEPTH * (n + k) and _onednn_eligible(rows, grad_rows):
+    if (
+        n * k >= ONEDNN_WEIGHT_GRAD_MIN_DEPTH * (n + k)
+        and _onednn_usable(rows, grad_rows)
+        and linear_kernels().weight_grad
+    ):
         try:
             weight = torch.empty(n, k, dtype=rows.dtype)  # only its shape is read
             grad_weight, _ = torch.mkldnn_linear_backward_weights(

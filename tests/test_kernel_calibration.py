@@ -1,0 +1,138 @@
+"""The per-machine choice of the fp32 linear kernels (issue 16: "choose kernels per machine at run time from what is
+measured there, a short calibration, cached, never from the vendor name"): `bevt.kernels_bevt.linear_kernels`.
+
+No timing is asserted: the decision rule is tested on given timings, the calibration on its contract (what it
+measures, that it is cached and reused, what the environment overrides), and the model on following the choice."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bevt import kernels_bevt
+from bevt.kernels_bevt import BEVTLinear, choose_linear_kernels, linear_kernels
+
+needs_onednn = pytest.mark.skipif(kernels_bevt.onednn_linear_op() is None, reason="no oneDNN in this torch build")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A fresh cache file and a fresh in-process choice; the calibration replaced by given timings (counted)."""
+    path = tmp_path / "kernels.json"
+    monkeypatch.setenv("BEVT_KERNEL_CACHE", str(path))
+    monkeypatch.delenv("BEVT_ONEDNN_LINEAR", raising=False)
+    kernels_bevt._linear_kernels.cache_clear()
+    state = {"timings": None, "calls": 0}
+
+    def fake_calibrate(op):
+        state["calls"] += 1
+        return dict(state["timings"])
+
+    monkeypatch.setattr(kernels_bevt, "_calibrate", fake_calibrate)
+    yield path, state
+    kernels_bevt._linear_kernels.cache_clear()
+
+
+def timings(forward_onednn: float, weight_grad_onednn: float) -> dict[str, float]:
+    """Calibration seconds with the standard products at 1.0."""
+    return {"forward_aten": 1.0, "forward_onednn": forward_onednn, "weight_grad_aten": 1.0,
+            "weight_grad_onednn": weight_grad_onednn}  # fmt: skip
+
+
+def test_onednn_is_chosen_only_where_it_is_measured_faster_by_the_margin():
+    assert choose_linear_kernels(timings(0.5, 0.6)) == (True, True)  # the AMD Zen 5 case: MKL on its AVX2 path
+    assert choose_linear_kernels(timings(1.07, 1.13)) == (False, False)  # the Intel VM: oneDNN slower
+    assert choose_linear_kernels(timings(0.97, 0.9)) == (False, True)  # within the 5% margin: the standard op
+    assert choose_linear_kernels(timings(0.94, 1.0)) == (True, False)
+
+
+@needs_onednn
+def test_the_choice_is_measured_once_cached_and_reused(cache):
+    path, state = cache
+    state["timings"] = timings(1.1, 0.5)
+    first = linear_kernels()
+    assert (first.forward, first.weight_grad, first.source) == (False, True, "calibrated")
+    assert first.timings == timings(1.1, 0.5)
+    assert linear_kernels() is first and state["calls"] == 1  # in-process: no second calibration
+
+    stored = json.loads(path.read_text())
+    (key,) = stored
+    assert f"{torch.get_num_threads()} threads" in key and torch.__version__ in key
+    assert stored[key]["forward"] is False and stored[key]["weight_grad"] is True
+
+    kernels_bevt._linear_kernels.cache_clear()  # a new process on the same machine reads the cache
+    again = linear_kernels()
+    assert (again.forward, again.weight_grad, again.source) == (False, True, "cache") and state["calls"] == 1
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)  # another thread count is another measurement, kept beside the first
+    try:
+        state["timings"] = timings(0.5, 0.5)
+        other = linear_kernels()
+    finally:
+        torch.set_num_threads(threads)
+    assert (other.forward, other.source) == (True, "calibrated") and state["calls"] == 2
+    assert len(json.loads(path.read_text())) == 2
+
+
+@needs_onednn
+def test_a_damaged_or_unwritable_cache_costs_only_a_calibration(cache, tmp_path, monkeypatch):
+    path, state = cache
+    state["timings"] = timings(0.5, 0.5)
+    path.write_text("{not json")
+    assert linear_kernels().source == "calibrated" and state["calls"] == 1
+    assert json.loads(path.read_text())  # rewritten whole
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    monkeypatch.setenv("BEVT_KERNEL_CACHE", str(blocked / "kernels.json"))  # its folder is a file: cannot write
+    kernels_bevt._linear_kernels.cache_clear()
+    choice = linear_kernels()
+    assert (choice.forward, choice.source) == (True, "calibrated") and state["calls"] == 2
+
+
+def test_the_environment_forces_or_disables_oneDNN_without_calibrating(cache, monkeypatch):
+    _, state = cache
+    monkeypatch.setenv("BEVT_ONEDNN_LINEAR", "0")
+    kernels_bevt.onednn_linear_op.cache_clear()
+    try:
+        assert linear_kernels().source == "disabled" and not linear_kernels().forward
+    finally:
+        monkeypatch.setenv("BEVT_ONEDNN_LINEAR", "1")
+        kernels_bevt.onednn_linear_op.cache_clear()
+    if kernels_bevt.onednn_linear_op() is not None:
+        forced = linear_kernels()
+        assert (forced.forward, forced.weight_grad, forced.source) == (True, True, "forced")
+    assert state["calls"] == 0
+    monkeypatch.setenv("BEVT_ONEDNN_LINEAR", "fast")
+    with pytest.raises(ValueError, match="BEVT_ONEDNN_LINEAR must be auto, 1 or 0, got 'fast'"):
+        linear_kernels()
+
+
+@needs_onednn
+@pytest.mark.parametrize("onednn", [False, True])
+def test_the_model_linears_follow_the_calibration(cache, monkeypatch, onednn):
+    """A deep layer: oneDNN's forward and weight gradient run exactly when chosen; the values are F.linear's."""
+    _, state = cache
+    state["timings"] = timings(0.5, 0.5) if onednn else timings(1.2, 1.2)
+    weight_grads = []
+    real = torch.mkldnn_linear_backward_weights
+    monkeypatch.setattr(torch, "mkldnn_linear_backward_weights", lambda *a: weight_grads.append(1) or real(*a))
+    layer = BEVTLinear(256, 512)
+    hidden = torch.randn(300, 256, requires_grad=True)
+    out = layer(hidden)
+    assert (type(out.grad_fn).__name__ == "OneDNNLinearFunctionBackward") == onednn
+    out.square().sum().backward()
+    assert bool(weight_grads) == onednn
+    expected = torch.nn.functional.linear(hidden.double(), layer.weight.double(), layer.bias.double())
+    torch.testing.assert_close(out, expected.float(), atol=1e-4, rtol=1e-5)
+
+
+@needs_onednn
+def test_the_real_calibration_measures_every_candidate(tmp_path, monkeypatch):
+    """The unpatched calibration: positive seconds for the four products (no claim on which wins)."""
+    monkeypatch.setenv("BEVT_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    measured = kernels_bevt._calibrate(kernels_bevt.onednn_linear_op())
+    assert set(measured) == {"forward_aten", "forward_onednn", "weight_grad_aten", "weight_grad_onednn"}
+    assert all(value > 0 for value in measured.values())
