@@ -1,6 +1,7 @@
 """The benchmark scripts stay correct: the reference implementation computes our math, the GPU script runs."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +96,17 @@ def test_bench_model_flop_count_matches_a_hand_count():
     layer = BEVTLinear(64, 32)
     hidden = torch.randn(10, 64, requires_grad=True)
     assert count_flops(lambda: layer(hidden).sum().backward()) == 3 * 2 * 10 * 64 * 32
+
+
+def test_bench_linear_kernels_smoke_reports_the_choice_shapes_and_steps(tmp_path):
+    env = {**os.environ, "BEVT_KERNEL_CACHE": str(tmp_path / "kernels.json")}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_linear_kernels.py"), "--smoke"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "calibration (calibrated" in out and (tmp_path / "kernels.json").is_file()
+    assert out.count("| 392 |") == 4 and "all shapes: forward" in out
+    losses = {line.rsplit("loss ", 1)[1] for line in out.splitlines() if line.startswith("fp32 training step")}
+    assert len(losses) == 1  # the three kernel choices compute the same loss (to the printed digits)
