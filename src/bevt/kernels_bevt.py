@@ -283,7 +283,8 @@ ONEDNN_WEIGHT_GRAD_MIN_DEPTH = 128
 
 # Shapes of the calibration, (rows, in, out): a shallow and a deep projection of a Swin block (the qkv of a 128-wide
 # stage, an MLP of a 384-wide one); the weight gradient is measured on the deep one only (the only kind that may use
-# oneDNN's). Each candidate runs `CALIBRATION_REPEATS` times, alternating, after a warm-up; the median counts.
+# oneDNN's). After a warm-up, two alternating rounds time each candidate `CALIBRATION_REPEATS` times; the lower
+# of its two medians counts, summed over the shapes.
 CALIBRATION_SHAPES = ((2048, 128, 384), (2048, 384, 1536))
 CALIBRATION_REPEATS = 5
 CALIBRATION_MARGIN = 0.95  # oneDNN must take less than 95% of the standard product's time to be chosen
@@ -442,7 +443,6 @@ def _onednn_eligible(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
 def _onednn_matmul(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """rows (M, K) @ weight (N, K).T (+ bias (N,)) -> (M, N) through oneDNN."""
     return onednn_linear_op()(rows, weight, bias, "none", [], "")
-
 
 
 def _linear_weight_grad(grad_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
