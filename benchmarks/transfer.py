@@ -705,7 +705,8 @@ def markdown(args: argparse.Namespace, results: dict, meta: dict) -> str:
 
 def provenance(runs: Iterable[Run]) -> dict:
     """When, where and for how long the table's finished runs (done now or reused) ran, from their markers:
-    `runs_finished` [first, last] (UTC), `run_machines` (recorded machines; None: some runs did not record theirs),
+    `runs_finished` [first, last] (UTC), `run_machines` (the recorded machines, plus "not recorded" when some
+    runs' markers predate the record),
     `run_seconds` (summed), `runs_now` / `runs_reused` (counts)."""
     finished = [run for run in runs if run.status in ("done", "reused") and run.marker.is_file()]
     records = [run.record() for run in finished]
