@@ -244,3 +244,22 @@ def test_full_size_tokenizer_copy_is_the_crop():
     torch.testing.assert_close(
         out["tokenizer_pixel_values"] * 255, _denormalize(out["pixel_values"]), atol=1e-3, rtol=0
     )
+
+
+def test_training_accuracy_of_mixed_clips_follows_their_dominant_class():
+    """Mixup draws lambda ~ Beta(alpha, alpha); a clip mixed mostly with its partner is the partner's class: the
+    training accuracy run_finetuning logs (and writes to training_results.json) scores it against that class."""
+    from bevt.finetuning import training_accuracy
+
+    labels = torch.arange(8) % 4
+    pixels = torch.rand(8, 2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    _, targets = mixup_cutmix(pixels, labels, 4, mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=0.1,
+                              generator=torch.Generator().manual_seed(1))  # fmt: skip
+    dominant = targets.argmax(-1)
+    assert not torch.equal(dominant, labels)  # this draw has clips dominated by their partner
+    perfect = torch.nn.functional.one_hot(dominant, 4).float() * 5  # a model that names each clip's dominant class
+    assert training_accuracy(perfect, targets).item() == 1.0
+    assert training_accuracy(perfect, labels).item() == (dominant == labels).float().mean().item() < 1.0
+    assert training_accuracy(perfect, torch.nn.functional.one_hot(labels, 4).float() * 0.9 + 0.025).item() == (
+        (dominant == labels).float().mean().item()
+    )  # label smoothing alone: the argmax is the label

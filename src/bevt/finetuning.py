@@ -70,6 +70,15 @@ def freeze_unused_video_parameters(model: BEVTForVideoClassification) -> list[st
     return frozen
 
 
+def training_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Accuracy of a training batch: logits `(B, num_labels)` against class ids `(B,)`, or against the dominant class
+    (argmax) of soft targets `(B, num_labels)` from mixup / cutmix / label smoothing. A mixed clip whose mixing weight
+    favours its partner is the partner's class (mixup draws lambda ~ Beta(alpha, alpha): below 0.5 half the time), so
+    scoring it against its own label would count right answers as wrong."""
+    reference = targets.argmax(-1) if targets.is_floating_point() else targets
+    return (logits.detach().argmax(-1) == reference).float().mean()
+
+
 def freeze_backbone(model: BEVTForVideoClassification, batchnorm: bool = False) -> int:
     """Freeze every backbone parameter (`model.bevt`) for head-only training or linear probing; returns how many
     tensors were frozen. With `batchnorm` (the MAE / VideoMAE linear probe), the classifier becomes
