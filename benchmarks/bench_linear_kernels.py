@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from bevt import kernels_bevt
 
@@ -33,51 +32,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 STAGES = ((25088, 96), (6272, 192), (1568, 384), (392, 768))
 
 
-def median_cpu_seconds(run, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        run()
-        times.append(time.process_time() - start)
-    return statistics.median(times)
-
-
 def shape_table(repeats: int, row_divisor: int = 1) -> None:
     op = kernels_bevt.onednn_linear_op()
     g = torch.Generator().manual_seed(0)
-    totals = dict.fromkeys(("fwd_aten", "fwd_onednn", "wgrad_aten", "wgrad_onednn"), 0.0)
+    names = ("forward_aten", "forward_onednn", "weight_grad_aten", "weight_grad_onednn")
+    totals = dict.fromkeys(names, 0.0)
     print("| rows | in -> out | forward F.linear / oneDNN (ms) | weight grad mm / oneDNN (ms) |")
     print("| ---: | --- | ---: | ---: |")
     with torch.no_grad():
         for rows, c in STAGES:
             rows = max(1, rows // row_divisor)
             for k, n in ((c, 3 * c), (c, c), (c, 4 * c), (4 * c, c)):
-                x, w, b = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
-                grad = torch.randn(rows, n, generator=g)
-                runs = {
-                    "fwd_aten": lambda x=x, w=w, b=b: F.linear(x, w, b),
-                    "fwd_onednn": lambda x=x, w=w, b=b: op(x, w, b, "none", [], ""),
-                    "wgrad_aten": lambda x=x, grad=grad: grad.t() @ x,
-                    "wgrad_onednn": lambda x=x, w=w, grad=grad: torch.mkldnn_linear_backward_weights(
-                        grad.to_mkldnn(), x.to_mkldnn(), w, False
-                    ),
-                }
+                # the calibration's own candidates, with the weight gradient of shallow layers too
+                runs = kernels_bevt._calibration_candidates(op, rows, k, n, g, all_weight_grads=True)
                 for run in runs.values():
                     run()
-                ms = {name: 1e3 * median_cpu_seconds(run, repeats) for name, run in runs.items()}
+                ms = {
+                    name: 1e3 * kernels_bevt._median_seconds(runs[name], repeats, time.process_time) for name in names
+                }
                 for name, value in ms.items():
                     totals[name] += value
+                fa, fo, wa, wo = (ms[name] for name in names)
                 deep = n * k >= kernels_bevt.ONEDNN_WEIGHT_GRAD_MIN_DEPTH * (n + k)
                 print(
-                    f"| {rows} | {k} -> {n} | {ms['fwd_aten']:.1f} / {ms['fwd_onednn']:.1f} "
-                    f"({ms['fwd_aten'] / ms['fwd_onednn']:.2f}x) | {ms['wgrad_aten']:.1f} / {ms['wgrad_onednn']:.1f} "
-                    f"({ms['wgrad_aten'] / ms['wgrad_onednn']:.2f}x{'' if deep else ', shallow: mm always'}) |",
+                    f"| {rows} | {k} -> {n} | {fa:.1f} / {fo:.1f} ({fa / fo:.2f}x) | {wa:.1f} / {wo:.1f} "
+                    f"({wa / wo:.2f}x{'' if deep else ', shallow: mm always'}) |",
                     flush=True,
                 )
+    fa, fo, wa, wo = (totals[name] for name in names)
     print(
-        f"all shapes: forward {totals['fwd_aten']:.0f} / {totals['fwd_onednn']:.0f} ms "
-        f"({totals['fwd_aten'] / totals['fwd_onednn']:.2f}x for oneDNN), weight gradient {totals['wgrad_aten']:.0f} / "
-        f"{totals['wgrad_onednn']:.0f} ms ({totals['wgrad_aten'] / totals['wgrad_onednn']:.2f}x)",
+        f"all shapes: forward {fa:.0f} / {fo:.0f} ms ({fa / fo:.2f}x for oneDNN), weight gradient {wa:.0f} / "
+        f"{wo:.0f} ms ({wa / wo:.2f}x)",
         flush=True,
     )
 

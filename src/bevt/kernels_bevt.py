@@ -314,12 +314,15 @@ def _calibration_key(threads: int) -> str:
     return f"v{CALIBRATION_VERSION}|{_cpu_model()}|torch {torch.__version__}|{threads} threads"
 
 
-def _median_seconds(run: Callable[[], object]) -> float:
+def _median_seconds(
+    run: Callable[[], object], repeats: int = CALIBRATION_REPEATS, clock: Callable[[], float] = time.perf_counter
+) -> float:
+    """Median seconds of `repeats` calls of `run`, on `clock` (wall time; benchmarks pass process CPU time)."""
     times = []
-    for _ in range(CALIBRATION_REPEATS):
-        start = time.perf_counter()
+    for _ in range(repeats):
+        start = clock()
         run()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
@@ -332,11 +335,14 @@ def choose_linear_kernels(timings: dict[str, float]) -> tuple[bool, bool]:
     return forward, weight_grad
 
 
-def _calibration_candidates(op: Callable, rows: int, k: int, n: int, g: torch.Generator) -> dict[str, Callable]:
-    """The products compared on one shape: forward (standard / oneDNN), and for a deep layer the weight gradient."""
+def _calibration_candidates(
+    op: Callable, rows: int, k: int, n: int, g: torch.Generator, all_weight_grads: bool = False
+) -> dict[str, Callable]:
+    """The products compared on one shape (rows, in `k`, out `n`): "forward_aten" / "forward_onednn", and for a deep
+    layer (or any, with `all_weight_grads`) "weight_grad_aten" / "weight_grad_onednn"."""
     x, w, b = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
     candidates = {"forward_aten": partial(F.linear, x, w, b), "forward_onednn": partial(op, x, w, b, "none", [], "")}
-    if n * k >= ONEDNN_WEIGHT_GRAD_MIN_DEPTH * (n + k):
+    if all_weight_grads or n * k >= ONEDNN_WEIGHT_GRAD_MIN_DEPTH * (n + k):
         grad = torch.randn(rows, n, generator=g)
         candidates["weight_grad_aten"] = partial(torch.mm, grad.t(), x)
         candidates["weight_grad_onednn"] = lambda: torch.mkldnn_linear_backward_weights(
