@@ -60,6 +60,7 @@ import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -304,6 +305,11 @@ class Run:
         )
         return {"seconds": float(record.get("seconds", 0.0)), "finished": finished, "machine": record.get("machine")}
 
+    def mark_reused(self) -> None:
+        """A run finished earlier with the same key: reused, with the run time its marker recorded."""
+        self.status = "reused"
+        self.seconds = self.record()["seconds"]
+
     def command(self) -> list[str]:
         return [sys.executable, str(ROOT / self.script), *self.argv]
 
@@ -356,8 +362,7 @@ def execute(run: Run, log_dir: Path, pool: ProcessPoolExecutor | None) -> None:
     """Run one command: in a worker process of `pool` (its `main(argv)`), else as a fresh subprocess exactly as a
     user would type it; both with OMP_NUM_THREADS=1 and the output in `log_dir/<name>.log`."""
     if run.finished_before():
-        run.status = "reused"
-        run.seconds = run.record()["seconds"]
+        run.mark_reused()
         return
     shutil.rmtree(run.output_dir, ignore_errors=True)
     log = log_dir / f"{run.name}.log"
@@ -706,8 +711,7 @@ def markdown(args: argparse.Namespace, results: dict, meta: dict) -> str:
 def provenance(runs: Iterable[Run]) -> dict:
     """When, where and for how long the table's finished runs (done now or reused) ran, from their markers:
     `runs_finished` [first, last] (UTC), `run_machines` (the recorded machines, plus "not recorded" when some
-    runs' markers predate the record),
-    `run_seconds` (summed), `runs_now` / `runs_reused` (counts)."""
+    runs' markers predate the record), `run_seconds` (summed), `runs_now` / `runs_reused` (counts)."""
     finished = [run for run in runs if run.status in ("done", "reused") and run.marker.is_file()]
     records = [run.record() for run in finished]
     machines = sorted({r["machine"] for r in records if r["machine"]})
@@ -734,7 +738,9 @@ def run_provenance_line(meta: dict) -> str:
             f"{meta['runs_reused']} reused, {meta['wall_s'] / 60:.1f} min.")  # fmt: skip
 
 
+@lru_cache(maxsize=1)
 def machine() -> str:
+    """CPU model, instruction sets and CPU count (`lscpu`, once per process: every finished run's marker records it)."""
     model, flags = platform.processor() or platform.machine(), ""
     try:
         text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -856,8 +862,10 @@ def main(argv: list[str] | None = None) -> int:
     pool = None
     if args.report_only:
         for run in runs.values():
-            run.status = "reused" if run.finished_before() else "missing"
-            run.seconds = run.record()["seconds"] if run.status == "reused" else 0.0
+            if run.finished_before():
+                run.mark_reused()
+            else:
+                run.status = "missing"
     elif not args.subprocess:
         import multiprocessing
 
