@@ -197,7 +197,7 @@ class Schedule:
         """Evaluations during the run: every `eval_steps` and once at the end (1 without `eval_steps`)."""
         if not self.eval_steps:
             return 1
-        return self.max_train_steps // self.eval_steps + bool(self.max_train_steps % self.eval_steps)
+        return math.ceil(self.max_train_steps / self.eval_steps)
 
 
 MANY_EVALUATIONS = 50  # more evaluations than this from an epoch cadence: most likely tiny epochs, not a choice
