@@ -69,7 +69,7 @@ from bevt.training import (
     layer_decay_lr_scale,
     resolve_schedule,
 )
-from bevt.training.arguments import UsageError, check_loaded_weights, load_error
+from bevt.training.arguments import UsageError, check_loaded_weights, load_error, parse_config_overrides
 from bevt.training.evaluation import MultiViewEvaluator, is_better, write_eval_outputs, write_json
 from bevt.training.finetuning_arguments import METRICS, FinetuningArguments
 from bevt.training.runtime import (
@@ -142,9 +142,15 @@ def build_model(args: FinetuningArguments, label_names: list[str]) -> BEVTForVid
             "id2label": dict(enumerate(label_names)),
             "label2id": {n: i for i, n in enumerate(label_names)},
         }
-        config = BEVTConfig.from_preset(
-            args.model_preset, **args.model_updates(), num_labels=len(label_names), **labels
-        )
+        try:
+            config = BEVTConfig.from_preset(
+                args.model_preset,
+                **{**args.model_updates(), **parse_config_overrides(args.config_overrides)},
+                num_labels=len(label_names),
+                **labels,
+            )
+        except (TypeError, ValueError) as err:
+            raise UsageError(f"--model_preset/--config_overrides give an invalid config: {err}") from None
         model = BEVTForVideoClassification(config)
         frozen = freeze_unused_video_parameters(model)
         logger.info(

@@ -484,6 +484,8 @@ def plan(
     """The phases of runs (tokenizers, pretrainings, fine-tunings) and the table's layout."""
     variants = pretraining_variants(args.targets, args.ablation_target, args.frozen_embedding_targets)
     tokenizers, pretrainings, finetunings = [], [], []
+    # the architecture of every new model (pretrainings, scratch); a pretraining folder's fine-tuning keeps its own
+    model_overrides = ["--config_overrides", args.config_overrides] if args.config_overrides else []
     starts: dict[str, str] = {"scratch": "none (random init)"}
     for variant in variants:
         starts[variant.name] = variant.label
@@ -500,7 +502,7 @@ def plan(
             argv = ["--video_shards", data["videos"], "--image_shards", data["images"], "--output_dir", str(out),
                     "--seed", str(seed), "--max_train_steps", str(args.pretrain_steps), "--logging_steps",
                     str(max(1, min(50, args.pretrain_steps))), "--checkpointing_steps", str(10**6),
-                    *PRETRAIN_FLAGS, *args.pretrain_extra]  # fmt: skip
+                    *PRETRAIN_FLAGS, *args.pretrain_extra, *model_overrides]  # fmt: skip
             needs = []
             if variant.target == "tokenizer":
                 argv += ["--tokenizer_name_or_path", str(tokenizer_dir)]
@@ -539,7 +541,7 @@ def plan(
                     argv += ["--linear_probe", "--learning_rate", args.probe_lr, *args.probe_extra]
                 needs = []
                 if start == "scratch":
-                    argv += ["--window_size", "4", "2", "2"]
+                    argv += ["--window_size", "4", "2", "2", *model_overrides]
                 else:
                     argv += ["--model_name_or_path", str(work / f"pretrain-{start}-s{seed}")]
                     needs.append(f"pretrain-{start}-s{seed}")
@@ -658,7 +660,9 @@ def markdown(args: argparse.Namespace, results: dict, meta: dict) -> str:
         f"{100 / meta['num_classes']:.1f}), mean ± std over "
         f"seeds {', '.join(map(str, args.seeds))}; {args.labels} labeled clips; {args.finetune_steps} fine-tuning / "
         f"probing steps; {args.pretrain_steps} pretraining steps; Δ = paired difference to the scratch row "
-        "(same seed: same labeled subset).",
+        "(same seed: same labeled subset). Model: preset test"
+        + (f" with {args.config_overrides}" if args.config_overrides else "")
+        + ".",
         "",
         f"Fine-tuning recipe{' ' + repr(args.finetune_tag) if args.finetune_tag else ''}: learning rate "
         f"{args.finetune_lr}{', ' + ' '.join(args.finetune_extra) if args.finetune_extra else ''}; linear probe: "
@@ -794,6 +798,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--pretrain_extra", default="", help="More run_pretraining.py flags (one string, for dev runs)."
     )
     p.add_argument("--finetune_extra", default="", help="More run_finetuning.py flags for the fine-tunings.")
+    p.add_argument(
+        "--config_overrides",
+        default=None,
+        help='Architecture of every new model (pretrainings and scratch starts; preset test otherwise), e.g. '
+        '"embed_dim=64": both scripts\' --config_overrides.',
+    )
     p.add_argument(
         "--finetune_tag",
         default=None,

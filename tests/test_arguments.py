@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from accelerate import PartialState
 
+from bevt import BEVTConfig, BEVTForVideoClassification
 from bevt.pretraining import PretrainingDataConfig
 from bevt.training.arguments import MASKED, BEVTArgumentParser, UsageError, save_training_args, tracker_config
 from bevt.training.finetuning_arguments import DIVING48, SSV2, FinetuningArguments
@@ -105,6 +107,32 @@ def test_diving48_is_the_ssv2_recipe_for_48_classes(finetuning):
     by_dest = {a.dest: " ".join(a.help.split()) for a in parser._actions}
     assert by_dest["dataset_name"].endswith("(default: none (no dataset claimed); demo: bevt-synthetic-temporal)")
     assert by_dest["layer_decay"].endswith("(default: k400 0.9, ssv2 1.0; demo: 1.0)")
+
+
+def test_finetuning_config_overrides_shape_a_new_model_only(finetuning, tmp_path):
+    """`--config_overrides` (as in run_pretraining.py) sets the architecture of a model fine-tuned from scratch, after
+    the recipe's fields; it is refused with --model_name_or_path, with num_labels (the data gives the classes) and
+    with a field that does not exist."""
+    PartialState(cpu=True)  # build_model logs through Accelerate
+    args = finetuning.parse_args(["--config_overrides", "embed_dim=32,depths=(1,1,1,1),window_size=(2,2,2)"])
+    model = finetuning.build_model(args, ["a", "b", "c"])
+    config = model.config
+    assert (config.embed_dim, config.depths, config.window_size, config.num_labels) == (32, (1, 1, 1, 1), (2, 2, 2), 3)
+    assert config.num_frames == args.num_frames and config.image_size == args.image_size  # the rest: the demo's
+    assert model.classifier.in_features == 32 * 8  # the last stage's width follows the override
+    for argv, message in (
+        (["--config_overrides", "num_labels=5"], "without num_labels"),
+        (["--config_overrides", "embeddim=32"], "did you mean 'embed_dim'"),
+        (["--config_overrides", "embed_dim"], "key=value pairs"),
+    ):
+        with pytest.raises(SystemExit, match=f"--config_overrides.*{message}"):
+            finetuning.parse_args(argv)
+    folder = tmp_path / "model"
+    BEVTForVideoClassification(BEVTConfig.from_preset("test", num_labels=2)).save_pretrained(folder)
+    with pytest.raises(SystemExit, match="--config_overrides.*omitted with --model_name_or_path"):
+        finetuning.parse_args(["--model_name_or_path", str(folder), "--config_overrides", "embed_dim=32"])
+    with pytest.raises(SystemExit, match="--config_overrides.*--num_heads|--config_overrides.*invalid config"):
+        finetuning.build_model(finetuning.parse_args(["--config_overrides", "num_heads=(1,2)"]), ["a", "b"])
 
 
 def test_pretraining_data_settings_come_from_one_config(pretraining):

@@ -376,10 +376,10 @@ def pretraining_script():
 
 
 def test_pretraining_rejects_unknown_config_overrides(pretraining_script, tmp_path: Path):
-    """A typo in --config_overrides must not be ignored silently (it was: `embeddim=96` trained embed_dim 16)."""
-    args = pretraining_script.parse_args(["--config_overrides", "embeddim=96", "--output_dir", str(tmp_path)])
+    """A typo in --config_overrides must not be ignored silently (it was: `embeddim=96` trained embed_dim 16); it
+    fails with the arguments, before any data is read."""
     with pytest.raises(SystemExit, match="--config_overrides.*embeddim") as err:
-        pretraining_script.build_model(args, None)
+        pretraining_script.parse_args(["--config_overrides", "embeddim=96", "--output_dir", str(tmp_path)])
     assert "embed_dim" in str(err.value)  # the field it probably means
 
 

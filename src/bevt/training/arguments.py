@@ -30,7 +30,7 @@ from typing import Any, Literal, NoReturn, Union, get_args, get_origin, get_type
 from transformers import HfArgumentParser
 from transformers.hf_argparser import HfArg
 
-from ..configuration_bevt import PRESETS
+from ..configuration_bevt import PRESETS, BEVTConfig
 
 __all__ = [
     "MASKED",
@@ -58,6 +58,7 @@ __all__ = [
     "check_model_folder",
     "check_non_negative",
     "check_positive_ints",
+    "parse_config_overrides",
     "check_unit_interval",
     "fail",
     "load_error",
@@ -236,6 +237,50 @@ class Recipe:
         }
 
 
+def parse_config_overrides(text: str | None) -> dict[str, Any]:
+    """`--config_overrides "a=1,b=0.5,c=(2,2,6,2)"` -> {"a": 1, "b": 0.5, "c": (2, 2, 6, 2)} (values parsed as
+    JSON, brackets as tuples); every key must be a `BEVTConfig` field (a typo names the field it probably means)."""
+    if not text:
+        return {}
+    overrides: dict[str, Any] = {}
+    known = {f.name for f in dataclasses.fields(BEVTConfig)} | {"num_labels"}
+    for item in _split_top_level(text):
+        if "=" not in item:
+            fail(
+                "--config_overrides",
+                'comma-separated key=value pairs, e.g. "embed_dim=96,drop_path_rate=0.2"',
+                text,
+            )
+        key, raw = (part.strip() for part in item.split("=", 1))
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"did you mean {close[0]!r} for {key!r}?" if close else f"{key!r} is not one"
+            fail("--config_overrides", f"key=value pairs of BEVTConfig fields ({hint})", text)
+        try:
+            value = json.loads(raw.replace("(", "[").replace(")", "]"))
+        except json.JSONDecodeError:
+            value = raw
+        overrides[key] = tuple(value) if isinstance(value, list) else value
+    return overrides
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split at the commas that are not inside brackets: "a=1,b=(2,2)" -> ["a=1", "b=(2,2)"]."""
+    items, depth, current = [], 0, ""
+    for char in text:
+        if char in "([":
+            depth += 1
+        elif char in ")]":
+            depth -= 1
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    items.append(current)
+    return [item.strip() for item in items if item.strip()]
+
+
 def _show(value: Any, none: str = "none") -> str:
     if value is None:
         return none
@@ -321,10 +366,18 @@ class ModelArguments(ArgumentGroup):
         default=None,
         help="Stochastic depth (a --model_name_or_path model keeps its own unless given; a new model: the recipe's).",
     )
+    config_overrides: str | None = HfArg(
+        default=None,
+        help='Config fields of a new model (from scratch), applied last, e.g. "embed_dim=64,depths=(2,2,6,2)".',
+    )
 
     def __post_init__(self) -> None:
         if self.drop_path_rate is not None and not 0 <= self.drop_path_rate < 1:
             fail("--drop_path_rate", "in [0, 1)", self.drop_path_rate)
+        if self.model_name_or_path and self.config_overrides:
+            expected = "omitted with --model_name_or_path (it only applies to new models)"
+            fail("--config_overrides", expected, self.config_overrides)
+        parse_config_overrides(self.config_overrides)  # a typo fails here, before any data is read
         if self.model_name_or_path:
             check_model_folder("--model_name_or_path", self.model_name_or_path, "bevt", "a BEVT model folder")
         super().__post_init__()

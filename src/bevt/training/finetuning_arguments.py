@@ -53,6 +53,7 @@ from .arguments import (
     check_unit_interval,
     fail,
     load_error,
+    parse_config_overrides,
 )
 
 __all__ = [
@@ -565,6 +566,8 @@ class FinetuningArguments(
                 fail("--model_name_or_path", "given with --do_eval_only (the model to evaluate)", None)
             if not self.validation_shards:
                 fail("--validation_shards", "given with --do_eval_only", None)
+        if "num_labels" in parse_config_overrides(self.config_overrides):
+            fail("--config_overrides", "without num_labels (the classes come from the data)", self.config_overrides)
         self.demo = self.train_shards is None and not self.do_eval_only
         if self.demo and self.validation_shards:
             expected = "given together with --train_shards (without both, the demo uses its own data)"

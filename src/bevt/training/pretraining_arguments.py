@@ -9,15 +9,12 @@ flag the recipes set and that is not given takes the demo's value, otherwise the
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from transformers.hf_argparser import HfArg
 
-from ..configuration_bevt import BEVTConfig
 from ..pretraining import PretrainingDataConfig
 from .arguments import (
     ArgumentGroup,
@@ -38,6 +35,7 @@ from .arguments import (
     check_positive_ints,
     check_unit_interval,
     fail,
+    parse_config_overrides,
 )
 
 __all__ = [
@@ -213,9 +211,6 @@ class PretrainingDataArguments(ArgumentGroup):
 class PretrainingModelArguments(ArgumentGroup):
     _argument_group_name = "model"
 
-    config_overrides: str | None = HfArg(
-        default=None, help='Config overrides from scratch, e.g. "drop_path_rate=0.2,embed_dim=96".'
-    )
     swin2d_checkpoint: str | None = HfArg(
         default=None, help="Initialise from a 2D Swin image checkpoint (official inflation)."
     )
@@ -250,9 +245,6 @@ class PretrainingModelArguments(ArgumentGroup):
         if self.model_name_or_path and self.swin2d_checkpoint:
             expected = "omitted when --model_name_or_path is given (choose one initialisation)"
             fail("--swin2d_checkpoint", expected, self.swin2d_checkpoint)
-        if self.model_name_or_path and self.config_overrides:
-            expected = "omitted with --model_name_or_path (it only applies to new models)"
-            fail("--config_overrides", expected, self.config_overrides)
         if self.swin2d_checkpoint is not None and not os.path.isfile(self.swin2d_checkpoint):
             fail("--swin2d_checkpoint", "an existing file", self.swin2d_checkpoint)
         super().__post_init__()
@@ -403,45 +395,3 @@ class PretrainingArguments(
         return config
 
 
-def parse_config_overrides(text: str | None) -> dict[str, Any]:
-    """`--config_overrides "a=1,b=0.5,c=(2,2,6,2)"` -> {"a": 1, "b": 0.5, "c": (2, 2, 6, 2)} (values parsed as
-    JSON, brackets as tuples); every key must be a `BEVTConfig` field (a typo names the field it probably means)."""
-    if not text:
-        return {}
-    overrides: dict[str, Any] = {}
-    known = {f.name for f in dataclasses.fields(BEVTConfig)} | {"num_labels"}
-    for item in _split_top_level(text):
-        if "=" not in item:
-            fail(
-                "--config_overrides",
-                'comma-separated key=value pairs, e.g. "embed_dim=96,drop_path_rate=0.2"',
-                text,
-            )
-        key, raw = (part.strip() for part in item.split("=", 1))
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"did you mean {close[0]!r} for {key!r}?" if close else f"{key!r} is not one"
-            fail("--config_overrides", f"key=value pairs of BEVTConfig fields ({hint})", text)
-        try:
-            value = json.loads(raw.replace("(", "[").replace(")", "]"))
-        except json.JSONDecodeError:
-            value = raw
-        overrides[key] = tuple(value) if isinstance(value, list) else value
-    return overrides
-
-
-def _split_top_level(text: str) -> list[str]:
-    """Split at the commas that are not inside brackets: "a=1,b=(2,2)" -> ["a=1", "b=(2,2)"]."""
-    items, depth, current = [], 0, ""
-    for char in text:
-        if char in "([":
-            depth += 1
-        elif char in ")]":
-            depth -= 1
-        if char == "," and depth == 0:
-            items.append(current)
-            current = ""
-        else:
-            current += char
-    items.append(current)
-    return [item.strip() for item in items if item.strip()]
