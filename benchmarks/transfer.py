@@ -12,6 +12,8 @@ gradient; the class is what the shape does over time (6 classes: moving right / 
 shrinking). No single frame tells the class; a horizontal flip swaps two classes (fine-tuning does not flip).
 `--task shape-motion`: the same clips, but the class is the shape and its horizontal direction (3 shapes x right /
 left: appearance and motion both needed, the setting where the image stream has something to teach).
+`--task shape-motion-plain`: shape-motion on a plain background of one random colour (the shape is the only
+structure; on the gradients most of what a pixel / token target asks to predict is background).
 `--task demo` uses the fine-tuning demo's clips (`bevt.data.demo_finetuning.make_demo_clip`: scratch reaches
 98% with 32 labels, no room to show a gain); `--task flat-shapes` flat shapes of any colour on any gradient
 (scratch at chance with 32 labels).
@@ -79,7 +81,7 @@ CLASS_NAMES: tuple[str, ...] = (
     "growing",
     "shrinking",
 )
-TASKS = ("shapes", "flat-shapes", "demo", "shape-motion")
+TASKS = ("shapes", "flat-shapes", "demo", "shape-motion", "shape-motion-plain")
 # --task shape-motion: the class is the shape AND its direction (3 shapes x right / left): appearance counts as much
 # as motion, where the other tasks make every class a motion (the image stream can only teach appearance).
 TASK = "shapes"  # set by --task
@@ -146,6 +148,13 @@ def _gradient_background(size: int, rng: np.random.Generator) -> np.ndarray:
     return first * (1 - mix) + second * mix
 
 
+def _plain_background(size: int, rng: np.random.Generator) -> np.ndarray:
+    """(size, size, 3) float background of one darker colour (channels in [0, 150]): `--task shape-motion-plain`,
+    where the moving shape is the only structure of a clip (on the gradient backgrounds most of the pixel variance,
+    hence most of what a pixel or token target asks to predict, is the background)."""
+    return np.broadcast_to(rng.uniform(0, 150, size=3), (size, size, 3)).astype(np.float64)
+
+
 def _bright_texture(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """(size, size, 3) float texture of two brighter colours (channels in [90, 255]), stripes, a checkerboard or
     flat. The contrast sets the difficulty: objects always brighter than the background (channels in [130, 255] on
@@ -172,12 +181,12 @@ def make_task_clip(
         from bevt.data.demo_finetuning import make_demo_clip
 
         return make_demo_clip(label, rng, size=size, num_frames=num_frames)
-    background = _gradient_background(size, rng)
-    if TASK == "shape-motion":  # label = 2 * shape + direction (0: right, 1: left)
+    background = _plain_background(size, rng) if TASK == "shape-motion-plain" else _gradient_background(size, rng)
+    if TASK.startswith("shape-motion"):  # label = 2 * shape + direction (0: right, 1: left)
         shape, motion = SHAPES[label // 2], label % 2
     else:
         shape, motion = SHAPES[int(rng.integers(len(SHAPES)))], label
-    textures = TEXTURES if TASK in ("shapes", "shape-motion") else ("flat",)
+    textures = ("flat",) if TASK == "flat-shapes" else TEXTURES
     texture = _bright_texture(textures[int(rng.integers(len(textures)))], size, rng)
     frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
     for i, (cy, cx, radius) in enumerate(trajectory(motion, size, num_frames, rng, TASK_MOTION)):
@@ -850,7 +859,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     global TASK, CLASS_NAMES
     TASK = args.task
-    if TASK == "shape-motion":
+    if TASK.startswith("shape-motion"):
         CLASS_NAMES = SHAPE_MOTION_CLASS_NAMES
     started = time.perf_counter()
     out = Path(args.output_dir).resolve()

@@ -81,8 +81,9 @@ def test_a_changed_pretraining_is_not_reused_by_its_finetunings(tmp_path):
 
 
 def test_shape_motion_task_labels_are_shape_and_direction(monkeypatch):
-    """--task shape-motion: class 2 * shape + direction draws that shape (disc, square, triangle) moving right (even
-    labels) or left (odd), where --task shapes draws a random shape doing the class's motion."""
+    """--task shape-motion (and shape-motion-plain, on a plain background): class 2 * shape + direction draws that
+    shape (disc, square, triangle) moving right (even labels) or left (odd), where --task shapes draws a random shape
+    doing the class's motion."""
     transfer = _transfer()
     import numpy as np
 
@@ -96,16 +97,20 @@ def test_shape_motion_task_labels_are_shape_and_direction(monkeypatch):
     monkeypatch.setattr(
         transfer, "trajectory", lambda motion, *a: drawn.append(("motion", motion)) or real_trajectory(motion, *a)
     )
-    monkeypatch.setattr(transfer, "TASK", "shape-motion")
     rng = np.random.default_rng(0)
-    for label, name in enumerate(transfer.SHAPE_MOTION_CLASS_NAMES):
-        drawn.clear()
-        clip = transfer.make_task_clip(label, rng, size=24, num_frames=4)
-        assert clip.shape == (4, 24, 24, 3) and clip.dtype == np.uint8
-        shapes = {value for kind, value in drawn if kind == "shape"}
-        motions = [value for kind, value in drawn if kind == "motion"]
-        assert shapes == {name.split()[0]} and motions == [label % 2]
-        assert name.endswith("right" if label % 2 == 0 else "left")
+    for task in ("shape-motion", "shape-motion-plain"):
+        monkeypatch.setattr(transfer, "TASK", task)
+        for label, name in enumerate(transfer.SHAPE_MOTION_CLASS_NAMES):
+            drawn.clear()
+            clip = transfer.make_task_clip(label, rng, size=24, num_frames=4)
+            assert clip.shape == (4, 24, 24, 3) and clip.dtype == np.uint8
+            shapes = {value for kind, value in drawn if kind == "shape"}
+            motions = [value for kind, value in drawn if kind == "motion"]
+            assert shapes == {name.split()[0]} and motions == [label % 2]
+            assert name.endswith("right" if label % 2 == 0 else "left")
+            # shape-motion-plain: one background colour (the corner pixels of every frame agree)
+            corners = clip[:, [0, 0, -1, -1], [0, -1, 0, -1]].reshape(-1, 3)
+            assert (len(np.unique(corners, axis=0)) == 1) == (task == "shape-motion-plain")
 
 
 def test_a_second_finetuning_recipe_reuses_the_pretrainings(tmp_path):
