@@ -120,6 +120,7 @@ def test_finetuning_config_overrides_shape_a_new_model_only(finetuning, tmp_path
     assert (config.embed_dim, config.depths, config.window_size, config.num_labels) == (32, (1, 1, 1, 1), (2, 2, 2), 3)
     assert config.num_frames == args.num_frames and config.image_size == args.image_size  # the rest: the demo's
     assert model.classifier.in_features == 32 * 8  # the last stage's width follows the override
+    assert args.card_start() == "scratch (test preset, embed_dim=32,depths=(1,1,1,1),window_size=(2,2,2))"
     for argv, message in (
         (["--config_overrides", "num_labels=5"], "without num_labels"),
         (["--config_overrides", "embeddim=32"], "did you mean 'embed_dim'"),

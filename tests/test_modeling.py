@@ -523,6 +523,68 @@ def test_attention_store_budget_reads_the_environment(monkeypatch):
             attention_store_budget()
 
 
+def _mask_caches(model) -> dict[str, tuple]:
+    return {name: m.__dict__["_bevt_mask_cache"] for name, m in model.named_modules() if "_bevt_mask_cache" in m.__dict__}
+
+
+def test_inference_keeps_each_layers_attention_mask_until_its_bias_changes(monkeypatch):
+    """Without gradients, each attention layer keeps its (windows x heads, N, N) mask between calls (the same tensor,
+    the same logits as building it every call), per dtype; an in-place change of a bias table (an optimizer step),
+    `load_state_dict` or a cast rebuilds it; calls that record gradients and BEVT_MASK_CACHE_MB=0 keep none."""
+    from bevt.kernels_bevt import mask_cache_budget
+
+    model = BEVTForVideoClassification(tiny_config(num_labels=5)).eval()
+    for module in model.modules():
+        if hasattr(module, "relative_position_bias_table"):
+            torch.nn.init.normal_(module.relative_position_bias_table, std=1.0)
+    x = video_batch()[0]
+
+    def logits(m=model, dtype=None):
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=dtype is not None):
+            return m(x).logits
+
+    monkeypatch.setenv("BEVT_MASK_CACHE_MB", "0")
+    reference, reference_bf16 = logits(), logits(dtype=torch.bfloat16)
+    assert _mask_caches(model) == {}
+    monkeypatch.delenv("BEVT_MASK_CACHE_MB")
+    assert mask_cache_budget() == 128 * 2**20
+    first = logits()
+    kept = _mask_caches(model)
+    assert len(kept) == sum(len(layer.blocks) for layer in model.bevt.encoder.layers)
+    assert torch.equal(logits(), first) and torch.equal(first, reference)
+    assert all(_mask_caches(model)[name][1] is mask for name, (_, mask) in kept.items())  # reused, not rebuilt
+    assert torch.equal(logits(dtype=torch.bfloat16), reference_bf16)
+    assert {mask.dtype for _, mask in _mask_caches(model).values()} == {torch.bfloat16}
+
+    table = model.bevt.encoder.layers[2].blocks[1].attention.relative_position_bias_table  # a shifted block
+    with torch.no_grad():
+        table.mul_(-1.0)
+    changed = logits()
+    fresh = BEVTForVideoClassification(tiny_config(num_labels=5)).eval()
+    fresh.load_state_dict(model.state_dict())
+    monkeypatch.setenv("BEVT_MASK_CACHE_MB", "0")
+    assert not torch.equal(changed, first) and torch.equal(changed, logits(fresh))
+    monkeypatch.delenv("BEVT_MASK_CACHE_MB")
+    other = BEVTForVideoClassification(tiny_config(num_labels=5)).eval()
+    model.load_state_dict(other.state_dict())
+    assert torch.equal(logits(), logits(other))
+    model.double()
+    with torch.no_grad():
+        assert logits().dtype == torch.float64
+    assert {mask.dtype for _, mask in _mask_caches(model).values()} == {torch.float64}
+
+    trained = BEVTForVideoClassification(tiny_config(num_labels=5))
+    trained(x).logits.sum().backward()  # records gradients: no mask kept
+    assert _mask_caches(trained) == {}
+    monkeypatch.setenv("BEVT_MASK_CACHE_MB", "0.0001")  # smaller than any mask here
+    logits(trained.eval())
+    assert _mask_caches(trained) == {}
+    for bad in ("lots", "-1"):
+        monkeypatch.setenv("BEVT_MASK_CACHE_MB", bad)
+        with pytest.raises(ValueError, match="BEVT_MASK_CACHE_MB"):
+            mask_cache_budget()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_memory_lean_mlp_matches_plain(dtype):
     from bevt.kernels_bevt import GeluLinearFunction

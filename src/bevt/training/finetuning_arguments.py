@@ -674,7 +674,8 @@ class FinetuningArguments(
     def card_start(self) -> str:
         """What the run started from, for the card: a Hub id, or a local folder by its name (no local paths)."""
         if not self.model_name_or_path:
-            return f"scratch ({self.model_preset} preset)"
+            overrides = f", {self.config_overrides}" if self.config_overrides else ""
+            return f"scratch ({self.model_preset} preset{overrides})"
         if os.path.exists(self.model_name_or_path):
             return f"a local folder `{Path(self.model_name_or_path).resolve().name}`"
         return self.model_name_or_path
