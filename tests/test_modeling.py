@@ -523,8 +523,14 @@ def test_attention_store_budget_reads_the_environment(monkeypatch):
             attention_store_budget()
 
 
-def _mask_caches(model) -> dict[str, tuple]:
-    return {name: m.__dict__["_bevt_mask_cache"] for name, m in model.named_modules() if "_bevt_mask_cache" in m.__dict__}
+def _mask_caches(model, dtype=torch.float32) -> dict[str, tuple]:
+    """{layer name: (key, mask)} of the masks kept for `dtype` on the CPU."""
+    slot = (dtype, torch.device("cpu"))
+    return {
+        name: m.__dict__["_bevt_mask_cache"][slot]
+        for name, m in model.named_modules()
+        if slot in m.__dict__.get("_bevt_mask_cache", {})
+    }
 
 
 def test_inference_keeps_each_layers_attention_mask_until_its_bias_changes(monkeypatch):
@@ -554,7 +560,10 @@ def test_inference_keeps_each_layers_attention_mask_until_its_bias_changes(monke
     assert torch.equal(logits(), first) and torch.equal(first, reference)
     assert all(_mask_caches(model)[name][1] is mask for name, (_, mask) in kept.items())  # reused, not rebuilt
     assert torch.equal(logits(dtype=torch.bfloat16), reference_bf16)
-    assert {mask.dtype for _, mask in _mask_caches(model).values()} == {torch.bfloat16}
+    kept_bf16 = _mask_caches(model, torch.bfloat16)
+    assert len(kept_bf16) == len(kept) and {mask.dtype for _, mask in kept_bf16.values()} == {torch.bfloat16}
+    assert torch.equal(logits(), first)  # alternating dtypes: both kept
+    assert all(_mask_caches(model)[name][1] is mask for name, (_, mask) in kept.items())
 
     table = model.bevt.encoder.layers[2].blocks[1].attention.relative_position_bias_table  # a shifted block
     with torch.no_grad():
@@ -571,7 +580,7 @@ def test_inference_keeps_each_layers_attention_mask_until_its_bias_changes(monke
     model.double()
     with torch.no_grad():
         assert logits().dtype == torch.float64
-    assert {mask.dtype for _, mask in _mask_caches(model).values()} == {torch.float64}
+    assert {mask.dtype for _, mask in _mask_caches(model, torch.float64).values()} == {torch.float64}
 
     trained = BEVTForVideoClassification(tiny_config(num_labels=5))
     trained(x).logits.sum().backward()  # records gradients: no mask kept

@@ -84,8 +84,8 @@ def window_attention_mask(
 
 
 def mask_cache_budget() -> int:
-    """Bytes of the attention mask one attention layer may keep between inference calls: `BEVT_MASK_CACHE_MB` (MiB,
-    default 128; 0 never keeps one). See `inference_window_attention_mask`."""
+    """Bytes of one attention mask an attention layer may keep between inference calls (per dtype and device):
+    `BEVT_MASK_CACHE_MB` (MiB, default 128; 0 never keeps one). See `inference_window_attention_mask`."""
     return _megabytes("BEVT_MASK_CACHE_MB", "128", "0 keeps none")
 
 
@@ -93,7 +93,8 @@ def inference_window_attention_mask(
     module: nn.Module, bias: torch.Tensor, shift_mask: torch.Tensor | None, dtype: torch.dtype
 ) -> torch.Tensor:
     """`window_attention_mask`, kept on `module` between calls without gradients (inference, evaluation) while its
-    relative position bias table, the shift mask, the window size and the dtype are unchanged. A shifted block's
+    relative position bias table, the shift mask and the window size are unchanged (one mask per dtype and device,
+    so that alternating fp32 and bf16 calls keep both). A shifted block's
     mask is (windows x heads, N, N): building it (the bias added to every window's shift mask, then cast) took ~1/4
     of a bf16 Swin-T inference on a 16x224 clip. The key holds the table's storage and version counter, so an
     optimizer step, `load_state_dict` or a moved / cast model rebuilds it; masks over `mask_cache_budget()` bytes,
@@ -115,14 +116,15 @@ def inference_window_attention_mask(
         dtype,
         torch.is_inference_mode_enabled(),
     )
-    cached = module.__dict__.get("_bevt_mask_cache")
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    kept = module.__dict__.setdefault("_bevt_mask_cache", {})  # one mask per dtype and device
+    slot = (dtype, table.device)
+    if slot in kept and kept[slot][0] == key:
+        return kept[slot][1]
     mask = window_attention_mask(bias, shift_mask, dtype)
     if mask.numel() * mask.element_size() <= mask_cache_budget():
-        module.__dict__["_bevt_mask_cache"] = (key, mask)
+        kept[slot] = (key, mask)
     else:
-        module.__dict__.pop("_bevt_mask_cache", None)
+        kept.pop(slot, None)
     return mask
 
 
