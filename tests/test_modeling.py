@@ -524,12 +524,12 @@ def test_attention_store_budget_reads_the_environment(monkeypatch):
 
 
 def _mask_caches(model, dtype=torch.float32) -> dict[str, tuple]:
-    """{layer name: (key, mask)} of the masks kept for `dtype` on the CPU."""
-    slot = (dtype, torch.device("cpu"))
+    """{layer name: (key, mask)} of the masks kept for `dtype` on the CPU (outside inference mode)."""
+    slot = ("mask", dtype, torch.device("cpu"), False)
     return {
-        name: m.__dict__["_bevt_mask_cache"][slot]
+        name: m.__dict__["_bevt_inference_cache"][slot]
         for name, m in model.named_modules()
-        if slot in m.__dict__.get("_bevt_mask_cache", {})
+        if slot in m.__dict__.get("_bevt_inference_cache", {})
     }
 
 
@@ -559,6 +559,9 @@ def test_inference_keeps_each_layers_attention_mask_until_its_bias_changes(monke
     assert len(kept) == sum(len(layer.blocks) for layer in model.bevt.encoder.layers)
     assert torch.equal(logits(), first) and torch.equal(first, reference)
     assert all(_mask_caches(model)[name][1] is mask for name, (_, mask) in kept.items())  # reused, not rebuilt
+    attention = model.bevt.encoder.layers[0].blocks[0].attention  # its (heads, N, N) bias is kept too
+    biases = [v for slot, (_, v) in attention.__dict__["_bevt_inference_cache"].items() if slot[0] == "bias"]
+    assert len(biases) == 1 and biases[0].shape == (attention.num_heads, 16, 16)
     assert torch.equal(logits(dtype=torch.bfloat16), reference_bf16)
     kept_bf16 = _mask_caches(model, torch.bfloat16)
     assert len(kept_bf16) == len(kept) and {mask.dtype for _, mask in kept_bf16.values()} == {torch.bfloat16}

@@ -89,43 +89,52 @@ def mask_cache_budget() -> int:
     return _megabytes("BEVT_MASK_CACHE_MB", "128", "0 keeps none")
 
 
+def inference_cache(
+    module: nn.Module, slot: tuple, key: tuple, build: Callable[[], torch.Tensor], budget: int | None = None
+) -> torch.Tensor:
+    """`build()`, kept on `module` under `slot` between calls without gradients while `key` is unchanged; a value
+    over `budget` bytes is not kept. Calls that record gradients, torch.compile / tracing and dispatch modes build
+    every time. Keys hold the storage and version counter of the parameters a value is made of, so an optimizer
+    step, `load_state_dict` or a moved / cast model rebuilds it; inference-mode values are kept apart."""
+    if torch.is_grad_enabled() or not custom_autograd_allowed() or _get_current_dispatch_mode() is not None:
+        return build()
+    kept = module.__dict__.setdefault("_bevt_inference_cache", {})
+    slot = (*slot, torch.is_inference_mode_enabled())
+    if slot in kept and kept[slot][0] == key:
+        return kept[slot][1]
+    value = build()
+    if budget is None or value.numel() * value.element_size() <= budget:
+        kept[slot] = (key, value)
+    else:
+        kept.pop(slot, None)
+    return value
+
+
+def parameter_key(tensor: torch.Tensor) -> tuple:
+    """What identifies a parameter's current values for `inference_cache`: storage, version counter, device."""
+    return (tensor.data_ptr(), tensor._version, tensor.device, tuple(tensor.shape))
+
+
 def inference_window_attention_mask(
     module: nn.Module, bias: torch.Tensor, shift_mask: torch.Tensor | None, dtype: torch.dtype
 ) -> torch.Tensor:
-    """`window_attention_mask`, kept on `module` between calls without gradients (inference, evaluation) while its
-    relative position bias table, the shift mask and the window size are unchanged (one mask per dtype and device,
-    so that alternating fp32 and bf16 calls keep both). A shifted block's
+    """`window_attention_mask` (made contiguous, as SDPA wants it), kept on `module` between calls without gradients
+    (inference, evaluation) while its relative position bias table, the shift mask and the window size are
+    unchanged; one mask per dtype and device, so that alternating fp32 and bf16 calls keep both. A shifted block's
     mask is (windows x heads, N, N): building it (the bias added to every window's shift mask, then cast) took ~1/4
-    of a bf16 Swin-T inference on a 16x224 clip. The key holds the table's storage and version counter, so an
-    optimizer step, `load_state_dict` or a moved / cast model rebuilds it; masks over `mask_cache_budget()` bytes,
-    calls that record gradients, torch.compile / tracing / dispatch modes never use it."""
+    of a bf16 Swin-T inference on a 16x224 clip. Masks over `mask_cache_budget()` bytes are rebuilt every call."""
     table = getattr(module, "relative_position_bias_table", None)
-    if (
-        not isinstance(table, torch.Tensor)
-        or torch.is_grad_enabled()
-        or not custom_autograd_allowed()
-        or _get_current_dispatch_mode() is not None
-    ):
-        return window_attention_mask(bias, shift_mask, dtype)
+    def build() -> torch.Tensor:
+        return window_attention_mask(bias, shift_mask, dtype).contiguous()
+
+    if not isinstance(table, torch.Tensor):
+        return build()
     key = (
-        table.data_ptr(),
-        table._version,
-        table.device,
+        parameter_key(table),
         tuple(bias.shape),
         None if shift_mask is None else (shift_mask.data_ptr(), shift_mask._version, tuple(shift_mask.shape)),
-        dtype,
-        torch.is_inference_mode_enabled(),
     )
-    kept = module.__dict__.setdefault("_bevt_mask_cache", {})  # one mask per dtype and device
-    slot = (dtype, table.device)
-    if slot in kept and kept[slot][0] == key:
-        return kept[slot][1]
-    mask = window_attention_mask(bias, shift_mask, dtype)
-    if mask.numel() * mask.element_size() <= mask_cache_budget():
-        kept[slot] = (key, mask)
-    else:
-        kept.pop(slot, None)
-    return mask
+    return inference_cache(module, ("mask", dtype, table.device), key, build, mask_cache_budget())
 
 
 def _megabytes(name: str, default: str, zero: str) -> int:

@@ -40,7 +40,9 @@ from .inputs_bevt import (
 from .kernels_bevt import (
     BEVTLinear,
     activation_linear,
+    inference_cache,
     norm_linear,
+    parameter_key,
     sdpa_window_attention_forward,
     window_attention_mask,
 )
@@ -306,14 +308,20 @@ class BEVTAttention(nn.Module):
         self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def relative_position_bias(self, num_tokens: int) -> torch.Tensor:
-        """(heads, N, N) bias for windows of N tokens (the first N rows/columns of the full-window index)."""
-        index = self.relative_position_index[:num_tokens, :num_tokens].reshape(-1)
-        # index_select (not advanced indexing): its backward is an index_add, ~4x faster on CPU than the
-        # accumulating index_put that `table[index]` uses for the many repeated rows.
-        bias = self.relative_position_bias_table.index_select(0, index).view(
-            num_tokens, num_tokens, self.num_heads
-        )
-        return bias.permute(2, 0, 1)
+        """(heads, N, N) bias for windows of N tokens (the first N rows/columns of the full-window index); kept
+        between calls without gradients while the table is unchanged (`inference_cache`)."""
+
+        def gather() -> torch.Tensor:
+            index = self.relative_position_index[:num_tokens, :num_tokens].reshape(-1)
+            # index_select (not advanced indexing): its backward is an index_add, ~4x faster on CPU than the
+            # accumulating index_put that `table[index]` uses for the many repeated rows.
+            bias = self.relative_position_bias_table.index_select(0, index).view(
+                num_tokens, num_tokens, self.num_heads
+            )
+            return bias.permute(2, 0, 1)
+
+        table = self.relative_position_bias_table
+        return inference_cache(self, ("bias", num_tokens), parameter_key(table), gather)
 
     def forward(
         self, windows: torch.Tensor, shift_mask: torch.Tensor | None = None, output_attentions: bool = False
