@@ -584,6 +584,7 @@ def test_inference_keeps_each_layers_attention_mask_until_its_bias_changes(monke
     with torch.no_grad():
         assert logits().dtype == torch.float64
     assert {mask.dtype for _, mask in _mask_caches(model, torch.float64).values()} == {torch.float64}
+    assert _mask_caches(model) == {} and _mask_caches(model, torch.bfloat16) == {}  # made of the float32 tables
 
     trained = BEVTForVideoClassification(tiny_config(num_labels=5))
     trained(x).logits.sum().backward()  # records gradients: no mask kept

@@ -94,14 +94,18 @@ def inference_cache(
 ) -> torch.Tensor:
     """`build()`, kept on `module` under `slot` between calls without gradients while `key` is unchanged; a value
     over `budget` bytes is not kept. Calls that record gradients, torch.compile / tracing and dispatch modes build
-    every time. Keys hold the storage and version counter of the parameters a value is made of, so an optimizer
-    step, `load_state_dict` or a moved / cast model rebuilds it; inference-mode values are kept apart."""
+    every time. `key[0]` is the `parameter_key` of the parameter the value is made of (storage and version counter),
+    so an optimizer step, `load_state_dict` or a moved / cast model rebuilds it, and a rebuild drops every value the
+    module kept from other parameter values (a model moved to another device does not hold its old masks);
+    inference-mode values are kept apart."""
     if torch.is_grad_enabled() or not custom_autograd_allowed() or _get_current_dispatch_mode() is not None:
         return build()
     kept = module.__dict__.setdefault("_bevt_inference_cache", {})
     slot = (*slot, torch.is_inference_mode_enabled())
     if slot in kept and kept[slot][0] == key:
         return kept[slot][1]
+    for stale in [s for s, (k, _) in kept.items() if k[0] != key[0]]:
+        del kept[stale]
     value = build()
     if budget is None or value.numel() * value.element_size() <= budget:
         kept[slot] = (key, value)
