@@ -586,6 +586,14 @@ def test_inference_keeps_each_layers_attention_mask_until_its_bias_changes(monke
     assert {mask.dtype for _, mask in _mask_caches(model, torch.float64).values()} == {torch.float64}
     assert _mask_caches(model) == {} and _mask_caches(model, torch.bfloat16) == {}  # made of the float32 tables
 
+    from bevt.kernels_bevt import inference_cache
+
+    def no_storage() -> tuple:
+        raise RuntimeError("Cannot access data pointer of Tensor that doesn't have storage")
+
+    with torch.no_grad():  # a parameter without storage (a DTensor shard): built, never kept
+        assert torch.equal(inference_cache(other, ("x",), no_storage, lambda: torch.ones(2)), torch.ones(2))
+    assert ("x", False) not in other.__dict__.get("_bevt_inference_cache", {})
     trained = BEVTForVideoClassification(tiny_config(num_labels=5))
     trained(x).logits.sum().backward()  # records gradients: no mask kept
     assert _mask_caches(trained) == {}

@@ -90,15 +90,24 @@ def mask_cache_budget() -> int:
 
 
 def inference_cache(
-    module: nn.Module, slot: tuple, key: tuple, build: Callable[[], torch.Tensor], budget: int | None = None
+    module: nn.Module,
+    slot: tuple,
+    key_of: Callable[[], tuple],
+    build: Callable[[], torch.Tensor],
+    budget: int | None = None,
 ) -> torch.Tensor:
-    """`build()`, kept on `module` under `slot` between calls without gradients while `key` is unchanged; a value
-    over `budget` bytes is not kept. Calls that record gradients, torch.compile / tracing and dispatch modes build
-    every time. `key[0]` is the `parameter_key` of the parameter the value is made of (storage and version counter),
+    """`build()`, kept on `module` under `slot` between calls without gradients while `key_of()` is unchanged; a
+    value over `budget` bytes is not kept. Calls that record gradients, torch.compile / tracing, torch.func
+    transforms and dispatch modes build every time (and never call `key_of`: their tensors may have no storage).
+    `key[0]` is the `parameter_key` of the parameter the value is made of (storage and version counter),
     so an optimizer step, `load_state_dict` or a moved / cast model rebuilds it, and a rebuild drops every value the
     module kept from other parameter values (a model moved to another device does not hold its old masks);
     inference-mode values are kept apart."""
     if torch.is_grad_enabled() or not custom_autograd_allowed() or _get_current_dispatch_mode() is not None:
+        return build()
+    try:
+        key = key_of()
+    except RuntimeError:  # a tensor without storage (a DTensor shard, a functional wrapper): nothing to key on
         return build()
     kept = module.__dict__.setdefault("_bevt_inference_cache", {})
     slot = (*slot, torch.is_inference_mode_enabled())
@@ -133,12 +142,11 @@ def inference_window_attention_mask(
 
     if not isinstance(table, torch.Tensor):
         return build()
-    key = (
-        parameter_key(table),
-        tuple(bias.shape),
-        None if shift_mask is None else (shift_mask.data_ptr(), shift_mask._version, tuple(shift_mask.shape)),
-    )
-    return inference_cache(module, ("mask", dtype, table.device), key, build, mask_cache_budget())
+    def key_of() -> tuple:
+        shift = None if shift_mask is None else (shift_mask.data_ptr(), shift_mask._version, tuple(shift_mask.shape))
+        return (parameter_key(table), tuple(bias.shape), shift)
+
+    return inference_cache(module, ("mask", dtype, table.device), key_of, build, mask_cache_budget())
 
 
 def _megabytes(name: str, default: str, zero: str) -> int:

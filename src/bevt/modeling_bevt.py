@@ -321,7 +321,7 @@ class BEVTAttention(nn.Module):
             return bias.permute(2, 0, 1)
 
         table = self.relative_position_bias_table
-        return inference_cache(self, ("bias", num_tokens), (parameter_key(table),), gather)
+        return inference_cache(self, ("bias", num_tokens), lambda: (parameter_key(table),), gather)
 
     def forward(
         self, windows: torch.Tensor, shift_mask: torch.Tensor | None = None, output_attentions: bool = False
