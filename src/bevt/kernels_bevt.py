@@ -107,7 +107,7 @@ def inference_cache(
         return build()
     try:
         key = key_of()
-    except RuntimeError:  # a tensor without storage (a DTensor shard, a functional wrapper): nothing to key on
+    except RuntimeError:  # a tensor without storage (a DTensor shard): nothing to key on
         return build()
     kept = module.__dict__.setdefault("_bevt_inference_cache", {})
     slot = (*slot, torch.is_inference_mode_enabled())
@@ -137,13 +137,15 @@ def inference_window_attention_mask(
     mask is (windows x heads, N, N): building it (the bias added to every window's shift mask, then cast) took ~1/4
     of a bf16 Swin-T inference on a 16x224 clip. Masks over `mask_cache_budget()` bytes are rebuilt every call."""
     table = getattr(module, "relative_position_bias_table", None)
+
     def build() -> torch.Tensor:
         return window_attention_mask(bias, shift_mask, dtype).contiguous()
 
     if not isinstance(table, torch.Tensor):
         return build()
+
     def key_of() -> tuple:
-        shift = None if shift_mask is None else (shift_mask.data_ptr(), shift_mask._version, tuple(shift_mask.shape))
+        shift = None if shift_mask is None else (parameter_key(shift_mask),)
         return (parameter_key(table), tuple(bias.shape), shift)
 
     return inference_cache(module, ("mask", dtype, table.device), key_of, build, mask_cache_budget())
