@@ -111,6 +111,32 @@ def test_avi_last_frame_is_exact_on_every_backend(shared_data: Path) -> None:
             assert torch.equal(frames, full[indices]), f"{backend}: {indices}"
 
 
+def _decode_in_forked_child(path: str, queue) -> None:
+    queue.put(decode_video(path, [0, 5, 9], backend="pyav").numpy())
+
+
+def test_pyav_decodes_in_a_process_forked_after_the_parent_decoded(shared_data: Path) -> None:
+    """PyAV 18.1.1 keeps a multithreaded swscale context per thread; a DataLoader worker forked after its parent
+    converted a frame inherited it without its threads and hung forever converting (or freeing) through it. Frames
+    go through `reformat_frame` (a context of the running process): the child decodes the parent's frames."""
+    import multiprocessing
+
+    path = str(_video(shared_data, "clip_164f_320x240.avi"))
+    expected = decode_video(path, [0, 5, 9], backend="pyav").numpy()  # the parent converts frames first
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_decode_in_forked_child, args=(path, queue))
+    child.start()
+    try:
+        got = queue.get(timeout=120)
+    finally:
+        child.join(timeout=30)
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_file_object_bytearray_and_memoryview_sources(shared_data: Path) -> None:
     path = _video(shared_data, "short_32f.mp4")
     data = path.read_bytes()

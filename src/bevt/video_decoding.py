@@ -30,6 +30,7 @@ import importlib
 import io
 import os
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -71,6 +72,28 @@ class VideoDecodingError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------- backends
+
+
+_REFORMATTERS = threading.local()
+_INHERITED_REFORMATTERS: list[Any] = []  # a parent's reformatters, never freed in a forked child (see below)
+
+
+def reformat_frame(frame: Any, **kwargs: Any) -> Any:
+    """`frame.reformat(**kwargs)` (PyAV) through a swscale context of this process and thread.
+
+    PyAV >= 18.1.1 keeps one multithreaded swscale context per thread in a module-level `threading.local`; a process
+    forked after its parent converted a frame (DataLoader workers, process pools) inherits the parent's context but
+    not its slice threads, and the next conversion through it waits for them forever (a hung data-loader worker;
+    freeing it hangs the same way, joining the missing threads). A reformatter made in the current process, kept per
+    thread, never crosses a fork; one inherited from the parent is kept alive and never used."""
+    av = _optional_import("av")
+    kept = getattr(_REFORMATTERS, "value", None)
+    if kept is None or kept[0] != os.getpid():
+        if kept is not None:
+            _INHERITED_REFORMATTERS.append(kept[1])
+        kept = (os.getpid(), av.video.reformatter.VideoReformatter())
+        _REFORMATTERS.value = kept
+    return kept[1].reformat(frame, **kwargs)
 
 
 def _optional_import(name: str) -> Any:
@@ -313,7 +336,7 @@ class _PyAVReader:
                 stream.thread_count = max(self._num_threads, 0)
             for i, frame in enumerate(container.decode(stream)):
                 if i in wanted:
-                    frames[i] = frame.to_ndarray(format="rgb24")
+                    frames[i] = reformat_frame(frame, format="rgb24").to_ndarray()
                 if i >= last:
                     break
         missing = sorted(wanted - frames.keys())

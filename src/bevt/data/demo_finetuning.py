@@ -143,6 +143,8 @@ def encode_mp4(frames: np.ndarray, fps: int = 8, bit_rate: int | None = None) ->
     """
     import av
 
+    from ..video_decoding import reformat_frame
+
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
     buffer = io.BytesIO()
@@ -159,7 +161,7 @@ def encode_mp4(frames: np.ndarray, fps: int = 8, bit_rate: int | None = None) ->
             # frames of a clip blocky (~24 dB PSNR at 32 px against ~33 dB with this).
             stream.options = {"flags": "+qscale", "global_quality": str(2 * FF_QP2LAMBDA)}
         for index, array in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(array, format="rgb24").reformat(format="yuv420p")
+            frame = reformat_frame(av.VideoFrame.from_ndarray(array, format="rgb24"), format="yuv420p")
             frame.pts = index  # without explicit timestamps the encoder output varies from run to run
             for packet in stream.encode(frame):
                 container.mux(packet)

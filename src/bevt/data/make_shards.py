@@ -75,6 +75,7 @@ from bevt.data.shards import (
     write_dataset_info,
 )
 from bevt.data.storage import RemoteFolder, ShardAccess, is_url, join, normalize
+from bevt.video_decoding import reformat_frame
 
 __all__ = ["Entry", "main", "make_shards", "parse_annotations", "reencode_video", "scan_folder"]
 
@@ -319,7 +320,7 @@ def reencode_video(
                     ost.options = {"crf": str(crf), "preset": preset, "x264-params": params}
                     if fast_decode:
                         ost.options = {**ost.options, "tune": "fastdecode"}
-                scaled = frame.reformat(width=size[0], height=size[1], format="yuv420p", interpolation="AREA")
+                scaled = reformat_frame(frame, width=size[0], height=size[1], format="yuv420p", interpolation="AREA")
                 scaled.pts = count
                 scaled.time_base = 1 / rate
                 for packet in ost.encode(scaled):
