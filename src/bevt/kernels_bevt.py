@@ -94,11 +94,12 @@ def inference_cache(
     slot: tuple,
     key_of: Callable[[], tuple],
     build: Callable[[], torch.Tensor],
-    budget: int | None = None,
+    budget: Callable[[], int] | None = None,
 ) -> torch.Tensor:
     """`build()`, kept on `module` under `slot` between calls without gradients while `key_of()` is unchanged; a
-    value over `budget` bytes is not kept. Calls that record gradients, torch.compile / tracing, torch.func
-    transforms and dispatch modes build every time (and never call `key_of`: their tensors may have no storage).
+    value over `budget()` bytes is not kept (the budget is read only when a value is built). Calls that record
+    gradients, torch.compile / tracing, torch.func transforms and dispatch modes build every time (and never call
+    `key_of`: their tensors may have no storage).
     `key[0]` is the `parameter_key` of the parameter the value is made of (storage and version counter),
     so an optimizer step, `load_state_dict` or a moved / cast model rebuilds it, and a rebuild drops every value the
     module kept from other parameter values (a model moved to another device does not hold its old masks);
@@ -116,7 +117,7 @@ def inference_cache(
     for stale in [s for s, (k, _) in kept.items() if k[0] != key[0]]:
         del kept[stale]
     value = build()
-    if budget is None or value.numel() * value.element_size() <= budget:
+    if budget is None or value.numel() * value.element_size() <= budget():
         kept[slot] = (key, value)
     else:
         kept.pop(slot, None)
@@ -148,7 +149,7 @@ def inference_window_attention_mask(
         shift = None if shift_mask is None else (parameter_key(shift_mask),)
         return (parameter_key(table), tuple(bias.shape), shift)
 
-    return inference_cache(module, ("mask", dtype, table.device), key_of, build, mask_cache_budget())
+    return inference_cache(module, ("mask", dtype, table.device), key_of, build, mask_cache_budget)
 
 
 def _megabytes(name: str, default: str, zero: str) -> int:
