@@ -836,9 +836,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--report_only", action="store_true", help="Write the table from the finished runs; run nothing."
     )
     p.add_argument(
+        "--unlabeled_videos", type=int, default=DataSizes.unlabeled_videos,
+        help="Unlabeled pretraining clips (of the same generator, disjoint seeds from the labeled splits).",
+    )
+    p.add_argument(
+        "--unlabeled_images", type=int, default=DataSizes.unlabeled_images, help="Unlabeled pretraining frames."
+    )
+    p.add_argument(
         "--smoke", action="store_true", help="Tiny data and budgets, one seed: checks it runs (CI)."
     )
     args = p.parse_args(argv)
+    for name in ("unlabeled_videos", "unlabeled_images"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     args.ablation_target = args.ablation_target or None
     if args.finetune_tag is not None and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", args.finetune_tag):
         p.error(f"--finetune_tag must be letters, digits, '.', '_' or '-' (it names run folders), got {args.finetune_tag!r}")
@@ -847,7 +857,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.labels, args.tokenizer_steps, args.pretrain_steps, args.finetune_steps = 8, 2, 2, 2
         args.sizes = DataSizes(unlabeled_videos=8, unlabeled_images=16, train=16, dev=8, eval=8)
     else:
-        args.sizes = DataSizes()
+        args.sizes = DataSizes(unlabeled_videos=args.unlabeled_videos, unlabeled_images=args.unlabeled_images)
     for name in ("pretrain_extra", "finetune_extra", "probe_extra"):
         setattr(args, name, shlex.split(getattr(args, name)))
     return args
