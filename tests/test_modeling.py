@@ -606,6 +606,27 @@ def test_inference_keeps_each_layers_attention_mask_until_its_bias_changes(monke
             mask_cache_budget()
 
 
+def test_saved_and_copied_models_leave_the_inference_cache_out():
+    """`torch.save(model)` and `copy.deepcopy` (the fine-tuning EMA copy) do not carry the kept masks and biases:
+    the copy holds none, rebuilds them at its first call and gives the same logits."""
+    import copy
+    import io
+
+    model = BEVTForVideoClassification(tiny_config(num_labels=5)).eval()
+    x = video_batch()[0]
+    with torch.no_grad():
+        reference = model(x).logits
+    assert _mask_caches(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    for duplicate in (copy.deepcopy(model), torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)):
+        assert all("_bevt_inference_cache" not in m.__dict__ for m in duplicate.modules())
+        with torch.no_grad():
+            assert torch.equal(duplicate(x).logits, reference)
+        assert len(_mask_caches(duplicate)) == len(_mask_caches(model))
+    assert _mask_caches(model)  # the original keeps its own
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_memory_lean_mlp_matches_plain(dtype):
     from bevt.kernels_bevt import GeluLinearFunction

@@ -89,6 +89,9 @@ def mask_cache_budget() -> int:
     return _megabytes("BEVT_MASK_CACHE_MB", "128", "0 keeps none")
 
 
+INFERENCE_CACHE_ATTRIBUTE = "_bevt_inference_cache"  # the module attribute `inference_cache` keeps values in
+
+
 def inference_cache(
     module: nn.Module,
     slot: tuple,
@@ -110,7 +113,7 @@ def inference_cache(
         key = key_of()
     except RuntimeError:  # a tensor without storage (a DTensor shard): nothing to key on
         return build()
-    kept = module.__dict__.setdefault("_bevt_inference_cache", {})
+    kept = module.__dict__.setdefault(INFERENCE_CACHE_ATTRIBUTE, {})
     slot = (*slot, torch.is_inference_mode_enabled())
     if slot in kept and kept[slot][0] == key:
         return kept[slot][1]

@@ -38,6 +38,7 @@ from .inputs_bevt import (
     views_per_video,
 )
 from .kernels_bevt import (
+    INFERENCE_CACHE_ATTRIBUTE,
     BEVTLinear,
     activation_linear,
     inference_cache,
@@ -306,6 +307,13 @@ class BEVTAttention(nn.Module):
         self.qkv = BEVTLinear(dim, 3 * dim, bias=config.qkv_bias)
         self.proj = BEVTLinear(dim, dim)
         self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def __getstate__(self) -> dict:
+        """Pickling (`torch.save(model)`) and `copy.deepcopy` (an EMA copy) leave out what `inference_cache` kept:
+        derived tensors (up to `BEVT_MASK_CACHE_MB` per mask) that the copy rebuilds at its first call."""
+        state = super().__getstate__()
+        state.pop(INFERENCE_CACHE_ATTRIBUTE, None)
+        return state
 
     def relative_position_bias(self, num_tokens: int) -> torch.Tensor:
         """(heads, N, N) bias for windows of N tokens (the first N rows/columns of the full-window index); kept
