@@ -26,7 +26,6 @@ import contextlib
 import copy
 import json
 import os
-import platform
 import re
 import resource
 import statistics
@@ -100,24 +99,11 @@ def timed(fn, *args) -> float:
 def machine_info(threads: int) -> dict[str, object]:
     """What the numbers were measured on: CPU model, instruction sets (from /proc/cpuinfo flags and torch's own
     dispatch level), threads, load average."""
-    info: dict[str, object] = {"cpu_model": platform.processor() or platform.machine()}
-    flags: set[str] = set()
-    try:
-        fields = {}
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if ":" not in line:
-                if fields:
-                    break  # first processor only
-                continue
-            key, value = (s.strip() for s in line.split(":", 1))
-            fields.setdefault(key, value)
-        info["cpu_model"] = fields.get("model name", info["cpu_model"])
-        info["cpu_id"] = (
-            f"{fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
-        )
-        flags = set(fields.get("flags", "").split())
-    except OSError:
-        pass
+    from bevt.kernels_bevt import cpu_info
+
+    cpu = cpu_info()
+    info: dict[str, object] = {"cpu_model": cpu["model"], "cpu_id": cpu["id"]}
+    flags = cpu["flags"]
     isa = [name for name, flag in ISA_FLAGS if flag in flags]
     info["isa"] = isa or ["unknown (no /proc/cpuinfo flags)"]
     info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()

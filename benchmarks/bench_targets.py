@@ -18,13 +18,13 @@ Times are wall-clock medians and process CPU seconds (steadier on a shared machi
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
 
 from bevt import BEVTConfig, BEVTForMaskedVideoModeling, BEVTVisualTokenizer, BEVTVisualTokenizerConfig
+from bevt.kernels_bevt import cpu_info
 from bevt.pretraining import model_inputs, random_tokenizer
 from bevt.targets import PatchTargets
 
@@ -63,7 +63,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(
-        f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}"
+        f"torch {torch.__version__}, {args.threads} thread(s), {cpu_info()['model']}"
     )
 
     batch = demo_batch(torch.Generator().manual_seed(0))

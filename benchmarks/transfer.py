@@ -753,17 +753,12 @@ def run_provenance_line(meta: dict) -> str:
 
 @lru_cache(maxsize=1)
 def machine() -> str:
-    """CPU model, instruction sets and CPU count (`lscpu`, once per process: every finished run's marker records it)."""
-    model, flags = platform.processor() or platform.machine(), ""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        info = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-        model = info.get("Model name", model).strip()
-        flag_set = set(info.get("Flags", "").split())
-        flags = ", ".join(f for f in ("avx2", "avx512f", "amx_bf16") if f in flag_set)
-    except OSError:
-        pass
-    return f"{model} ({platform.machine()}{', ' + flags if flags else ''}), {os.cpu_count()} CPUs"
+    """CPU model, instruction sets and CPU count (`bevt.kernels_bevt.cpu_info`): every finished run's marker records it."""
+    from bevt.kernels_bevt import cpu_info
+
+    cpu = cpu_info()
+    flags = ", ".join(f for f in ("avx2", "avx512f", "amx_bf16") if f in cpu["flags"])
+    return f"{cpu['model']} ({platform.machine()}{', ' + flags if flags else ''}), {os.cpu_count()} CPUs"
 
 
 # ---------------------------------------------------------------------------------------------------------------

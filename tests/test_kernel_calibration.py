@@ -136,3 +136,30 @@ def test_the_real_calibration_measures_every_candidate(tmp_path, monkeypatch):
     measured = kernels_bevt._calibrate(kernels_bevt.onednn_linear_op())
     assert set(measured) == {"forward_aten", "forward_onednn", "weight_grad_aten", "weight_grad_onednn"}
     assert all(value > 0 for value in measured.values())
+
+
+def test_cpu_info_reads_the_first_processor_and_falls_back_without_proc(monkeypatch, tmp_path):
+    """One reading of the CPU for the calibration key and the benchmarks: model name, vendor / family / model, ISA
+    flags of the first processor; without /proc/cpuinfo, `platform`'s name and no flags."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 68\n"
+        "model name\t: AMD EPYC 9B45\nflags\t\t: fpu avx2 avx512f\n\n"
+        "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n"
+    )
+    real_path = kernels_bevt.Path
+    monkeypatch.setattr(kernels_bevt, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
+    kernels_bevt.cpu_info.cache_clear()
+    try:
+        info = kernels_bevt.cpu_info()
+        assert info == {
+            "model": "AMD EPYC 9B45", "id": "AuthenticAMD family 26 model 68",
+            "flags": frozenset({"fpu", "avx2", "avx512f"}),
+        }  # fmt: skip
+        assert kernels_bevt._cpu_model() == "AMD EPYC 9B45"
+        kernels_bevt.cpu_info.cache_clear()
+        monkeypatch.setattr(kernels_bevt, "Path", lambda p: tmp_path / "missing" if p == "/proc/cpuinfo" else real_path(p))
+        info = kernels_bevt.cpu_info()
+        assert info["model"] and info["flags"] == frozenset() and info["id"] == "? family ? model ?"
+    finally:
+        kernels_bevt.cpu_info.cache_clear()

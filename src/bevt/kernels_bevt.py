@@ -376,15 +376,32 @@ def linear_calibration_path() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bevt" / "kernels.json"
 
 
-def _cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo, else `platform.processor()`): a cache key only, never a decision."""
+@lru_cache(maxsize=1)
+def cpu_info() -> dict[str, object]:
+    """The CPU this process runs on, from the first processor of /proc/cpuinfo (else `platform`): `model` (its
+    model name), `id` ("vendor family F model M"), `flags` (frozenset of ISA flags: avx2, avx512f, amx_bf16, ...;
+    empty where unknown). What benchmarks print and the kernel calibration's cache key: never a decision."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if ":" not in line:
+                if fields:
+                    break  # the first processor only
+                continue
+            key, value = (part.strip() for part in line.split(":", 1))
+            fields.setdefault(key.lower(), value)
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return {
+        "model": fields.get("model name") or platform.processor() or platform.machine(),
+        "id": f"{fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')} model {fields.get('model', '?')}",
+        "flags": frozenset(fields.get("flags", "").split()),
+    }
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (`cpu_info`): a cache key only, never a decision."""
+    return str(cpu_info()["model"])
 
 
 def _calibration_key(threads: int) -> str:
