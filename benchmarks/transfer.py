@@ -14,6 +14,8 @@ shrinking). No single frame tells the class; a horizontal flip swaps two classes
 left: appearance and motion both needed, the setting where the image stream has something to teach).
 `--task shape-motion-plain`: shape-motion on a plain background of one random colour (the shape is the only
 structure; on the gradients most of what a pixel / token target asks to predict is background).
+`--task shape-motion-flat`: shape-motion with a flat-colour shape on a plain background (no texture, no gradient:
+a coloured silhouette on one colour; what varies besides the class is colours, size, position and speed).
 `--task demo` uses the fine-tuning demo's clips (`bevt.data.demo_finetuning.make_demo_clip`: scratch reaches
 98% with 32 labels, no room to show a gain); `--task flat-shapes` flat shapes of any colour on any gradient
 (scratch at chance with 32 labels).
@@ -81,7 +83,7 @@ CLASS_NAMES: tuple[str, ...] = (
     "growing",
     "shrinking",
 )
-TASKS = ("shapes", "flat-shapes", "demo", "shape-motion", "shape-motion-plain")
+TASKS = ("shapes", "flat-shapes", "demo", "shape-motion", "shape-motion-plain", "shape-motion-flat")
 # --task shape-motion: the class is the shape AND its direction (3 shapes x right / left): appearance counts as much
 # as motion, where the other tasks make every class a motion (the image stream can only teach appearance).
 TASK = "shapes"  # set by --task
@@ -181,12 +183,13 @@ def make_task_clip(
         from bevt.data.demo_finetuning import make_demo_clip
 
         return make_demo_clip(label, rng, size=size, num_frames=num_frames)
-    background = _plain_background(size, rng) if TASK == "shape-motion-plain" else _gradient_background(size, rng)
+    plain = TASK in ("shape-motion-plain", "shape-motion-flat")
+    background = _plain_background(size, rng) if plain else _gradient_background(size, rng)
     if TASK.startswith("shape-motion"):  # label = 2 * shape + direction (0: right, 1: left)
         shape, motion = SHAPES[label // 2], label % 2
     else:
         shape, motion = SHAPES[int(rng.integers(len(SHAPES)))], label
-    textures = ("flat",) if TASK == "flat-shapes" else TEXTURES
+    textures = ("flat",) if TASK in ("flat-shapes", "shape-motion-flat") else TEXTURES
     texture = _bright_texture(textures[int(rng.integers(len(textures)))], size, rng)
     frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
     for i, (cy, cx, radius) in enumerate(trajectory(motion, size, num_frames, rng, TASK_MOTION)):

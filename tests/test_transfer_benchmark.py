@@ -81,24 +81,28 @@ def test_a_changed_pretraining_is_not_reused_by_its_finetunings(tmp_path):
 
 
 def test_shape_motion_task_labels_are_shape_and_direction(monkeypatch):
-    """--task shape-motion (and shape-motion-plain, on a plain background): class 2 * shape + direction draws that
-    shape (disc, square, triangle) moving right (even labels) or left (odd), where --task shapes draws a random shape
-    doing the class's motion."""
+    """--task shape-motion (and shape-motion-plain, on a plain background; shape-motion-flat, a flat shape on a plain
+    background): class 2 * shape + direction draws that shape (disc, square, triangle) moving right (even labels) or
+    left (odd), where --task shapes draws a random shape doing the class's motion."""
     transfer = _transfer()
     import numpy as np
 
     import bevt.data.demo_pretraining as demo_pretraining
 
     drawn: list[tuple[str, int]] = []
-    real_alpha, real_trajectory = demo_pretraining._shape_alpha, transfer.trajectory
+    real_alpha, real_trajectory, real_texture = demo_pretraining._shape_alpha, transfer.trajectory, transfer._bright_texture
     monkeypatch.setattr(
         demo_pretraining, "_shape_alpha", lambda shape, *a: drawn.append(("shape", shape)) or real_alpha(shape, *a)
     )
     monkeypatch.setattr(
         transfer, "trajectory", lambda motion, *a: drawn.append(("motion", motion)) or real_trajectory(motion, *a)
     )
+    monkeypatch.setattr(
+        transfer, "_bright_texture", lambda kind, *a: drawn.append(("texture", kind)) or real_texture(kind, *a)
+    )
     rng = np.random.default_rng(0)
-    for task in ("shape-motion", "shape-motion-plain"):
+    textures_drawn = {}
+    for task in ("shape-motion", "shape-motion-plain", "shape-motion-flat"):
         monkeypatch.setattr(transfer, "TASK", task)
         for label, name in enumerate(transfer.SHAPE_MOTION_CLASS_NAMES):
             drawn.clear()
@@ -110,7 +114,9 @@ def test_shape_motion_task_labels_are_shape_and_direction(monkeypatch):
             assert name.endswith("right" if label % 2 == 0 else "left")
             # shape-motion-plain: one background colour (the corner pixels of every frame agree)
             corners = clip[:, [0, 0, -1, -1], [0, -1, 0, -1]].reshape(-1, 3)
-            assert (len(np.unique(corners, axis=0)) == 1) == (task == "shape-motion-plain")
+            assert (len(np.unique(corners, axis=0)) == 1) == (task != "shape-motion")
+            textures_drawn.setdefault(task, set()).update(value for kind, value in drawn if kind == "texture")
+    assert textures_drawn["shape-motion-flat"] == {"flat"} and len(textures_drawn["shape-motion"]) > 1
 
 
 def test_a_second_finetuning_recipe_reuses_the_pretrainings(tmp_path):
