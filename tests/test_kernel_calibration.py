@@ -163,3 +163,54 @@ def test_cpu_info_reads_the_first_processor_and_falls_back_without_proc(monkeypa
         assert info["model"] and info["flags"] == frozenset() and info["id"] == "? family ? model ?"
     finally:
         kernels_bevt.cpu_info.cache_clear()
+
+
+def test_bf16_speed_is_measured_once_per_machine_and_isa_cap_and_cached(tmp_path, monkeypatch):
+    """`bf16_matmul_speedup`: float32 over bf16 seconds of one real product pair (> 0), written to the cache under a key
+    that names the thread count and any ONEDNN_MAX_CPU_ISA cap, and read back instead of measured again."""
+    path = tmp_path / "kernels.json"
+    monkeypatch.setenv("BEVT_KERNEL_CACHE", str(path))
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    kernels_bevt._bf16_matmul_speedup.cache_clear()
+    try:
+        measured = kernels_bevt.bf16_matmul_speedup()
+        assert measured is not None and measured > 0
+        (key, entry), = json.loads(path.read_text()).items()
+        assert key.startswith("bf16 matmul|") and "isa cap none" in key and f"{torch.get_num_threads()} threads" in key
+        assert entry["speedup"] == measured and set(entry["seconds"]) == {"float32", "bfloat16"}
+
+        kernels_bevt._bf16_matmul_speedup.cache_clear()  # a new process: the cached value, no measurement
+        path.write_text(json.dumps({key: {"speedup": 0.25}}))
+        assert kernels_bevt.bf16_matmul_speedup() == 0.25
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_bf16")  # another cap: measured again, kept apart
+        assert kernels_bevt.bf16_matmul_speedup() > 0
+        keys = set(json.loads(path.read_text()))
+        assert len(keys) == 2 and any("isa cap AVX512_CORE_BF16" in k for k in keys)
+        kernels_bevt._bf16_matmul_speedup.cache_clear()
+        path.write_text(json.dumps({key.replace("none", "AVX512_CORE_BF16"): {"speedup": "fast"}}))  # damaged
+        assert kernels_bevt.bf16_matmul_speedup() > 0
+    finally:
+        kernels_bevt._bf16_matmul_speedup.cache_clear()
+
+
+@pytest.mark.parametrize("speedup", [0.6, 4.8, None])
+def test_bf16_training_on_a_cpu_without_fast_bf16_products_is_warned(monkeypatch, caplog, speedup):
+    """--mixed_precision bf16 on CPU: a warning where bf16 products are measured below 1.5x float32 (or fail), an
+    info line with the measured speed otherwise."""
+    import logging
+
+    from accelerate import PartialState
+
+    from bevt.training import runtime
+
+    PartialState()  # the scripts' logger needs Accelerate's state (start_run has made the Accelerator by then)
+    monkeypatch.setattr(kernels_bevt, "bf16_matmul_speedup", lambda: speedup)
+    with caplog.at_level(logging.INFO, logger="bevt.training.runtime"):
+        assert runtime.check_cpu_bf16_speed() == speedup
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if speedup == 0.6:
+        assert len(warnings) == 1 and "0.60x as fast as float32" in warnings[0] and "slower" in warnings[0]
+    elif speedup is None:
+        assert len(warnings) == 1 and "failed" in warnings[0]
+    else:
+        assert warnings == [] and any("4.80x the float32 speed" in r.getMessage() for r in caplog.records)

@@ -515,6 +515,51 @@ def _linear_kernels(threads: int, setting: str) -> LinearKernels:
     return choice
 
 
+# bfloat16 on CPU pays only where the CPU multiplies bf16 much faster than float32 (AMX: ~5x on the Intel Xeon of
+# BENCHMARKS.md); with AVX-512-BF16 alone the same oneDNN products ran at ~0.6x float32 there. Measured, not read
+# from CPU flags: one (rows, in) @ (in, out) product in both dtypes, cached like the linear calibration (the key
+# also names an ONEDNN_MAX_CPU_ISA cap, which changes the kernels oneDNN may use).
+BF16_PROBE_SHAPE = (2048, 384, 1536)
+
+
+def bf16_matmul_speedup() -> float | None:
+    """float32 seconds / bfloat16 seconds of one `BF16_PROBE_SHAPE` linear product on this CPU at the current
+    `torch.get_num_threads()`: > 1 where bf16 products are faster. Measured once (~0.3 s; two alternating rounds,
+    the lower median of each) and cached in `linear_calibration_path()`; None where a bf16 product fails."""
+    return _bf16_matmul_speedup(torch.get_num_threads(), os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper())
+
+
+@lru_cache(maxsize=8)
+def _bf16_matmul_speedup(threads: int, isa_cap: str) -> float | None:
+    path = linear_calibration_path()
+    key = f"bf16 matmul|{_calibration_key(threads)}|isa cap {isa_cap or 'none'}"
+    try:
+        cached = json.loads(path.read_text()).get(key)
+        if isinstance(cached, dict) and isinstance(cached.get("speedup"), int | float) and cached["speedup"] > 0:
+            return float(cached["speedup"])
+    except (OSError, ValueError, AttributeError):
+        pass
+    rows, k, n = BF16_PROBE_SHAPE
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
+    x16, w16 = x.bfloat16(), w.bfloat16()
+    candidates = {"float32": partial(F.linear, x, w), "bfloat16": partial(F.linear, x16, w16)}
+    try:
+        with torch.no_grad():
+            for run in candidates.values():
+                run()  # warm-up
+            measured: dict[str, list[float]] = {name: [] for name in candidates}
+            for _ in range(2):
+                for name, run in candidates.items():
+                    measured[name].append(_median_seconds(run))
+    except (RuntimeError, NotImplementedError):
+        return None
+    seconds = {name: min(values) for name, values in measured.items()}
+    speedup = seconds["float32"] / max(seconds["bfloat16"], 1e-9)
+    _write_calibration(path, key, {"speedup": speedup, "seconds": seconds})
+    return speedup
+
+
 def _onednn_usable(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `hidden @ weight.T` can go through oneDNN: plain float32 CPU tensors, eager mode (not compiling or
     tracing), no autocast, no dispatch mode."""

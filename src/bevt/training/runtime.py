@@ -22,6 +22,7 @@ from .arguments import UsageError, save_training_args
 __all__ = [
     "HUB_IGNORE_PATTERNS",
     "build_accelerator",
+    "check_cpu_bf16_speed",
     "compile_encoder",
     "push_to_hub",
     "run_script",
@@ -134,6 +135,34 @@ def setup_logging(accelerator: Accelerator, *, quiet_accelerate: bool) -> None:
         logging.getLogger().setLevel(logging.ERROR)
 
 
+# Below this bf16 / float32 speed of a matrix product, a bf16 training step on CPU is likely slower than a float32 one:
+# the rest of the step (casts, the float32 softmax, elementwise ops) costs more in bf16. Measured: on an Intel Xeon
+# with AMX (products ~5x float32) the bf16 step was 2.2-2.6x faster than float32; with oneDNN kept to AVX-512-BF16
+# on the same CPU (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16; products ~0.6x float32) it was slower (BENCHMARKS.md).
+BF16_MIN_MATMUL_SPEEDUP = 1.5
+
+
+def check_cpu_bf16_speed() -> float | None:
+    """`--mixed_precision bf16` on CPU: how much faster this CPU multiplies in bf16 than in float32
+    (`kernels_bevt.bf16_matmul_speedup`, measured once per machine and cached), with a warning where it is below
+    `BF16_MIN_MATMUL_SPEEDUP`. A measurement, not a guess from the CPU's name or flags; the run goes on in bf16."""
+    from ..kernels_bevt import bf16_matmul_speedup
+
+    speedup = bf16_matmul_speedup()
+    if speedup is None:
+        logger.warning("--mixed_precision bf16 on CPU: a bf16 matrix product failed on this CPU's kernels.")
+    elif speedup < BF16_MIN_MATMUL_SPEEDUP:
+        logger.warning(
+            f"--mixed_precision bf16 on CPU: this CPU multiplies bf16 matrices only {speedup:.2f}x as fast as float32 "
+            f"(measured at {torch.get_num_threads()} threads), below the {BF16_MIN_MATMUL_SPEEDUP}x where a bf16 "
+            "training step starts to pay: expect it slower than --mixed_precision no (bf16 pays on CPUs with AMX; "
+            "see BENCHMARKS.md)."
+        )
+    else:
+        logger.info(f"bf16 matrix products on this CPU: {speedup:.2f}x the float32 speed (measured, cached).")
+    return speedup
+
+
 def start_run(args: Any, *, quiet_accelerate: bool) -> Accelerator:
     """`--torch_threads`, `build_accelerator` + `setup_logging`, log the distributed setup, create `--output_dir`
     and write `training_args.json` there (main process)."""
@@ -142,6 +171,8 @@ def start_run(args: Any, *, quiet_accelerate: bool) -> Accelerator:
     accelerator = build_accelerator(args)
     setup_logging(accelerator, quiet_accelerate=quiet_accelerate)
     logger.info(accelerator.state, main_process_only=False)
+    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu":
+        check_cpu_bf16_speed()
     if accelerator.is_main_process:
         save_training_args(args, args.output_dir)
     return accelerator
