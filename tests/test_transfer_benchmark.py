@@ -130,3 +130,20 @@ def test_a_second_finetuning_recipe_reuses_the_pretrainings(tmp_path):
     assert set(second) - set(first) == {"finetune-lr3e-3_ld0.75-scratch-s0", "finetune-lr3e-3_ld0.75-joint-hog-s0"}
     with pytest.raises(SystemExit):
         _transfer().parse_args(["--finetune_tag", "../elsewhere"])
+
+
+def test_unlabeled_data_size_is_a_flag_and_a_larger_set_extends_the_default_one(monkeypatch):
+    """--unlabeled_videos / --unlabeled_images set the pretraining data (at least 1); the first clips of a larger
+    unlabeled set are the default set's (one generator stream), so a larger set only adds clips."""
+    transfer = _transfer()
+    args = transfer.parse_args(["--unlabeled_videos", "2048", "--unlabeled_images", "64"])
+    assert (args.sizes.unlabeled_videos, args.sizes.unlabeled_images) == (2048, 64)
+    assert transfer.parse_args([]).sizes == transfer.DataSizes()
+    for bad in (["--unlabeled_videos", "0"], ["--unlabeled_images", "-3"]):
+        with pytest.raises(SystemExit):
+            transfer.parse_args(bad)
+    monkeypatch.setattr(transfer, "encode_mp4", lambda clip, bit_rate=None: clip.tobytes())
+    monkeypatch.setattr(transfer, "make_task_clip", lambda label, rng: rng.integers(0, 255, (2, 4, 4, 3), dtype="uint8"))
+    small = [bytes_ for _, _, bytes_, _ in transfer._labeled_samples(3, 1234, "unlabeled", with_labels=False)]
+    large = [bytes_ for _, _, bytes_, _ in transfer._labeled_samples(5, 1234, "unlabeled", with_labels=False)]
+    assert large[:3] == small and len(set(large)) == 5
