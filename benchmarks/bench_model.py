@@ -107,6 +107,7 @@ def machine_info(threads: int) -> dict[str, object]:
     isa = [name for name, flag in ISA_FLAGS if flag in flags]
     info["isa"] = isa or ["unknown (no /proc/cpuinfo flags)"]
     info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    info["onednn_isa_cap"] = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip() or None  # e.g. AVX512_CORE_BF16: no AMX
     info["threads"] = threads
     info["logical_cpus"] = os.cpu_count()
     info["torch"] = torch.__version__
@@ -552,7 +553,9 @@ def summary(results: dict, precisions: list[str]) -> str:
     gemm = results["gemm"]
     lines = [
         f"CPU: {m['cpu_model']} ({m.get('cpu_id', '?')}); ISA: {', '.join(m['isa'])}; torch CPU capability "
-        f"{m['torch_cpu_capability']}; {m['threads']} threads of {m['logical_cpus']} logical CPUs; torch {m['torch']}; "
+        f"{m['torch_cpu_capability']}"
+        + (f"; oneDNN capped at {cap} (ONEDNN_MAX_CPU_ISA)" if (cap := m.get("onednn_isa_cap")) else "")
+        + f"; {m['threads']} threads of {m['logical_cpus']} logical CPUs; torch {m['torch']}; "
         f"load average {m['load_average_at_start']:.2f} -> {m['load_average_at_end']:.2f}; clock: {results['clock']}",
         "fp32 linears (BEVT_ONEDNN_LINEAR): "
         + (

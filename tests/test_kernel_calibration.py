@@ -193,9 +193,9 @@ def test_bf16_speed_is_measured_once_per_machine_and_isa_cap_and_cached(tmp_path
         kernels_bevt._bf16_matmul_speedup.cache_clear()
 
 
-@pytest.mark.parametrize("speedup", [0.6, 4.8, None])
+@pytest.mark.parametrize("speedup", [0.6, 1.2, 4.8, None])
 def test_bf16_training_on_a_cpu_without_fast_bf16_products_is_warned(monkeypatch, caplog, speedup):
-    """--mixed_precision bf16 on CPU: a warning where bf16 products are measured below 1.5x float32 (or fail), an
+    """--mixed_precision bf16 on CPU: a warning where bf16 products are measured slower than float32 (or fail), an
     info line with the measured speed otherwise."""
     import logging
 
@@ -209,8 +209,8 @@ def test_bf16_training_on_a_cpu_without_fast_bf16_products_is_warned(monkeypatch
         assert runtime.check_cpu_bf16_speed() == speedup
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     if speedup == 0.6:
-        assert len(warnings) == 1 and "0.60x as fast as float32" in warnings[0] and "slower" in warnings[0]
+        assert len(warnings) == 1 and "only 0.60x the float32 speed" in warnings[0] and "no faster" in warnings[0]
     elif speedup is None:
         assert len(warnings) == 1 and "failed" in warnings[0]
     else:
-        assert warnings == [] and any("4.80x the float32 speed" in r.getMessage() for r in caplog.records)
+        assert warnings == [] and any(f"{speedup:.2f}x the float32 speed" in r.getMessage() for r in caplog.records)

@@ -515,8 +515,8 @@ def _linear_kernels(threads: int, setting: str) -> LinearKernels:
     return choice
 
 
-# bfloat16 on CPU pays only where the CPU multiplies bf16 much faster than float32 (AMX: ~5x on the Intel Xeon of
-# BENCHMARKS.md); with AVX-512-BF16 alone the same oneDNN products ran at ~0.6x float32 there. Measured, not read
+# bfloat16 on CPU pays only where the CPU multiplies bf16 faster than float32 (AMX: ~5x on the Intel Xeon of
+# BENCHMARKS.md); with oneDNN kept to AVX-512-BF16 the same products ran at 0.59x float32 there. Measured, not read
 # from CPU flags: one (rows, in) @ (in, out) product in both dtypes, cached like the linear calibration (the key
 # also names an ONEDNN_MAX_CPU_ISA cap, which changes the kernels oneDNN may use).
 BF16_PROBE_SHAPE = (2048, 384, 1536)
