@@ -214,3 +214,21 @@ def test_bf16_training_on_a_cpu_without_fast_bf16_products_is_warned(monkeypatch
         assert len(warnings) == 1 and "failed" in warnings[0]
     else:
         assert warnings == [] and any(f"{speedup:.2f}x the float32 speed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_bf16_product_far_slower_than_float32_is_measured_once(tmp_path, monkeypatch):
+    """Where the warm-up bf16 product takes over 5x the float32 one (a slow fallback path), the probe stops there
+    (no timed rounds): the answer (bf16 slower) does not need them."""
+    monkeypatch.setenv("BEVT_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    calls: list[int] = []
+
+    def fake_median(run, repeats=kernels_bevt.CALIBRATION_REPEATS, clock=None):
+        calls.append(repeats)
+        return 1.0 if len(calls) == 1 else 10.0  # float32 warm-up 1 s, bf16 warm-up 10 s
+
+    monkeypatch.setattr(kernels_bevt, "_median_seconds", fake_median)
+    kernels_bevt._bf16_matmul_speedup.cache_clear()
+    try:
+        assert kernels_bevt.bf16_matmul_speedup() == pytest.approx(0.1) and calls == [1, 1]
+    finally:
+        kernels_bevt._bf16_matmul_speedup.cache_clear()
