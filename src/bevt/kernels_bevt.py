@@ -454,21 +454,28 @@ def _calibrate(op: Callable) -> dict[str, float]:
             candidates = _calibration_candidates(op, rows, k, n, g)
             for run in candidates.values():
                 run()  # warm-up: first-call allocations, oneDNN primitive creation
-            measured: dict[str, list[float]] = {name: [] for name in candidates}
-            for _ in range(2):  # two alternating rounds: a slow spell of the machine hits both candidates
-                for name, run in candidates.items():
-                    measured[name].append(_median_seconds(run))
-            for name, values in measured.items():
-                timings[name] += min(values)
+            for name, seconds in _alternating_seconds(candidates).items():
+                timings[name] += seconds
     return timings
 
 
-def _read_calibration(path: Path, key: str) -> dict | None:
+def _alternating_seconds(candidates: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Seconds of each candidate: two alternating rounds (a slow spell of the machine hits all of them) of
+    `_median_seconds`, the lower median of each. Warm them up first."""
+    measured: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(2):
+        for name, run in candidates.items():
+            measured[name].append(_median_seconds(run))
+    return {name: min(values) for name, values in measured.items()}
+
+
+def _read_calibration(path: Path, key: str, fields: tuple[str, ...] = ("forward", "weight_grad")) -> dict | None:
+    """The cached entry under `key` when it is a dict with `fields`; None for a missing, unreadable or damaged one."""
     try:
         entry = json.loads(path.read_text()).get(key)
     except (OSError, ValueError, AttributeError):
         return None
-    return entry if isinstance(entry, dict) and {"forward", "weight_grad"} <= set(entry) else None
+    return entry if isinstance(entry, dict) and set(fields) <= set(entry) else None
 
 
 def _write_calibration(path: Path, key: str, entry: dict) -> None:
@@ -534,12 +541,9 @@ def bf16_matmul_speedup() -> float | None:
 def _bf16_matmul_speedup(threads: int, isa_cap: str) -> float | None:
     path = linear_calibration_path()
     key = f"bf16 matmul|{_calibration_key(threads)}|isa cap {isa_cap or 'none'}"
-    try:
-        cached = json.loads(path.read_text()).get(key)
-        if isinstance(cached, dict) and isinstance(cached.get("speedup"), int | float) and cached["speedup"] > 0:
-            return float(cached["speedup"])
-    except (OSError, ValueError, AttributeError):
-        pass
+    cached = _read_calibration(path, key, ("speedup",))
+    if cached is not None and isinstance(cached["speedup"], int | float) and cached["speedup"] > 0:
+        return float(cached["speedup"])
     rows, k, n = BF16_PROBE_SHAPE
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
@@ -549,16 +553,11 @@ def _bf16_matmul_speedup(threads: int, isa_cap: str) -> float | None:
         with torch.no_grad():
             # warm-up; a bf16 product 5x slower than float32 even then is answer enough (a CPU whose bf16 path is a
             # slow fallback would otherwise spend seconds on the rounds)
-            warm = {name: _median_seconds(run, repeats=1) for name, run in candidates.items()}
-            measured: dict[str, list[float]] = {name: [seconds] for name, seconds in warm.items()}
-            if warm["bfloat16"] <= 5 * warm["float32"]:
-                measured = {name: [] for name in candidates}
-                for _ in range(2):
-                    for name, run in candidates.items():
-                        measured[name].append(_median_seconds(run))
+            seconds = {name: _median_seconds(run, repeats=1) for name, run in candidates.items()}
+            if seconds["bfloat16"] <= 5 * seconds["float32"]:
+                seconds = _alternating_seconds(candidates)
     except (RuntimeError, NotImplementedError):
         return None
-    seconds = {name: min(values) for name, values in measured.items()}
     speedup = seconds["float32"] / max(seconds["bfloat16"], 1e-9)
     _write_calibration(path, key, {"speedup": speedup, "seconds": seconds})
     return speedup
