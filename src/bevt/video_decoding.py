@@ -86,12 +86,11 @@ def reformat_frame(frame: Any, **kwargs: Any) -> Any:
     not its slice threads, and the next conversion through it waits for them forever (a hung data-loader worker;
     freeing it hangs the same way, joining the missing threads). A reformatter made in the current process, kept per
     thread, never crosses a fork; one inherited from the parent is kept alive and never used."""
-    av = _optional_import("av")
     kept = getattr(_REFORMATTERS, "value", None)
     if kept is None or kept[0] != os.getpid():
         if kept is not None:
             _INHERITED_REFORMATTERS.append(kept[1])
-        kept = (os.getpid(), av.video.reformatter.VideoReformatter())
+        kept = (os.getpid(), _optional_import("av").video.reformatter.VideoReformatter())
         _REFORMATTERS.value = kept
     return kept[1].reformat(frame, **kwargs)
 
