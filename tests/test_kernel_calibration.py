@@ -232,3 +232,26 @@ def test_a_bf16_product_far_slower_than_float32_is_measured_once(tmp_path, monke
         assert kernels_bevt.bf16_matmul_speedup() == pytest.approx(0.1) and calls == [1, 1]
     finally:
         kernels_bevt._bf16_matmul_speedup.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("precision", "device", "local_main", "expected"),
+    [
+        ("bf16", "cpu", True, True),
+        ("bf16", "cpu", False, False),  # another process of the same machine: the local main one measures
+        ("bf16", "cuda", True, False),
+        ("no", "cpu", True, False),
+        ("fp16", "cpu", True, False),
+    ],
+)
+def test_the_bf16_speed_probe_runs_once_per_machine_on_cpu_only(precision, device, local_main, expected):
+    """One bf16 probe per machine: on the local main process of a bf16 CPU run (the other processes share that CPU;
+    timing products on all of them at once would measure their contention)."""
+    from types import SimpleNamespace
+
+    from bevt.training import runtime
+
+    accelerator = SimpleNamespace(
+        mixed_precision=precision, device=torch.device(device), is_local_main_process=local_main
+    )
+    assert runtime.needs_cpu_bf16_check(accelerator) is expected

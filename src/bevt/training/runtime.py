@@ -24,6 +24,7 @@ __all__ = [
     "build_accelerator",
     "check_cpu_bf16_speed",
     "compile_encoder",
+    "needs_cpu_bf16_check",
     "push_to_hub",
     "run_script",
     "setup_logging",
@@ -165,6 +166,16 @@ def check_cpu_bf16_speed() -> float | None:
     return speedup
 
 
+def needs_cpu_bf16_check(accelerator: Accelerator) -> bool:
+    """bf16 on CPU, and this is the machine's local main process: one bf16 speed probe per machine (the other
+    processes of that machine share its CPU and would time their products against each other's), none on GPU."""
+    return (
+        accelerator.mixed_precision == "bf16"
+        and accelerator.device.type == "cpu"
+        and accelerator.is_local_main_process
+    )
+
+
 def start_run(args: Any, *, quiet_accelerate: bool) -> Accelerator:
     """`--torch_threads`, `build_accelerator` + `setup_logging`, log the distributed setup, create `--output_dir`
     and write `training_args.json` there (main process)."""
@@ -173,7 +184,7 @@ def start_run(args: Any, *, quiet_accelerate: bool) -> Accelerator:
     accelerator = build_accelerator(args)
     setup_logging(accelerator, quiet_accelerate=quiet_accelerate)
     logger.info(accelerator.state, main_process_only=False)
-    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu":
+    if needs_cpu_bf16_check(accelerator):
         check_cpu_bf16_speed()
     if accelerator.is_main_process:
         save_training_args(args, args.output_dir)
