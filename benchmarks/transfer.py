@@ -42,7 +42,8 @@ Runs (each a subprocess of the real scripts, as a user would type them, `OMP_NUM
 Every hyperparameter is fixed before looking at the eval split (the module constants below; `--split dev` is for
 choosing them). The table reports mean +- std over the seeds (never the best seed), written to
 `<output_dir>/transfer_<split>.md` and `.json`; a finished run is reused when its command, the data and the runs it
-builds on are unchanged (rerun after a change and only the changed runs and those downstream of them run again).
+builds on are unchanged (rerun after a change and only the changed runs and those downstream of them run again),
+also where the whole output folder was copied or moved (paths under it do not count in the comparison).
 """
 
 from __future__ import annotations
@@ -279,6 +280,14 @@ def write_task_data(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _relative_to(arg: str, root: Path) -> str:
+    """`arg` with a leading `root` written as `<output_dir>` (`root` itself, or a path inside it)."""
+    prefix = str(root)
+    if arg == prefix or arg.startswith(prefix + os.sep):
+        return "<output_dir>" + arg[len(prefix) :]
+    return arg
+
+
 @dataclass
 class Run:
     """One command: `argv` of `script` (run_tokenizer_training.py, run_pretraining.py or run_finetuning.py)."""
@@ -292,12 +301,14 @@ class Run:
     seconds: float = 0.0
 
     data_version: str = ""  # the data manifests + the keys of the runs it needs: such changes are not reused
+    root: Path | None = None  # the benchmark's --output_dir: a moved or copied one keeps its runs' keys
 
     @property
     def key(self) -> str:
-        return hashlib.sha256(json.dumps([self.script, self.argv, self.data_version]).encode()).hexdigest()[
-            :16
-        ]
+        """What the run's reuse depends on: script, argv (with paths under `root` written relative to it, so that an
+        output folder copied or moved elsewhere is reused there) and `data_version`."""
+        argv = self.argv if self.root is None else [_relative_to(arg, self.root) for arg in self.argv]
+        return hashlib.sha256(json.dumps([self.script, argv, self.data_version]).encode()).hexdigest()[:16]
 
     @property
     def marker(self) -> Path:
@@ -493,7 +504,8 @@ def run_name(protocol: str, start: str, seed: int, finetune_tag: str | None = No
 def plan(
     args: argparse.Namespace, data: dict[str, str], work: Path
 ) -> tuple[list[list[Run]], dict]:
-    """The phases of runs (tokenizers, pretrainings, fine-tunings) and the table's layout."""
+    """The phases of runs (tokenizers, pretrainings, fine-tunings) and the table's layout. `work`:
+    `<output_dir>/runs-<split>`; `data`: the shard folders under `<output_dir>`."""
     variants = pretraining_variants(args.targets, args.ablation_target, args.frozen_embedding_targets)
     tokenizers, pretrainings, finetunings = [], [], []
     # the architecture of every new model (pretrainings, scratch); a pretraining folder's fine-tuning keeps its own
@@ -558,6 +570,8 @@ def plan(
                     argv += ["--model_name_or_path", str(work / f"pretrain-{start}-s{seed}")]
                     needs.append(f"pretrain-{start}-s{seed}")
                 finetunings.append(Run(name, "run_finetuning.py", argv, out, needs))
+    for run in (*tokenizers, *pretrainings, *finetunings):
+        run.root = work.parent  # <output_dir>: the data and every run folder are under it
     layout = {"starts": starts}
     return [tokenizers, pretrainings, finetunings], layout
 

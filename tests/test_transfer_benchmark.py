@@ -147,3 +147,20 @@ def test_unlabeled_data_size_is_a_flag_and_a_larger_set_extends_the_default_one(
     small = [bytes_ for _, _, bytes_, _ in transfer._labeled_samples(3, 1234, "unlabeled", with_labels=False)]
     large = [bytes_ for _, _, bytes_, _ in transfer._labeled_samples(5, 1234, "unlabeled", with_labels=False)]
     assert large[:3] == small and len(set(large)) == 5
+
+
+def test_runs_keep_their_keys_when_the_output_folder_is_moved(tmp_path):
+    """A copied or moved output folder is reused there: paths under --output_dir do not enter the keys; paths
+    elsewhere and every other argument still do."""
+    here = _run_keys(tmp_path / "a", "tokenizer")
+    moved = _run_keys(tmp_path / "elsewhere" / "b", "tokenizer")
+    assert here == moved and len(here) == 6  # tokenizer, pretraining, 2 fine-tunings, 2 probes
+    transfer = _transfer()
+    run = transfer.Run("x", "run_finetuning.py", ["--train_shards", "/data/train", "--output_dir", "/o/runs/x"],
+                       Path("/o/runs/x"), root=Path("/o"))  # fmt: skip
+    other = transfer.Run("x", "run_finetuning.py", ["--train_shards", "/data2/train", "--output_dir", "/p/runs/x"],
+                         Path("/p/runs/x"), root=Path("/p"))  # fmt: skip
+    assert run.key != other.key  # the shards outside the output folder differ
+    sibling = transfer.Run("x", "run_finetuning.py", ["--train_shards", "/o2/train", "--output_dir", "/o/runs/x"],
+                           Path("/o/runs/x"), root=Path("/o"))  # fmt: skip
+    assert transfer._relative_to("/o2/train", Path("/o")) == "/o2/train" and sibling.key != run.key
