@@ -98,8 +98,9 @@ def timed(fn, *args) -> float:
 
 def machine_info(threads: int) -> dict[str, object]:
     """What the numbers were measured on: CPU model, instruction sets (from /proc/cpuinfo flags and torch's own
-    dispatch level), threads, load average."""
-    from bevt.kernels_bevt import cpu_info
+    dispatch level), the memory allocator (glibc malloc, or a preloaded tcmalloc / jemalloc), threads, load
+    average."""
+    from bevt.kernels_bevt import cpu_info, memory_allocator
 
     cpu = cpu_info()
     info: dict[str, object] = {"cpu_model": cpu["model"], "cpu_id": cpu["id"]}
@@ -108,6 +109,7 @@ def machine_info(threads: int) -> dict[str, object]:
     info["isa"] = isa or ["unknown (no /proc/cpuinfo flags)"]
     info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     info["onednn_isa_cap"] = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip() or None  # e.g. AVX512_CORE_BF16: no AMX
+    info["memory_allocator"] = memory_allocator()  # tcmalloc when preloaded: a faster bf16 step (BENCHMARKS.md)
     info["threads"] = threads
     info["logical_cpus"] = os.cpu_count()
     info["torch"] = torch.__version__
@@ -556,6 +558,7 @@ def summary(results: dict, precisions: list[str]) -> str:
         f"{m['torch_cpu_capability']}"
         + (f"; oneDNN capped at {cap} (ONEDNN_MAX_CPU_ISA)" if (cap := m.get("onednn_isa_cap")) else "")
         + f"; {m['threads']} threads of {m['logical_cpus']} logical CPUs; torch {m['torch']}; "
+        f"allocator {m.get('memory_allocator', '?')}; "
         f"load average {m['load_average_at_start']:.2f} -> {m['load_average_at_end']:.2f}; clock: {results['clock']}",
         "fp32 linears (BEVT_ONEDNN_LINEAR): "
         + (

@@ -255,3 +255,45 @@ def test_the_bf16_speed_probe_runs_once_per_machine_on_cpu_only(precision, devic
         mixed_precision=precision, device=torch.device(device), is_local_main_process=local_main
     )
     assert runtime.needs_cpu_bf16_check(accelerator) is expected
+
+
+def test_the_memory_allocator_is_read_from_the_process_maps(tmp_path, monkeypatch):
+    """`memory_allocator`: a preloaded tcmalloc / jemalloc is named from the libraries mapped into the process;
+    otherwise glibc's malloc (this test process, unless something was preloaded)."""
+    import os
+    import platform
+
+    libc_malloc = "glibc malloc" if platform.libc_ver()[0] == "glibc" else "system malloc"
+    if not os.environ.get("LD_PRELOAD"):
+        assert kernels_bevt.memory_allocator() == libc_malloc
+    maps = tmp_path / "maps"
+    line = "7f5e1c000000-7f5e1c021000 r-xp 00000000 08:01 123 {}\n"
+    for library, expected in [
+        ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4.5.10", "tcmalloc"),
+        ("/opt/lib/libjemalloc.so.2", "jemalloc"),
+        ("/usr/lib/x86_64-linux-gnu/libc.so.6", libc_malloc),  # glibc itself
+    ]:
+        maps.write_text(line.format("/usr/lib/x86_64-linux-gnu/libm.so.6") + line.format(library) + "7ffd-7ffe rw-p 0 0 0\n")
+        monkeypatch.setattr(kernels_bevt, "PROCESS_MAPS", str(maps))
+        assert kernels_bevt.memory_allocator() == expected, library
+    monkeypatch.setattr(kernels_bevt, "PROCESS_MAPS", str(tmp_path / "missing"))  # no /proc: the libc's malloc
+    assert kernels_bevt.memory_allocator() == libc_malloc
+
+
+@pytest.mark.parametrize("allocator", ["glibc malloc", "tcmalloc"])
+def test_a_cpu_run_under_glibc_malloc_is_told_how_to_preload_tcmalloc(tmp_path, monkeypatch, allocator):
+    """The scripts' CPU hint: under glibc's malloc, the LD_PRELOAD line (with the installed library's path where
+    there is one, else the package to install); nothing when another allocator is in use."""
+    from bevt.training import runtime
+
+    monkeypatch.setattr(kernels_bevt, "memory_allocator", lambda: allocator)
+    monkeypatch.setattr(runtime, "TCMALLOC_PATHS", (str(tmp_path / "absent.so"),))
+    hint = runtime.cpu_allocator_hint()
+    if allocator == "tcmalloc":
+        assert hint is None
+        return
+    assert "LD_PRELOAD=" in hint and "libtcmalloc-minimal4" in hint and "glibc malloc" in hint
+    installed = tmp_path / "libtcmalloc_minimal.so.4"
+    installed.write_bytes(b"")
+    monkeypatch.setattr(runtime, "TCMALLOC_PATHS", (str(tmp_path / "absent.so"), str(installed)))
+    assert f"LD_PRELOAD={installed} " in runtime.cpu_allocator_hint()

@@ -399,6 +399,28 @@ def cpu_info() -> dict[str, object]:
     }
 
 
+# Shared libraries that replace malloc when preloaded (LD_PRELOAD), as they appear in /proc/self/maps.
+MEMORY_ALLOCATORS = {"libtcmalloc": "tcmalloc", "libjemalloc": "jemalloc", "libmimalloc": "mimalloc"}
+PROCESS_MAPS = "/proc/self/maps"
+
+
+def memory_allocator() -> str:
+    """The allocator behind this process's `malloc`: "tcmalloc" / "jemalloc" / "mimalloc" when such a library is
+    mapped (preloaded), else "glibc malloc" (or "system malloc" off glibc). What benchmarks print and what the
+    training scripts' CPU hint reads (a CPU training step spends part of its time in page faults and allocation:
+    BENCHMARKS.md, "Memory allocator")."""
+    try:
+        with open(PROCESS_MAPS) as maps:
+            for line in maps:
+                name = os.path.basename(line.rstrip().rsplit(" ", 1)[-1])
+                for prefix, allocator in MEMORY_ALLOCATORS.items():
+                    if name.startswith(prefix):
+                        return allocator
+    except OSError:
+        pass
+    return "glibc malloc" if platform.libc_ver()[0] == "glibc" else "system malloc"
+
+
 def _cpu_model() -> str:
     """The CPU's model name (`cpu_info`): a cache key only, never a decision."""
     return str(cpu_info()["model"])
