@@ -76,7 +76,7 @@ if str(ROOT / "src") not in sys.path:  # this checkout's package first (the work
 
 from bevt.data.demo_finetuning import MotionRanges, encode_mp4, trajectory  # noqa: E402 (after the path)
 
-CLASS_NAMES: tuple[str, ...] = (
+MOTION_CLASS_NAMES: tuple[str, ...] = (
     "moving right",
     "moving left",
     "moving down",
@@ -84,15 +84,40 @@ CLASS_NAMES: tuple[str, ...] = (
     "growing",
     "shrinking",
 )
-TASKS = ("shapes", "flat-shapes", "demo", "shape-motion", "shape-motion-plain", "shape-motion-flat")
-# --task shape-motion: the class is the shape AND its direction (3 shapes x right / left): appearance counts as much
-# as motion, where the other tasks make every class a motion (the image stream can only teach appearance).
-TASK = "shapes"  # set by --task
 SHAPES = ("disc", "square", "triangle")
 SHAPE_MOTION_CLASS_NAMES: tuple[str, ...] = tuple(
     f"{shape} moving {way}" for shape in SHAPES for way in ("right", "left")
 )  # label = 2 * shape index + direction, as make_task_clip draws them
 TEXTURES = ("stripes", "checker", "flat")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a `--task` draws (`make_task_clip`): `classes` "motion" (the class is what a random shape does) or
+    "shape-motion" (the shape AND its horizontal direction, 3 shapes x right / left: appearance counts as much as
+    motion, where motion classes leave the image stream nothing to teach); a `plain` one-colour background instead of
+    a colour gradient; the shape's `textures`. "demo" is the fine-tuning demo's generator (the rest unused)."""
+
+    classes: str
+    plain: bool = False
+    textures: tuple[str, ...] = TEXTURES
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return SHAPE_MOTION_CLASS_NAMES if self.classes == "shape-motion" else MOTION_CLASS_NAMES
+
+
+TASK_SPECS = {
+    "shapes": TaskSpec("motion"),
+    "flat-shapes": TaskSpec("motion", textures=("flat",)),
+    "demo": TaskSpec("demo"),
+    "shape-motion": TaskSpec("shape-motion"),
+    "shape-motion-plain": TaskSpec("shape-motion", plain=True),
+    "shape-motion-flat": TaskSpec("shape-motion", plain=True, textures=("flat",)),
+}
+TASKS = tuple(TASK_SPECS)
+TASK = "shapes"  # set by --task
+CLASS_NAMES = MOTION_CLASS_NAMES  # the task's (set by --task)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Hyperparameters, fixed a priori (demo recipes of the two scripts, at 64 px / 8 frames)
@@ -133,7 +158,7 @@ TOKENIZER_FLAGS = [
 
 
 # The task's motion: larger, longer-travelling shapes than the fine-tuning demo's; classes 1 (left) and 3 (up) run
-# backwards along their axis (CLASS_NAMES).
+# backwards along their axis (MOTION_CLASS_NAMES).
 TASK_MOTION = MotionRanges(
     radius=(0.12, 0.18), travel=(0.4, 0.6), small=(0.08, 0.12), growth=(2.0, 2.6), reversed_labels=(1, 3)
 )
@@ -180,18 +205,17 @@ def make_task_clip(
     """
     from bevt.data.demo_pretraining import _shape_alpha
 
-    if TASK == "demo":
+    spec = TASK_SPECS[TASK]
+    if spec.classes == "demo":
         from bevt.data.demo_finetuning import make_demo_clip
 
         return make_demo_clip(label, rng, size=size, num_frames=num_frames)
-    plain = TASK in ("shape-motion-plain", "shape-motion-flat")
-    background = _plain_background(size, rng) if plain else _gradient_background(size, rng)
-    if TASK.startswith("shape-motion"):  # label = 2 * shape + direction (0: right, 1: left)
+    background = _plain_background(size, rng) if spec.plain else _gradient_background(size, rng)
+    if spec.classes == "shape-motion":  # label = 2 * shape + direction (0: right, 1: left)
         shape, motion = SHAPES[label // 2], label % 2
     else:
         shape, motion = SHAPES[int(rng.integers(len(SHAPES)))], label
-    textures = ("flat",) if TASK in ("flat-shapes", "shape-motion-flat") else TEXTURES
-    texture = _bright_texture(textures[int(rng.integers(len(textures)))], size, rng)
+    texture = _bright_texture(spec.textures[int(rng.integers(len(spec.textures)))], size, rng)
     frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
     for i, (cy, cx, radius) in enumerate(trajectory(motion, size, num_frames, rng, TASK_MOTION)):
         alpha = _shape_alpha(shape, size, cy, cx, radius)[..., None]
@@ -881,8 +905,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     global TASK, CLASS_NAMES
     TASK = args.task
-    if TASK.startswith("shape-motion"):
-        CLASS_NAMES = SHAPE_MOTION_CLASS_NAMES
+    CLASS_NAMES = TASK_SPECS[TASK].class_names
     started = time.perf_counter()
     out = Path(args.output_dir).resolve()
     work, logs = out / f"runs-{args.split}", out / f"logs-{args.split}"
