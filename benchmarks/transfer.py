@@ -117,7 +117,12 @@ TASK_SPECS = {
 }
 TASKS = tuple(TASK_SPECS)
 TASK = "shapes"  # set by --task
-CLASS_NAMES = MOTION_CLASS_NAMES  # the task's (set by --task)
+
+
+def class_names() -> tuple[str, ...]:
+    """The class names of the current `--task` (`TASK`)."""
+    return TASK_SPECS[TASK].class_names
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Hyperparameters, fixed a priori (demo recipes of the two scripts, at 64 px / 8 frames)
@@ -229,10 +234,11 @@ def _labeled_samples(
 ) -> Iterator[tuple[str, str, bytes, dict]]:
     """`(key, "mp4", bytes, meta)` for `write_shards`: classes balanced and interleaved (labels None when unlabeled)."""
     rng = np.random.default_rng([seed, sum(split.encode())])
+    names = class_names()
     for index in range(count):
-        label = index % len(CLASS_NAMES) if with_labels else int(rng.integers(len(CLASS_NAMES)))
+        label = index % len(names) if with_labels else int(rng.integers(len(names)))
         key = f"{split}_{index:06d}"
-        meta = {"label": label, "label_name": CLASS_NAMES[label]} if with_labels else {"label": None}
+        meta = {"label": label, "label_name": names[label]} if with_labels else {"label": None}
         yield key, "mp4", encode_mp4(make_task_clip(label, rng), bit_rate=TASK_BIT_RATE), {**meta, "path": f"synthetic/{key}.mp4"}
 
 
@@ -244,7 +250,7 @@ def _image_samples(count: int, seed: int, per_clip: int = 4) -> Iterator[tuple[s
     clip = None
     for index in range(count):
         if index % per_clip == 0:
-            clip = make_task_clip(int(rng.integers(len(CLASS_NAMES))), rng)
+            clip = make_task_clip(int(rng.integers(len(class_names()))), rng)
         key = f"image_{index:06d}"
         yield (
             key,
@@ -275,7 +281,7 @@ def write_task_data(
     def write(split: str) -> str:
         folder = root / split
         settings = {"size": getattr(sizes, {"videos": "unlabeled_videos", "images": "unlabeled_images"}.get(split, split)),
-                    "seed": seed, "classes": list(CLASS_NAMES), "clip": [CLIP_SIZE, CLIP_FRAMES], "version": 7, "task": TASK}  # fmt: skip
+                    "seed": seed, "classes": list(class_names()), "clip": [CLIP_SIZE, CLIP_FRAMES], "version": 7, "task": TASK}  # fmt: skip
         manifest = root / f"{split}.json"
         if manifest.is_file() and json.loads(manifest.read_text()) == settings and folder.is_dir():
             return str(folder)
@@ -288,7 +294,7 @@ def write_task_data(
             write_shards(list(_image_samples(count, seed)), folder, prefix="images", num_shards=min(2, count))
         else:
             samples = list(_labeled_samples(count, seed, split))
-            write_shards(samples, folder, prefix=split, num_shards=1, labels=CLASS_NAMES)
+            write_shards(samples, folder, prefix=split, num_shards=1, labels=class_names())
         manifest.write_text(json.dumps(settings))
         return str(folder)
 
@@ -903,9 +909,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     args = parse_args(argv)
-    global TASK, CLASS_NAMES
+    global TASK
     TASK = args.task
-    CLASS_NAMES = TASK_SPECS[TASK].class_names
     started = time.perf_counter()
     out = Path(args.output_dir).resolve()
     work, logs = out / f"runs-{args.split}", out / f"logs-{args.split}"
@@ -963,7 +968,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": round(time.perf_counter() - started, 1),
         "jobs": args.jobs,
         "num_scored": getattr(args.sizes, args.split),
-        "num_classes": len(CLASS_NAMES),
+        "num_classes": len(class_names()),
         **provenance(runs.values()),
     }
     table = markdown(args, results, meta)
