@@ -71,11 +71,21 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
-@pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_bf16_autocast_step_matches_fp32_within_bf16_tolerance(attn, mode, monkeypatch):
+@pytest.mark.parametrize(
+    ("attn", "mode", "native"),
+    [("eager", "train", "0"), ("eager", "eval", "0"), ("sdpa", "train", "0"), ("sdpa", "eval", "0"),
+     ("sdpa", "train", "1")],  # fmt: skip
+)
+def test_bf16_autocast_step_matches_fp32_within_bf16_tolerance(attn, mode, native, monkeypatch):
+    """native: the chunked attention's softmax through PyTorch's ops ("0") or the native kernels ("1"), in bf16
+    and float32 alike."""
     torch.set_num_threads(1)
     monkeypatch.setenv("BEVT_ONEDNN_LINEAR", "1")  # the oneDNN fp32 linears run whatever this machine's calibration chose
+    monkeypatch.setenv("BEVT_NATIVE_ATTENTION", native)
+    from bevt.kernels_bevt import native_attention
+
+    if native == "1" and native_attention(torch.bfloat16) is None:
+        pytest.skip("the native attention kernels cannot be built here (no C++ compiler or ninja)")
     model = _model(attn).train(mode == "train")
     inputs = tiny_pretraining_inputs()
     loss32, grads32, fused32 = _step(model, inputs, bf16=False)

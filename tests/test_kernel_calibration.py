@@ -297,3 +297,130 @@ def test_a_cpu_run_under_glibc_malloc_is_told_how_to_preload_tcmalloc(tmp_path, 
     installed.write_bytes(b"")
     monkeypatch.setattr(runtime, "TCMALLOC_PATHS", (str(tmp_path / "absent.so"), str(installed)))
     assert f"LD_PRELOAD={installed} " in runtime.cpu_allocator_hint()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Native attention softmax (C++ built on the running machine, used where its calibration measured it faster)
+# ---------------------------------------------------------------------------------------------------------------
+
+needs_native = pytest.mark.skipif(
+    kernels_bevt._native_attention_module() is None, reason="no C++ compiler or ninja: nothing to build"
+)
+
+
+@pytest.fixture
+def native_cache(tmp_path, monkeypatch):
+    """A fresh cache file and in-process choice, a stand-in module, and the calibration replaced by given timings."""
+    path = tmp_path / "kernels.json"
+    monkeypatch.setenv("BEVT_KERNEL_CACHE", str(path))
+    monkeypatch.delenv("BEVT_NATIVE_ATTENTION", raising=False)
+    kernels_bevt._native_attention_choice.cache_clear()
+    module = object()
+    state = {"timings": None, "calls": 0}
+
+    def fake_calibrate(got, dtype):
+        assert got is module
+        state["calls"] += 1
+        return dict(state["timings"])
+
+    monkeypatch.setattr(kernels_bevt, "_native_attention_module", lambda: module)
+    monkeypatch.setattr(kernels_bevt, "_calibrate_native_attention", fake_calibrate)
+    yield path, state, module
+    kernels_bevt._native_attention_choice.cache_clear()
+
+
+def test_native_attention_is_used_where_measured_faster_once_per_dtype_and_cached(native_cache):
+    path, state, module = native_cache
+    state["timings"] = {"torch": 1.0, "native": 0.5}
+    assert kernels_bevt.native_attention(torch.bfloat16) is module
+    state["timings"] = {"torch": 1.0, "native": 0.97}  # within the 5% margin: PyTorch's ops
+    assert kernels_bevt.native_attention(torch.float32) is None
+    assert kernels_bevt.native_attention(torch.bfloat16) is module and state["calls"] == 2
+    assert kernels_bevt.native_attention(torch.float16) is None  # no kernel for it: never calibrated
+    stored = json.loads(path.read_text())
+    entries = {key.rsplit("|", 1)[-1]: value for key, value in stored.items() if key.startswith("native attention|")}
+    assert entries["torch.bfloat16"] == {"native": True, "timings": {"torch": 1.0, "native": 0.5}}
+    assert entries["torch.float32"]["native"] is False
+    assert all(kernels_bevt.native_attention_build_name() in key for key in stored)
+    kernels_bevt._native_attention_choice.cache_clear()  # a new process reads the file: no calibration
+    assert kernels_bevt.native_attention(torch.bfloat16) is module and state["calls"] == 2
+
+
+def test_native_attention_setting_forces_or_disables_without_calibrating(native_cache, monkeypatch):
+    _, state, module = native_cache
+    monkeypatch.setenv("BEVT_NATIVE_ATTENTION", "1")
+    assert kernels_bevt.native_attention(torch.float32) is module
+    monkeypatch.setenv("BEVT_NATIVE_ATTENTION", "off")
+    assert kernels_bevt.native_attention(torch.float32) is None and kernels_bevt.native_attention_module() is None
+    assert state["calls"] == 0
+    monkeypatch.setenv("BEVT_NATIVE_ATTENTION", "sometimes")
+    with pytest.raises(ValueError, match="BEVT_NATIVE_ATTENTION must be auto, 1 or 0, got 'sometimes'"):
+        kernels_bevt.native_attention(torch.float32)
+
+
+def test_native_build_is_named_after_the_cpu_so_a_shared_cache_never_loads_a_foreign_build(monkeypatch):
+    here = kernels_bevt.native_attention_build_name()
+    assert here == kernels_bevt.native_attention_build_name() and here.startswith("bevt_attention_")
+    other = {"model": "Some Other CPU", "id": "?", "flags": frozenset({"avx2"})}
+    monkeypatch.setattr(kernels_bevt, "cpu_info", lambda: other)
+    assert kernels_bevt.native_attention_build_name() != here
+
+
+def test_without_a_compiler_the_torch_path_runs_and_says_why(monkeypatch, caplog):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    kernels_bevt._native_attention_module.cache_clear()
+    try:
+        with caplog.at_level("INFO", logger="bevt.kernels_bevt"):
+            assert kernels_bevt._native_attention_module() is None
+        assert "no C++ compiler ('/nonexistent/c++')" in caplog.text
+    finally:
+        kernels_bevt._native_attention_module.cache_clear()
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_softmax_matches_torch_and_never_writes_denormals(dtype):
+    module = kernels_bevt._native_attention_module()
+    g = torch.Generator().manual_seed(0)
+    batch, heads, windows, n = 2, 3, 4, 49
+    raw = (torch.randn(batch, windows * heads, n, n, generator=g) * 4).to(dtype)
+    bias = torch.randn(heads, n, n, generator=g)
+    mask = torch.where(torch.rand(6, n, n, generator=g) < 0.4, -100.0, 0.0)  # the original code's value
+    mask.diagonal(dim1=1, dim2=2).zero_()
+    scores = raw.float().view(batch, windows, heads, n, n) + bias + mask[2:6, None]
+    expected = scores.softmax(-1).view(raw.shape)
+    probs = torch.empty_like(raw)
+    module.softmax_forward(raw, bias, mask, heads, 2, probs)
+    tolerance = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 4e-3, "rtol": 8e-3}
+    torch.testing.assert_close(probs.float(), expected, **tolerance)
+    masked = (mask[2:6, None] < 0).expand(windows, heads, n, n).repeat(batch, 1, 1, 1).reshape(raw.shape)
+    assert torch.all(probs[masked] == 0)  # exp(-100 + ...) underflows to an exact 0, not a denormal
+    assert not ((probs != 0) & (probs.float().abs() < torch.finfo(torch.float32).tiny)).any()
+
+    grad = torch.randn(raw.shape, generator=g).to(dtype)
+    expected_grad = torch._softmax_backward_data(grad.float(), probs.float(), -1, torch.float32)
+    grad_bias = torch.ones(heads, n, n)  # added to
+    module.softmax_backward(probs, grad, grad_bias, heads)
+    torch.testing.assert_close(grad.float(), expected_grad, **tolerance)
+    want_bias = 1 + expected_grad.view(batch, windows, heads, n, n).sum((0, 1))
+    torch.testing.assert_close(grad_bias, want_bias, atol=1e-5, rtol=1e-5)
+
+
+@needs_native
+def test_native_softmax_refuses_bad_input_with_a_clear_error():
+    module = kernels_bevt._native_attention_module()
+    raw, bias = torch.randn(1, 4, 5, 5), torch.randn(2, 5, 5)
+    with pytest.raises(RuntimeError, match="scores must be a contiguous 4-d CPU tensor"):
+        module.softmax_forward(raw.transpose(2, 3), bias, torch.empty(0), 2, 0, torch.empty_like(raw))
+    with pytest.raises(RuntimeError, match="mismatched shapes or dtypes"):
+        module.softmax_forward(raw, torch.randn(3, 5, 5), torch.empty(0), 2, 0, torch.empty_like(raw))
+    with pytest.raises(RuntimeError, match="mismatched mask"):  # windows 1..2 of a 2-window mask
+        module.softmax_forward(raw, bias, torch.zeros(2, 5, 5), 2, 1, torch.empty_like(raw))
+    with pytest.raises(RuntimeError, match="must both be float32 or both bfloat16"):
+        module.softmax_forward(raw.half(), bias, torch.empty(0), 2, 0, torch.empty_like(raw).half())
+
+
+@needs_native
+def test_the_real_native_calibration_times_both_candidates():
+    timings = kernels_bevt._calibrate_native_attention(kernels_bevt._native_attention_module(), torch.float32)
+    assert set(timings) == {"torch", "native"} and all(0 < t < 5 for t in timings.values())

@@ -18,7 +18,13 @@ from transformers import (
 )
 
 from bevt import BEVTConfig, BEVTForMaskedVideoModeling, BEVTForVideoClassification, BEVTModel
-from bevt.modeling_bevt import make_shift_mask, relative_position_index, window_partition, window_reverse
+from bevt.modeling_bevt import (
+    SHIFT_MASK_VALUE,
+    make_shift_mask,
+    relative_position_index,
+    window_partition,
+    window_reverse,
+)
 
 VOCAB = 64
 
@@ -113,7 +119,26 @@ def test_shift_mask_separates_regions():
     assert torch.all(mask[0] == 0)  # top-left window holds one region only
     last = mask[3]  # bottom-right window mixes 4 regions: only the diagonal is unmasked
     assert torch.equal(last == 0, torch.eye(4, dtype=torch.bool))
-    assert set(mask.unique().tolist()) == {0.0, -100.0}
+    assert set(mask.unique().tolist()) == {0.0, SHIFT_MASK_VALUE}
+
+
+def test_shifted_attention_gives_masked_pairs_exact_zeros_not_denormals():
+    """The shift mask's value makes a masked pair's softmax weight exactly 0: with the original -100 it is
+    exp(-100) ~ 4e-44, a float32 denormal, and CPU arithmetic on denormals is many times slower (BENCHMARKS.md).
+    Checked on the attention maps of every block."""
+    torch.manual_seed(0)
+    model = BEVTModel(tiny_config()).eval()
+    model.set_attn_implementation("eager")
+    pixel_values, mask, _ = video_batch(batch=1)
+    with torch.no_grad():
+        maps = model(pixel_values, mask, output_attentions=True).attentions
+    tiny = torch.finfo(torch.float32).tiny
+    shifted = 0
+    for probs in maps:
+        assert not ((probs != 0) & (probs.abs() < tiny)).any()  # no denormal weights
+        shifted += int((probs == 0).any())
+    assert shifted > 0  # some blocks are shifted and mask pairs out
+    assert torch.exp(torch.tensor(SHIFT_MASK_VALUE + 100.0)) == 0  # masked weights underflow to exactly 0
 
 
 def test_relative_position_index_is_symmetric_offset():
@@ -448,8 +473,22 @@ def test_trust_remote_code_without_bevt(tmp_path):
     shutil.rmtree(folder)
 
 
+@pytest.fixture(params=["0", "1"], ids=["torch-softmax", "native-softmax"])
+def native_softmax(request, monkeypatch):
+    """The chunked attention's softmax through PyTorch's ops (BEVT_NATIVE_ATTENTION=0) or the native kernels (=1);
+    returns the native module (None for "0")."""
+    from bevt.kernels_bevt import native_attention
+
+    monkeypatch.setenv("BEVT_NATIVE_ATTENTION", request.param)
+    module = native_attention(torch.float32)
+    if request.param == "1" and module is None:
+        pytest.skip("the native attention kernels cannot be built here (no C++ compiler or ninja)")
+    assert (module is None) == (request.param == "0")
+    return module
+
+
 @pytest.mark.parametrize("store_mb", ["256", "0"])
-def test_sdpa_training_gradients_equal_eager(store_mb, monkeypatch):
+def test_sdpa_training_gradients_equal_eager(store_mb, monkeypatch, native_softmax):
     """On CPU the "sdpa" path trains with WindowAttentionFunction (no autograd graph over the scores): same gradients,
     including those of the relative position bias tables, with the probabilities kept (the default budget) or
     recomputed in backward (BEVT_ATTENTION_STORE_MB=0)."""
@@ -481,14 +520,19 @@ def test_sdpa_training_gradients_equal_eager(store_mb, monkeypatch):
 
 
 @pytest.mark.parametrize("store", [True, False, None])
-def test_window_attention_function_chunks_match_reference(store):
+def test_window_attention_function_chunks_match_reference(store, native_softmax, monkeypatch):
     from bevt.kernels_bevt import WindowAttentionFunction
 
+    calls = []
+    if native_softmax is not None:  # count the native passes: they really run
+        for name in ("softmax_forward", "softmax_backward"):
+            function = getattr(native_softmax, name)
+            monkeypatch.setattr(native_softmax, name, lambda *a, f=function, n=name: calls.append(n) or f(*a))
     g = torch.Generator().manual_seed(0)
     heads, windows, n, d = 2, 3, 20, 8
     q, k, v = (torch.randn(2, windows * heads, n, d, generator=g, requires_grad=True) for _ in range(3))
     bias = torch.randn(heads, n, n, generator=g, requires_grad=True)
-    shift = torch.where(torch.rand(windows, n, n, generator=g) < 0.3, -100.0, 0.0)
+    shift = torch.where(torch.rand(windows, n, n, generator=g) < 0.3, -100.0, 0.0)  # the original code's value
     old = WindowAttentionFunction.CHUNK_BYTES
     WindowAttentionFunction.CHUNK_BYTES = n * n * 4 * heads  # one window per chunk: exercise the chunk loop
     try:
@@ -504,6 +548,10 @@ def test_window_attention_function_chunks_match_reference(store):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    chunks = 2 * windows  # one window per chunk, both batch entries
+    forwards = chunks if store is not False else 2 * chunks  # recomputed in backward
+    assert calls.count("softmax_forward") == (forwards if native_softmax else 0)
+    assert calls.count("softmax_backward") == (chunks if native_softmax else 0)
 
 
 def test_attention_store_budget_reads_the_environment(monkeypatch):

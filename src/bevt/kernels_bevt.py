@@ -7,7 +7,9 @@ the plain PyTorch code (so results never depend on it beyond summation order):
   the running machine measured it faster (`linear_kernels`, cached; BEVT_ONEDNN_LINEAR=auto / 1 / 0).
 - `sdpa_window_attention_forward`: the model's "sdpa" attention; on CPU training it is `WindowAttentionFunction`,
   chunked window attention without an autograd graph over the scores (probabilities kept within a memory budget,
-  `BEVT_ATTENTION_STORE_MB`, else recomputed in backward).
+  `BEVT_ATTENTION_STORE_MB`, else recomputed in backward). Its bias + mask + softmax (and the softmax gradient with
+  the bias gradient) run as one native pass per row where a C++ compiler is present and a calibration on the running
+  machine measured it faster (`native_attention`, built once and cached; BEVT_NATIVE_ATTENTION=auto / 1 / 0).
 - `norm_linear(x, norm, linear, then)`: `linear(then(norm(x)))` with the LayerNorm (and `then`: padding, shift,
   window partition) recomputed in backward instead of stored.
 - `activation_linear(h, act, linear)`: `linear(act(h))` with the GELU recomputed in backward.
@@ -18,9 +20,12 @@ This file is copied next to `modeling_bevt.py` into saved folders (remote code):
 transformers.
 """
 
+import hashlib
 import json
+import logging
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -35,6 +40,9 @@ from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from transformers.activations import GELUActivation
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.utils import logging as hf_logging
+
+logger = hf_logging.get_logger(__name__)
 
 
 def custom_autograd_allowed() -> bool:
@@ -202,16 +210,56 @@ class WindowAttentionFunction(torch.autograd.Function):
                 yield slice(b0, min(batch, b0 + batch_chunk)), slice(h0, min(heads_total, h0 + head_chunk))
 
     @staticmethod
-    def _scores(q_scaled, k, bias, shift_mask, hs: slice, heads: int) -> torch.Tensor:
-        """(scaled q) k^T + bias (+ shift mask) of one chunk, float32 (b, rows, N, N); chunks hold whole windows.
-        bf16 products are widened to float32 by the mask addition itself (one pass, no separate cast)."""
-        raw = torch.matmul(q_scaled, k.transpose(-1, -2))
+    def _masked_scores(raw, bias, shift_mask, hs: slice, heads: int) -> torch.Tensor:
+        """raw + bias (+ shift mask), float32 (b, rows, N, N), for `raw` = (scaled q) k^T of one chunk of whole
+        windows (a float32 `raw` is updated in place). bf16 products are widened to float32 by the mask addition
+        itself (one pass, no separate cast)."""
         b, rows, n = raw.shape[0], raw.shape[1], raw.shape[-1]
         mask = bias if shift_mask is None else bias + shift_mask[hs.start // heads : hs.stop // heads, None]
         if raw.dtype == torch.float32:
             raw.view(b, -1, heads, n, n).add_(mask)  # (b, windows in chunk, heads, N, N)
             return raw
         return torch.add(raw.view(b, -1, heads, n, n), mask.float()).view(b, rows, n, n)
+
+    @staticmethod
+    def _scores(q_scaled, k, bias, shift_mask, hs: slice, heads: int) -> torch.Tensor:
+        """(scaled q) k^T + bias (+ shift mask) of one chunk, float32 (b, rows, N, N)."""
+        return WindowAttentionFunction._masked_scores(
+            torch.matmul(q_scaled, k.transpose(-1, -2)), bias, shift_mask, hs, heads
+        )
+
+    @staticmethod
+    def _softmax_into(scores: torch.Tensor, target: torch.Tensor) -> None:
+        """softmax(scores) written into `target` (float32 straight into a contiguous one, else cast on the copy)."""
+        if target.dtype == torch.float32 and target.is_contiguous():
+            torch.ops.aten._softmax.out(scores, -1, False, out=target)
+        else:
+            target.copy_(torch.softmax(scores, dim=-1))
+
+    @staticmethod
+    def _softmax_backward(probs, grad_probs, grad_bias, heads: int) -> torch.Tensor:
+        """The scores' gradient (dtype of `probs`) from the probabilities' gradient; its sum over batch and windows
+        is added to the float32 (heads, N, N) `grad_bias`."""
+        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        grad_bias += grad_scores.view(grad_scores.shape[0], -1, heads, *grad_bias.shape[1:]).sum(
+            (0, 1), dtype=torch.float32
+        )
+        return grad_scores
+
+    @staticmethod
+    def _native_masks(native, bias, shift_mask) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The float32 bias and shift mask (empty when None) the native kernels read, or None without them."""
+        if native is None:
+            return None
+        mask = torch.empty(0) if shift_mask is None else shift_mask.float().contiguous()
+        return bias.float().contiguous(), mask
+
+    @staticmethod
+    def _native_for(query, value):
+        """The native softmax module when it applies to this call (`native_attention`), else None."""
+        if query.dtype != value.dtype or _get_current_dispatch_mode() is not None:
+            return None
+        return native_attention(value.dtype)
 
     @staticmethod
     def forward(ctx, query, key, value, bias, shift_mask, scaling, store=None):
@@ -224,16 +272,24 @@ class WindowAttentionFunction(torch.autograd.Function):
             store = batch * heads_total * n * n * value.element_size() <= attention_store_budget()
         out = torch.empty_like(query)
         probs = torch.empty(batch, heads_total, n, n, dtype=value.dtype, device=value.device) if store else None
+        native = WindowAttentionFunction._native_for(query, value)
+        native_masks = WindowAttentionFunction._native_masks(native, bias, shift_mask)
         for bs, hs in WindowAttentionFunction._chunks(batch, heads_total, n, heads):
-            scores = WindowAttentionFunction._scores(query[bs, hs] * scaling, key[bs, hs], bias, shift_mask, hs, heads)
-            if probs is None:
-                chunk = torch.softmax(scores, dim=-1).to(value.dtype)
-            else:  # written straight into the kept tensor (chunks are contiguous slices of it)
-                chunk = probs[bs, hs]
-                if chunk.dtype == torch.float32 and chunk.is_contiguous():
-                    torch.ops.aten._softmax.out(scores, -1, False, out=chunk)
+            raw = torch.matmul(query[bs, hs] * scaling, key[bs, hs].transpose(-1, -2))
+            chunk = None if probs is None else probs[bs, hs]  # chunks are contiguous slices of the kept tensor
+            if native_masks is not None and raw.dtype == value.dtype:  # one pass: bias + mask + softmax (+ cast)
+                target = chunk if chunk is not None and chunk.is_contiguous() else raw
+                native.softmax_forward(raw, *native_masks, heads, hs.start // heads, target)
+                if chunk is None:
+                    chunk = target
+                elif target is not chunk:
+                    chunk.copy_(target)
+            else:
+                scores = WindowAttentionFunction._masked_scores(raw, bias, shift_mask, hs, heads)
+                if chunk is None:
+                    chunk = torch.softmax(scores, dim=-1).to(value.dtype)
                 else:
-                    chunk.copy_(torch.softmax(scores, dim=-1))
+                    WindowAttentionFunction._softmax_into(scores, chunk)
             out[bs, hs] = torch.matmul(chunk, value[bs, hs])
         ctx.save_for_backward(query, key, value, bias, shift_mask, probs)
         ctx.scaling = scaling
@@ -247,20 +303,26 @@ class WindowAttentionFunction(torch.autograd.Function):
         grad_q, grad_k, grad_v = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
         grad_out = grad_out.contiguous()
+        native = WindowAttentionFunction._native_for(query, value)
+        native_masks = WindowAttentionFunction._native_masks(native, bias, shift_mask)
         for bs, hs in WindowAttentionFunction._chunks(query.shape[0], query.shape[1], query.shape[2], heads):
             q_scaled, k, v, go = query[bs, hs] * scaling, key[bs, hs], value[bs, hs], grad_out[bs, hs]
             if stored is not None:  # kept in the input dtype: the softmax gradient in that dtype too
                 probs = stored[bs, hs]
-                grad_v[bs, hs] = torch.matmul(probs.transpose(-1, -2), go)
-                grad_probs = torch.matmul(go, v.transpose(-1, -2)).to(probs.dtype)
+            elif native_masks is not None:  # recomputed in the input dtype, as kept ones
+                probs = torch.matmul(q_scaled, k.transpose(-1, -2)).to(value.dtype)
+                native.softmax_forward(probs, *native_masks, heads, hs.start // heads, probs)
             else:
                 probs = torch.softmax(
                     WindowAttentionFunction._scores(q_scaled, k, bias, shift_mask, hs, heads), dim=-1
                 )
-                grad_v[bs, hs] = torch.matmul(probs.transpose(-1, -2).to(go.dtype), go)
-                grad_probs = torch.matmul(go, v.transpose(-1, -2)).float()
-            grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-            grad_bias += grad_scores.view(grad_scores.shape[0], -1, *bias.shape).sum((0, 1), dtype=torch.float32)
+            grad_v[bs, hs] = torch.matmul(probs.transpose(-1, -2).to(go.dtype), go)
+            grad_probs = torch.matmul(go, v.transpose(-1, -2)).to(probs.dtype)
+            if native_masks is not None and probs.dtype == value.dtype:
+                native.softmax_backward(probs.contiguous(), grad_probs, grad_bias, heads)  # in place
+                grad_scores = grad_probs
+            else:
+                grad_scores = WindowAttentionFunction._softmax_backward(probs, grad_probs, grad_bias, heads)
             grad_scores = grad_scores.to(q_scaled.dtype)
             grad_q[bs, hs] = torch.matmul(grad_scores, k).mul_(scaling)
             grad_k[bs, hs] = torch.matmul(grad_scores.transpose(-1, -2), q_scaled)
@@ -586,6 +648,365 @@ def _bf16_matmul_speedup(threads: int, isa_cap: str) -> float | None:
     speedup = seconds["float32"] / max(seconds["bfloat16"], 1e-9)
     _write_calibration(path, key, {"speedup": speedup, "seconds": seconds})
     return speedup
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Native attention softmax (C++, built on the running machine)
+# ----------------------------------------------------------------------------------------------------------------
+#
+# The chunked window attention spends most of its non-GEMM time in passes over (rows, N, N) score blocks: the bias
+# and shift-mask additions (which also widen bf16 scores to float32), the softmax, the cast of the probabilities,
+# then in backward the softmax gradient, the bias-gradient sum and casts. Two small C++ loops do each direction in
+# one pass per row, float32 inside, reading and writing the input dtype (float32 or bfloat16): one (rows, N, N)
+# block of one chunk (Swin-T stage 1, bf16) takes 4.1 ms instead of 22 ms forward and 1.9 instead of 3.4 ms backward
+# on an Intel Xeon (BENCHMARKS.md "Native attention softmax"). They are compiled once per machine with the host's
+# instruction set (torch.utils.cpp_extension; needs a C++ compiler and ninja), into the kernel cache's folder, and
+# used only where a calibration on the machine measured them faster (cached with the linear calibration).
+# Underflow gives exact zeros, never float32 denormals (slow arithmetic on CPUs; see SHIFT_MASK_VALUE).
+
+NATIVE_ATTENTION_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline float widen(float v) { return v; }
+inline float widen(at::BFloat16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline void put(float* p, float v) { *p = v; }
+inline void put(at::BFloat16* p, float v) {  // round to nearest even; a NaN stays a NaN
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (bits >> 16) | 0x40u;
+  p->x = static_cast<uint16_t>((bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+}
+
+constexpr float kSmallestNormal = 1.17549435e-38f;
+
+// exp(x) for x <= 0: range reduction by ln 2 and a degree-6 polynomial (Cephes' expf coefficients), branch-free
+// so that the compiler vectorises it; below -87 (a denormal result) it returns 0.
+inline float exp_nonpositive(float x) {
+  const bool underflow = x < -87.0f;
+  x = underflow ? -87.0f : x;
+  float n = x * 1.44269504088896341f;
+  n = (n + 12582912.0f) - 12582912.0f;  // round to the nearest integer
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return underflow ? 0.0f : p * scale;
+}
+
+// Row r of the (b, heads_chunk, n, n) block is query i = r % n of layout head l = (r / n) % heads_chunk, which uses
+// bias[l % heads] and mask[window0 + l / heads].
+template <typename in_t, typename out_t>
+void forward_rows(const in_t* scores, const float* bias, const float* mask, out_t* out, int64_t rows, int64_t n,
+                  int64_t heads_chunk, int64_t heads, int64_t window0) {
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(n);
+    float* t = buffer.data();
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t i = r % n, layout_head = (r / n) % heads_chunk;
+      const float* b = bias + ((layout_head % heads) * n + i) * n;
+      const in_t* s = scores + r * n;
+      float top = -3.0e38f;
+      if (mask != nullptr) {
+        const float* m = mask + ((window0 + layout_head / heads) * n + i) * n;
+#pragma omp simd reduction(max : top)
+        for (int64_t j = 0; j < n; ++j) {
+          t[j] = widen(s[j]) + b[j] + m[j];
+          top = t[j] > top ? t[j] : top;
+        }
+      } else {
+#pragma omp simd reduction(max : top)
+        for (int64_t j = 0; j < n; ++j) {
+          t[j] = widen(s[j]) + b[j];
+          top = t[j] > top ? t[j] : top;
+        }
+      }
+      float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+      for (int64_t j = 0; j < n; ++j) {
+        t[j] = exp_nonpositive(t[j] - top);
+        total += t[j];
+      }
+      const float inverse = 1.0f / total;
+      out_t* o = out + r * n;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const float v = t[j] * inverse;
+        put(o + j, v < kSmallestNormal ? 0.0f : v);
+      }
+    }
+  });
+}
+
+// grad <- probs * (grad - sum(grad * probs)) row by row, and its sum over batch and windows added to grad_bias
+// (heads, n, n). Parallel over the rows of the bias, so no two threads add to one.
+template <typename p_t, typename g_t>
+void backward_rows(const p_t* probs, g_t* grad, float* grad_bias, int64_t batch, int64_t n, int64_t heads_chunk,
+                   int64_t heads) {
+  const int64_t groups = batch * (heads_chunk / heads);
+  at::parallel_for(0, heads * n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t bias_row = begin; bias_row < end; ++bias_row) {
+      const int64_t h = bias_row / n, i = bias_row % n;
+      float* gb = grad_bias + bias_row * n;
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t row = (g * heads + h) * n + i;
+        const p_t* p = probs + row * n;
+        g_t* d = grad + row * n;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t j = 0; j < n; ++j) dot += widen(p[j]) * widen(d[j]);
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) {
+          const float v = widen(p[j]) * (widen(d[j]) - dot);
+          gb[j] += v;
+          put(d + j, v);
+        }
+      }
+    }
+  });
+}
+
+void require(const at::Tensor& t, const char* name, int64_t dims) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.dim() == dims, name, " must be a contiguous ", dims,
+              "-d CPU tensor");
+}
+
+}  // namespace
+
+void softmax_forward(at::Tensor scores, at::Tensor bias, at::Tensor mask, int64_t heads, int64_t window0,
+                     at::Tensor out) {
+  require(scores, "scores", 4);
+  require(bias, "bias", 3);
+  require(out, "out", 4);
+  const int64_t n = scores.size(3), heads_chunk = scores.size(1);
+  TORCH_CHECK(scores.size(2) == n && out.sizes() == scores.sizes() && bias.scalar_type() == at::kFloat &&
+                  bias.size(1) == n && bias.size(2) == n && bias.size(0) == heads && heads_chunk % heads == 0,
+              "softmax_forward: mismatched shapes or dtypes");
+  const float* m = nullptr;
+  if (mask.numel() > 0) {
+    require(mask, "mask", 3);
+    TORCH_CHECK(mask.scalar_type() == at::kFloat && mask.size(1) == n && mask.size(2) == n &&
+                    window0 >= 0 && window0 + heads_chunk / heads <= mask.size(0),
+                "softmax_forward: mismatched mask");
+    m = mask.data_ptr<float>();
+  }
+  const float* b = bias.data_ptr<float>();
+  const int64_t rows = scores.numel() / n;
+  const auto in = scores.scalar_type(), to = out.scalar_type();
+  if (in == at::kFloat && to == at::kFloat)
+    forward_rows(scores.data_ptr<float>(), b, m, out.data_ptr<float>(), rows, n, heads_chunk, heads, window0);
+  else if (in == at::kBFloat16 && to == at::kBFloat16)
+    forward_rows(scores.data_ptr<at::BFloat16>(), b, m, out.data_ptr<at::BFloat16>(), rows, n, heads_chunk, heads,
+                 window0);
+  else
+    TORCH_CHECK(false, "softmax_forward: scores and out must both be float32 or both bfloat16");
+}
+
+void softmax_backward(at::Tensor probs, at::Tensor grad, at::Tensor grad_bias, int64_t heads) {
+  require(probs, "probs", 4);
+  require(grad, "grad", 4);
+  require(grad_bias, "grad_bias", 3);
+  const int64_t n = probs.size(3), heads_chunk = probs.size(1);
+  TORCH_CHECK(grad.sizes() == probs.sizes() && grad.scalar_type() == probs.scalar_type() &&
+                  grad_bias.scalar_type() == at::kFloat && grad_bias.size(0) == heads && grad_bias.size(1) == n &&
+                  grad_bias.size(2) == n && heads_chunk % heads == 0,
+              "softmax_backward: mismatched shapes or dtypes");
+  float* gb = grad_bias.data_ptr<float>();
+  if (probs.scalar_type() == at::kFloat)
+    backward_rows(probs.data_ptr<float>(), grad.data_ptr<float>(), gb, probs.size(0), n, heads_chunk, heads);
+  else if (probs.scalar_type() == at::kBFloat16)
+    backward_rows(probs.data_ptr<at::BFloat16>(), grad.data_ptr<at::BFloat16>(), gb, probs.size(0), n, heads_chunk,
+                  heads);
+  else
+    TORCH_CHECK(false, "softmax_backward: float32 or bfloat16 only");
+}
+"""
+NATIVE_ATTENTION_FUNCTIONS = ["softmax_forward", "softmax_backward"]
+NATIVE_ATTENTION_CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # host vector units (per machine); at::parallel_for
+NATIVE_ATTENTION_DTYPES = (torch.float32, torch.bfloat16)
+# Calibration block: one chunk of `WindowAttentionFunction` at Swin-T's stage-1 video window (3 heads, 8x7x7 tokens;
+# 4 shifted windows, 30% of their pairs masked).
+NATIVE_CALIBRATION_SHAPE = (1, 12, 392, 3)  # (batch, layout heads, tokens, heads)
+
+
+def _native_attention_setting() -> str:
+    """BEVT_NATIVE_ATTENTION: "off" (0 / false / no / off), "on" (1 / true / yes / on: used wherever it builds) or
+    "auto" (unset, "auto": used where the calibration measures it faster)."""
+    value = os.environ.get("BEVT_NATIVE_ATTENTION", "auto").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return "off"
+    if value in ("1", "true", "yes", "on"):
+        return "on"
+    if value in ("", "auto"):
+        return "auto"
+    raise ValueError(f"BEVT_NATIVE_ATTENTION must be auto, 1 or 0, got {value!r}")
+
+
+def native_attention_build_name() -> str:
+    """The extension's name: a digest of its source, flags, the torch version and this CPU's model and ISA flags, so
+    a cache folder shared by machines with other CPUs (a cluster's home directory) never loads a foreign build."""
+    info = cpu_info()
+    digest = hashlib.sha256(
+        "|".join(
+            [NATIVE_ATTENTION_SOURCE, *NATIVE_ATTENTION_CFLAGS, torch.__version__, str(info["model"]),
+             " ".join(sorted(info["flags"]))]
+        ).encode()
+    ).hexdigest()[:16]
+    return f"bevt_attention_{digest}"
+
+
+def native_attention_module():
+    """The compiled native attention module, or None: BEVT_NATIVE_ATTENTION=0, no C++ compiler or ninja, a failed
+    build, or a result that disagrees with PyTorch's on a small check. Built once into
+    `<kernel cache folder>/extensions/` (~30 s on two cores), loaded from there afterwards."""
+    if _native_attention_setting() == "off":
+        return None
+    return _native_attention_module()
+
+
+@lru_cache(maxsize=1)
+def _native_attention_module():
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        logger.info(f"Native attention kernels off: no C++ compiler ({compiler!r}) on PATH.")
+        return None
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)  # its import warns about CUDA_HOME on CUDA builds without a CUDA runtime
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        cpp_logger.setLevel(level)
+    if not cpp_extension.is_ninja_available():
+        logger.info("Native attention kernels off: ninja is not installed (pip install ninja).")
+        return None
+    name = native_attention_build_name()
+    folder = linear_calibration_path().parent / "extensions" / name
+    built = any(folder.glob(f"{name}*.so"))
+    if not built:
+        logger.info(f"Compiling the native attention kernels for this CPU once (~30 s), into {folder}.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        module = cpp_extension.load_inline(
+            name,
+            cpp_sources=[NATIVE_ATTENTION_SOURCE],
+            functions=NATIVE_ATTENTION_FUNCTIONS,
+            extra_cflags=NATIVE_ATTENTION_CFLAGS,
+            extra_ldflags=["-fopenmp"],  # libgomp: the OpenMP runtime torch's CPU build already loaded
+            build_directory=str(folder),
+            verbose=False,
+        )
+        agrees = _native_attention_agrees(module)
+    except Exception as error:  # a compiler, linker or loader failure of any kind: the PyTorch path runs
+        logger.warning(f"Native attention kernels off: building them failed ({type(error).__name__}: {error}).")
+        return None
+    if not agrees:
+        logger.warning("Native attention kernels off: their result disagrees with PyTorch's on this machine.")
+        return None
+    return module
+
+
+def _native_attention_agrees(module) -> bool:
+    """A small forward / backward of the native kernels against PyTorch's ops, float32 and bfloat16."""
+    g = torch.Generator().manual_seed(0)
+    batch, heads, n = 2, 2, 9
+    bias, mask = torch.randn(heads, n, n, generator=g), torch.where(torch.rand(3, n, n, generator=g) < 0.3, -1e4, 0.0)
+    for dtype in NATIVE_ATTENTION_DTYPES:
+        raw = torch.randn(batch, 2 * heads, n, n, generator=g).to(dtype)
+        expected = (raw.float().view(batch, 2, heads, n, n) + bias + mask[1:3, None]).softmax(-1).view_as(raw)
+        probs = torch.empty_like(raw)
+        module.softmax_forward(raw, bias, mask, heads, 1, probs)
+        grad = torch.randn(raw.shape, generator=g).to(dtype)
+        expected_grad = torch._softmax_backward_data(grad.float(), probs.float(), -1, torch.float32)
+        grad_bias = torch.zeros(heads, n, n)
+        module.softmax_backward(probs, grad, grad_bias, heads)
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+        if not (
+            torch.allclose(probs.float(), expected, atol=tolerance)
+            and torch.allclose(grad.float(), expected_grad, atol=tolerance)
+            and torch.allclose(grad_bias, expected_grad.view(batch, 2, heads, n, n).sum((0, 1)), atol=tolerance)
+        ):
+            return False
+    return True
+
+
+def native_attention(dtype: torch.dtype):
+    """The native attention module for `dtype` scores on this CPU at the current threads, or None: off, not built,
+    or (BEVT_NATIVE_ATTENTION=auto) slower than PyTorch's ops in this machine's calibration."""
+    if dtype not in NATIVE_ATTENTION_DTYPES:
+        return None
+    setting = _native_attention_setting()
+    if setting == "off":
+        return None
+    return _native_attention_choice(torch.get_num_threads(), setting, dtype)
+
+
+@lru_cache(maxsize=8)
+def _native_attention_choice(threads: int, setting: str, dtype: torch.dtype):
+    module = _native_attention_module()
+    if module is None or setting == "on":
+        return module
+    path = linear_calibration_path()
+    key = f"native attention|{native_attention_build_name()}|{_calibration_key(threads)}|{dtype}"
+    cached = _read_calibration(path, key, ("native",))
+    if cached is None:
+        try:
+            timings = _calibrate_native_attention(module, dtype)
+        except (RuntimeError, NotImplementedError):
+            return None
+        cached = {"native": timings["native"] < CALIBRATION_MARGIN * timings["torch"], "timings": timings}
+        _write_calibration(path, key, cached)
+        logger.info(
+            f"Native attention kernels, {dtype}: {'used' if cached['native'] else 'not used'} (calibration: "
+            f"{timings['native'] * 1e3:.2f} ms against PyTorch's {timings['torch'] * 1e3:.2f} ms)."
+        )
+    return module if cached["native"] else None
+
+
+def _calibrate_native_attention(module, dtype: torch.dtype) -> dict[str, float]:
+    """Seconds of one forward + backward softmax pass over a `NATIVE_CALIBRATION_SHAPE` block, PyTorch's ops (as
+    `WindowAttentionFunction` runs them) against the native kernels."""
+    batch, rows, n, heads = NATIVE_CALIBRATION_SHAPE
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randn(batch, rows, n, n, generator=g).to(dtype)
+    bias = torch.randn(heads, n, n, generator=g)
+    mask = torch.where(torch.rand(rows // heads, n, n, generator=g) < 0.3, -1e4, 0.0)
+    probs, grad = torch.empty_like(raw), torch.randn(raw.shape, generator=g).to(dtype)
+    work, grad_bias = torch.empty_like(grad), torch.zeros(heads, n, n)
+
+    def with_torch():
+        scores = WindowAttentionFunction._masked_scores(raw.clone(), bias, mask, slice(0, rows), heads)
+        probs.copy_(torch.softmax(scores, dim=-1))
+        WindowAttentionFunction._softmax_backward(probs, grad, grad_bias, heads)
+
+    def native():
+        module.softmax_forward(raw, bias, mask, heads, 0, probs)
+        work.copy_(grad)  # (the model's backward writes into its fresh product instead)
+        module.softmax_backward(probs, work, grad_bias, heads)
+
+    candidates = {"torch": with_torch, "native": native}
+    with torch.no_grad():
+        for run in candidates.values():
+            run()
+        return _alternating_seconds(candidates)
 
 
 def _onednn_usable(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
