@@ -116,12 +116,16 @@ def machine_info(threads: int) -> dict[str, object]:
     info["load_average_at_start"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     from dataclasses import asdict
 
-    from bevt.kernels_bevt import linear_kernels
+    from bevt.kernels_bevt import linear_kernels, native_attention
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:  # the fp32 linear kernels this machine's calibration chose (BEVT_ONEDNN_LINEAR=auto), for these threads
         info["linear_kernels"] = asdict(linear_kernels())
+        # the attention softmax: native kernels (built and calibrated on this machine) or PyTorch's ops, per dtype
+        info["native_attention"] = {
+            name: native_attention(dtype) is not None for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+        }
     finally:
         torch.set_num_threads(previous)
     return info
@@ -565,6 +569,12 @@ def summary(results: dict, precisions: list[str]) -> str:
             f"forward {'oneDNN' if k['forward'] else 'F.linear'}, weight gradient "
             f"{'oneDNN' if k['weight_grad'] else 'torch.mm'} ({k['source']})"
             if (k := m.get("linear_kernels"))
+            else "?"
+        )
+        + "; attention softmax (BEVT_NATIVE_ATTENTION): "
+        + (
+            ", ".join(f"{name} {'native' if used else 'PyTorch ops'}" for name, used in native.items())
+            if (native := m.get("native_attention"))
             else "?"
         ),
         f"GEMM {gemm['shape']}: "
