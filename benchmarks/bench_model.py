@@ -326,7 +326,7 @@ def memory_of(kind: str, args) -> float:
     cmd = [
         sys.executable, __file__, "--measure-memory", kind, "--preset", args.preset, "--frames", str(args.frames),
         "--size", str(args.size), "--images", str(args.images), "--threads", str(args.threads),
-        "--videos", str(getattr(args, "videos", 1)),
+        "--videos", str(getattr(args, "videos", 1)), "--malloc", getattr(args, "malloc", "tuned"),
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
@@ -381,9 +381,20 @@ def main() -> None:
         help="also profile the training steps (ours and the reference, per precision; torch.profiler, 2 interleaved "
         "rounds): top N ops by self CPU time and the share of each op category",
     )
+    parser.add_argument(
+        "--malloc",
+        choices=["tuned", "default"],
+        default="tuned",
+        help="tuned (default): glibc's malloc keeps large freed blocks, as the training scripts set it on CPU "
+        "(bevt.kernels_bevt.keep_freed_memory); default: glibc's own settings. Ours and the peers run under the same.",
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--measure-memory", choices=["ours", "ref"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.malloc == "tuned":
+        from bevt.kernels_bevt import keep_freed_memory
+
+        args.malloc_tuned = keep_freed_memory()  # before any large allocation; a no-op under tcmalloc / jemalloc
     if args.measure_memory:
         measure_memory(args.measure_memory, args)
         return
@@ -399,7 +410,7 @@ def main() -> None:
     if args.cpu_time:
         CLOCK = time.process_time
     results: dict[str, object] = {
-        "machine": machine_info(args.threads),
+        "machine": {**machine_info(args.threads), "malloc_tuned": getattr(args, "malloc_tuned", False)},
         "preset": args.preset,
         "inputs": f"{args.videos} video(s) {args.frames}x{args.size} + {args.images} image(s) {args.size}",
         "clock": "process CPU time" if args.cpu_time else "wall",
@@ -562,7 +573,8 @@ def summary(results: dict, precisions: list[str]) -> str:
         f"{m['torch_cpu_capability']}"
         + (f"; oneDNN capped at {cap} (ONEDNN_MAX_CPU_ISA)" if (cap := m.get("onednn_isa_cap")) else "")
         + f"; {m['threads']} threads of {m['logical_cpus']} logical CPUs; torch {m['torch']}; "
-        f"allocator {m.get('memory_allocator', '?')}; "
+        f"allocator {m.get('memory_allocator', '?')}"
+        f"{' (tuned: large freed blocks kept)' if m.get('malloc_tuned') else ''}; "
         f"load average {m['load_average_at_start']:.2f} -> {m['load_average_at_end']:.2f}; clock: {results['clock']}",
         "fp32 linears (BEVT_ONEDNN_LINEAR): "
         + (
