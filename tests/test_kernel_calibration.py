@@ -299,35 +299,42 @@ def test_a_cpu_run_under_glibc_malloc_is_told_how_to_preload_tcmalloc(tmp_path, 
     assert f"LD_PRELOAD={installed} " in runtime.cpu_allocator_hint()
 
 
-_FAULTS_OF_A_REUSED_BLOCK = """
+_FAULTS_OF_REPEATED_STEPS = """
 import resource, sys, torch
 from bevt.kernels_bevt import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "tuned" else False
-torch.empty(2**24).fill_(1.0)  # 64 MiB, freed at once
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-torch.empty(2**24).fill_(1.0)  # the same size again
-print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+x = torch.ones(2**23)  # 32 MiB
+counts = []
+for step in range(10):  # a step's temporaries: the same large blocks (32 and 64 MiB) every step
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    y = x * 2
+    z = torch.cat([y, x])
+    del y, z
+    counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(applied, sum(counts[4:]))
 """
 
 
 @pytest.mark.skipif(kernels_bevt.memory_allocator() != "glibc malloc", reason="glibc's malloc only")
-def test_glibc_malloc_keeps_a_freed_large_block_for_the_next_step():
-    """`keep_freed_memory`: a 64 MiB block allocated again after being freed is reused (next to no page faults)
-    instead of being mapped and zeroed afresh (16k faults of 4 KiB), as every step's temporaries are. Process-wide,
-    so it is checked in fresh processes."""
+def test_glibc_malloc_keeps_freed_large_blocks_for_the_next_steps():
+    """`keep_freed_memory`: the large temporaries of a repeated step are reused (next to no page faults) instead
+    of being mapped and zeroed afresh every step (~24k faults of 4 KiB a step here).
+    Process-wide, so it is checked in fresh processes."""
     import subprocess
     import sys
 
     def run(mode: str) -> tuple[bool, int]:
         out = subprocess.run(
-            [sys.executable, "-c", _FAULTS_OF_A_REUSED_BLOCK, mode], capture_output=True, text=True, check=True
+            [sys.executable, "-c", _FAULTS_OF_REPEATED_STEPS, mode], capture_output=True, text=True, check=True
         ).stdout.split()
         return out[0] == "True", int(out[1])
 
     applied, tuned_faults = run("tuned")
     _, default_faults = run("default")
     assert applied
-    assert default_faults > 8000 and tuned_faults < 1000, (default_faults, tuned_faults)
+    # six steps: ~24k faults each by default; tuned, at most one block is mapped again when the heap's layout
+    # shifts (seen: 0 or 16k in all)
+    assert default_faults > 6 * 16000 and tuned_faults < default_faults / 4, (default_faults, tuned_faults)
 
 
 def test_malloc_tuning_is_off_under_another_allocator_or_when_asked(monkeypatch):
