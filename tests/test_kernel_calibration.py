@@ -473,3 +473,25 @@ def test_native_softmax_refuses_bad_input_with_a_clear_error():
 def test_the_real_native_calibration_times_both_candidates():
     timings = kernels_bevt._calibrate_native_attention(kernels_bevt._native_attention_module(), torch.float32)
     assert set(timings) == {"torch", "native"} and all(0 < t < 5 for t in timings.values())
+
+
+@pytest.mark.parametrize("local_main", [True, False])
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_the_local_main_process_prepares_the_cpu_kernels_before_the_others(monkeypatch, local_main, precision):
+    """`prepare_cpu_kernels`: the machine's local main process calibrates (and builds) for the run's dtypes, then
+    every process waits at the barrier; the others read the cache afterwards."""
+    from types import SimpleNamespace
+
+    from bevt.training import runtime
+
+    events = []
+    monkeypatch.setattr(kernels_bevt, "linear_kernels", lambda: events.append("linear"))
+    monkeypatch.setattr(kernels_bevt, "native_attention", lambda dtype: events.append(str(dtype)))
+    accelerator = SimpleNamespace(
+        is_local_main_process=local_main,
+        mixed_precision=precision,
+        wait_for_everyone=lambda: events.append("barrier"),
+    )
+    runtime.prepare_cpu_kernels(accelerator)
+    expected = ["linear", "torch.float32"] + (["torch.bfloat16"] if precision == "bf16" else [])
+    assert events == (expected if local_main else []) + ["barrier"]

@@ -899,8 +899,8 @@ def native_attention_build_name() -> str:
 
 
 def native_attention_module():
-    """The compiled native attention module, or None: BEVT_NATIVE_ATTENTION=0, no C++ compiler or ninja, a failed
-    build, or a result that disagrees with PyTorch's on a small check. Built once into
+    """The compiled native attention module, or None: BEVT_NATIVE_ATTENTION=0, not Linux, no C++ compiler or ninja,
+    a failed build, or a result that disagrees with PyTorch's on a small check. Built once into
     `<kernel cache folder>/extensions/` (~30 s on two cores), loaded from there afterwards."""
     if _native_attention_setting() == "off":
         return None
@@ -909,6 +909,9 @@ def native_attention_module():
 
 @lru_cache(maxsize=1)
 def _native_attention_module():
+    if platform.system() != "Linux":  # built and tested with GCC on Linux only (macOS' clang has no -fopenmp)
+        logger.info("Native attention kernels off: built on Linux only.")
+        return None
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         logger.info(f"Native attention kernels off: no C++ compiler ({compiler!r}) on PATH.")
@@ -1019,7 +1022,7 @@ def _calibrate_native_attention(module, dtype: torch.dtype) -> dict[str, float]:
 
     def with_torch():
         scores = WindowAttentionFunction._masked_scores(raw.clone(), bias, mask, slice(0, rows), heads)
-        probs.copy_(torch.softmax(scores, dim=-1))
+        WindowAttentionFunction._softmax_into(scores, probs)
         WindowAttentionFunction._softmax_backward(probs, grad, grad_bias, heads)
 
     def native():

@@ -209,6 +209,22 @@ def needs_cpu_bf16_check(accelerator: Accelerator) -> bool:
     )
 
 
+def prepare_cpu_kernels(accelerator: Accelerator) -> None:
+    """CPU runs: each machine's local main process builds the native attention kernels and runs the kernel
+    calibrations (`kernels_bevt.linear_kernels`, `native_attention` for the run's dtypes; all cached per machine)
+    before the other processes read the cache, so every rank of a machine uses the same kernels. Ranks calibrating
+    at once would time contended products and could choose differently (results then differ in rounding between
+    ranks and between a run and its resumption)."""
+    from ..kernels_bevt import linear_kernels, native_attention
+
+    if accelerator.is_local_main_process:
+        linear_kernels()
+        native_attention(torch.float32)
+        if accelerator.mixed_precision == "bf16":
+            native_attention(torch.bfloat16)
+    accelerator.wait_for_everyone()
+
+
 def start_run(args: Any, *, quiet_accelerate: bool) -> Accelerator:
     """`--torch_threads`, `build_accelerator` + `setup_logging`, log the distributed setup, create `--output_dir`
     and write `training_args.json` there (main process)."""
@@ -219,6 +235,8 @@ def start_run(args: Any, *, quiet_accelerate: bool) -> Accelerator:
     logger.info(accelerator.state, main_process_only=False)
     if needs_cpu_bf16_check(accelerator):
         check_cpu_bf16_speed()
+    if accelerator.device.type == "cpu":
+        prepare_cpu_kernels(accelerator)
     if accelerator.device.type == "cpu":
         from ..kernels_bevt import keep_freed_memory
 
