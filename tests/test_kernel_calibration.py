@@ -7,6 +7,7 @@ measures, that it is cached and reused, what the environment overrides), and the
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,13 +18,19 @@ from bevt.kernels_bevt import BEVTLinear, choose_linear_kernels, linear_kernels
 needs_onednn = pytest.mark.skipif(kernels_bevt.onednn_linear_op() is None, reason="no oneDNN in this torch build")
 
 
+def fresh_calibration(tmp_path, monkeypatch, switch: str, choice) -> Path:
+    """A fresh cache file, the environment switch `switch` unset and the in-process `choice` (an lru_cache) cleared."""
+    path = tmp_path / "kernels.json"
+    monkeypatch.setenv("BEVT_KERNEL_CACHE", str(path))
+    monkeypatch.delenv(switch, raising=False)
+    choice.cache_clear()
+    return path
+
+
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """A fresh cache file and a fresh in-process choice; the calibration replaced by given timings (counted)."""
-    path = tmp_path / "kernels.json"
-    monkeypatch.setenv("BEVT_KERNEL_CACHE", str(path))
-    monkeypatch.delenv("BEVT_ONEDNN_LINEAR", raising=False)
-    kernels_bevt._linear_kernels.cache_clear()
+    path = fresh_calibration(tmp_path, monkeypatch, "BEVT_ONEDNN_LINEAR", kernels_bevt._linear_kernels)
     state = {"timings": None, "calls": 0}
 
     def fake_calibrate(op):
@@ -360,10 +367,7 @@ needs_native = pytest.mark.skipif(
 @pytest.fixture
 def native_cache(tmp_path, monkeypatch):
     """A fresh cache file and in-process choice, a stand-in module, and the calibration replaced by given timings."""
-    path = tmp_path / "kernels.json"
-    monkeypatch.setenv("BEVT_KERNEL_CACHE", str(path))
-    monkeypatch.delenv("BEVT_NATIVE_ATTENTION", raising=False)
-    kernels_bevt._native_attention_choice.cache_clear()
+    path = fresh_calibration(tmp_path, monkeypatch, "BEVT_NATIVE_ATTENTION", kernels_bevt._native_attention_choice)
     module = object()
     state = {"timings": None, "calls": 0}
 
