@@ -502,8 +502,9 @@ def keep_freed_memory() -> bool:
     own mmap (M_MMAP_MAX 0: all come from the heap), and the heap's free top is returned to the system only beyond
     1 GiB. By default glibc maps every block over 128 KiB-32 MiB afresh and unmaps it on free, so a CPU training
     step, whose large temporaries are the same every step, has them mapped and zeroed by the kernel every step
-    (100-300k page faults a Swin-T step). Measured on an Intel Xeon (BENCHMARKS.md "Memory allocator"): page faults
-    200k -> < 11k a step, step 1.04x faster in fp32 and 1.12x in bf16, as much as preloading tcmalloc.
+    (100-300k page faults a Swin-T step). Measured on an Intel Xeon (BENCHMARKS.md "Denormals and the native
+    attention softmax"): page faults 200k -> < 11k a step, step 1.04x faster in fp32 and 1.12x in bf16, as much as
+    preloading tcmalloc.
 
     Process-wide, so the training scripts call it for CPU runs only (BEVT_MALLOC_TUNING=0 keeps glibc's defaults);
     True where it was applied: glibc's malloc in use (not a preloaded tcmalloc / jemalloc) and mallopt accepted it."""
@@ -691,9 +692,10 @@ def _bf16_matmul_speedup(threads: int, isa_cap: str) -> float | None:
 # then in backward the softmax gradient, the bias-gradient sum and casts. Two small C++ loops do each direction in
 # one pass per row, float32 inside, reading and writing the input dtype (float32 or bfloat16): one (rows, N, N)
 # block of one chunk (Swin-T stage 1, bf16) takes 4.1 ms instead of 22 ms forward and 1.9 instead of 3.4 ms backward
-# on an Intel Xeon (BENCHMARKS.md "Native attention softmax"). They are compiled once per machine with the host's
-# instruction set (torch.utils.cpp_extension; needs a C++ compiler and ninja), into the kernel cache's folder, and
-# used only where a calibration on the machine measured them faster (cached with the linear calibration).
+# on an Intel Xeon (BENCHMARKS.md "Denormals and the native attention softmax"). They are compiled once per machine
+# with the host's instruction set (torch.utils.cpp_extension; Linux, a C++ compiler and ninja), into the kernel
+# cache's folder, and used only where a calibration on the machine measured them faster (cached with the linear
+# calibration).
 # Underflow gives exact zeros, never float32 denormals (slow arithmetic on CPUs; see SHIFT_MASK_VALUE).
 
 NATIVE_ATTENTION_SOURCE = r"""

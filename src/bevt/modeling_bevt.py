@@ -61,8 +61,8 @@ logger = logging.get_logger(__name__)
 # finite in half precision, as the original code's -100. Unlike -100 it makes the softmax weight of a masked pair
 # exactly 0 instead of exp(-100) ~ 4e-44, a float32 denormal: on CPUs, arithmetic on denormals is many times slower
 # (each masked row made the softmax, its gradient and the attention products 3-4x slower; a Swin-T training step
-# 1.08x fp32 / 1.12x bf16 faster with this value, BENCHMARKS.md "Shift mask without denormals"). Same results: a
-# weight of 4e-44 next to unmasked ones is below float32 resolution.
+# 1.08x fp32 / 1.12x bf16 faster with this value; BENCHMARKS.md "Denormals and the native attention softmax").
+# Same results: a weight of 4e-44 next to unmasked ones is below float32 resolution.
 SHIFT_MASK_VALUE = -1.0e4
 
 

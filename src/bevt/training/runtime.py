@@ -236,8 +236,6 @@ def start_run(args: Any, *, quiet_accelerate: bool) -> Accelerator:
     if needs_cpu_bf16_check(accelerator):
         check_cpu_bf16_speed()
     if accelerator.device.type == "cpu":
-        prepare_cpu_kernels(accelerator)
-    if accelerator.device.type == "cpu":
         from ..kernels_bevt import keep_freed_memory
 
         if keep_freed_memory():
@@ -248,6 +246,7 @@ def start_run(args: Any, *, quiet_accelerate: bool) -> Accelerator:
             )
         elif hint := cpu_allocator_hint():
             logger.info(hint)
+        prepare_cpu_kernels(accelerator)
     if accelerator.is_main_process:
         save_training_args(args, args.output_dir)
     return accelerator
