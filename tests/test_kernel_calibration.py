@@ -359,9 +359,13 @@ def test_malloc_tuning_is_off_under_another_allocator_or_when_asked(monkeypatch)
 # Native attention softmax (C++ built on the running machine, used where its calibration measured it faster)
 # ---------------------------------------------------------------------------------------------------------------
 
-needs_native = pytest.mark.skipif(
-    kernels_bevt._native_attention_module() is None, reason="no C++ compiler or ninja: nothing to build"
-)
+@pytest.fixture
+def native_module():
+    """The built native attention module (built at first use, into the session's kernel cache folder)."""
+    module = kernels_bevt._native_attention_module()
+    if module is None:
+        pytest.skip("no C++ compiler or ninja: the native attention kernels cannot be built here")
+    return module
 
 
 @pytest.fixture
@@ -430,10 +434,9 @@ def test_without_a_compiler_the_torch_path_runs_and_says_why(monkeypatch, caplog
         kernels_bevt._native_attention_module.cache_clear()
 
 
-@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_softmax_matches_torch_and_never_writes_denormals(dtype):
-    module = kernels_bevt._native_attention_module()
+def test_native_softmax_matches_torch_and_never_writes_denormals(dtype, native_module):
+    module = native_module
     g = torch.Generator().manual_seed(0)
     batch, heads, windows, n = 2, 3, 4, 49
     raw = (torch.randn(batch, windows * heads, n, n, generator=g) * 4).to(dtype)
@@ -459,9 +462,8 @@ def test_native_softmax_matches_torch_and_never_writes_denormals(dtype):
     torch.testing.assert_close(grad_bias, want_bias, atol=1e-5, rtol=1e-5)
 
 
-@needs_native
-def test_native_softmax_refuses_bad_input_with_a_clear_error():
-    module = kernels_bevt._native_attention_module()
+def test_native_softmax_refuses_bad_input_with_a_clear_error(native_module):
+    module = native_module
     raw, bias = torch.randn(1, 4, 5, 5), torch.randn(2, 5, 5)
     with pytest.raises(RuntimeError, match="scores must be a contiguous 4-d CPU tensor"):
         module.softmax_forward(raw.transpose(2, 3), bias, torch.empty(0), 2, 0, torch.empty_like(raw))
@@ -473,9 +475,8 @@ def test_native_softmax_refuses_bad_input_with_a_clear_error():
         module.softmax_forward(raw.half(), bias, torch.empty(0), 2, 0, torch.empty_like(raw).half())
 
 
-@needs_native
-def test_the_real_native_calibration_times_both_candidates():
-    timings = kernels_bevt._calibrate_native_attention(kernels_bevt._native_attention_module(), torch.float32)
+def test_the_real_native_calibration_times_both_candidates(native_module):
+    timings = kernels_bevt._calibrate_native_attention(native_module, torch.float32)
     assert set(timings) == {"torch", "native"} and all(0 < t < 5 for t in timings.values())
 
 
