@@ -326,7 +326,7 @@ def memory_of(kind: str, args) -> float:
     cmd = [
         sys.executable, __file__, "--measure-memory", kind, "--preset", args.preset, "--frames", str(args.frames),
         "--size", str(args.size), "--images", str(args.images), "--threads", str(args.threads),
-        "--videos", str(getattr(args, "videos", 1)), "--malloc", getattr(args, "malloc", "tuned"),
+        "--videos", str(getattr(args, "videos", 1)), "--malloc", args.malloc,
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
@@ -391,10 +391,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--measure-memory", choices=["ours", "ref"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.malloc == "tuned":
-        from bevt.kernels_bevt import keep_freed_memory
+    from bevt.kernels_bevt import keep_freed_memory
 
-        args.malloc_tuned = keep_freed_memory()  # before any large allocation; a no-op under tcmalloc / jemalloc
+    # before any large allocation; a no-op under tcmalloc / jemalloc
+    args.malloc_tuned = args.malloc == "tuned" and keep_freed_memory()
     if args.measure_memory:
         measure_memory(args.measure_memory, args)
         return
@@ -410,7 +410,7 @@ def main() -> None:
     if args.cpu_time:
         CLOCK = time.process_time
     results: dict[str, object] = {
-        "machine": {**machine_info(args.threads), "malloc_tuned": getattr(args, "malloc_tuned", False)},
+        "machine": {**machine_info(args.threads), "malloc_tuned": args.malloc_tuned},
         "preset": args.preset,
         "inputs": f"{args.videos} video(s) {args.frames}x{args.size} + {args.images} image(s) {args.size}",
         "clock": "process CPU time" if args.cpu_time else "wall",

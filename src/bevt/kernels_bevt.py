@@ -247,19 +247,16 @@ class WindowAttentionFunction(torch.autograd.Function):
         return grad_scores
 
     @staticmethod
-    def _native_masks(native, bias, shift_mask) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The float32 bias and shift mask (empty when None) the native kernels read, or None without them."""
+    def _native_for(query, value, bias, shift_mask) -> tuple[object, torch.Tensor, torch.Tensor] | None:
+        """When the native softmax applies to this call (`native_attention`): its module and the float32 bias and
+        shift mask (empty when None) it reads; else None."""
+        if query.dtype != value.dtype or _get_current_dispatch_mode() is not None:
+            return None
+        native = native_attention(value.dtype)
         if native is None:
             return None
         mask = torch.empty(0) if shift_mask is None else shift_mask.float().contiguous()
-        return bias.float().contiguous(), mask
-
-    @staticmethod
-    def _native_for(query, value):
-        """The native softmax module when it applies to this call (`native_attention`), else None."""
-        if query.dtype != value.dtype or _get_current_dispatch_mode() is not None:
-            return None
-        return native_attention(value.dtype)
+        return native, bias.float().contiguous(), mask
 
     @staticmethod
     def forward(ctx, query, key, value, bias, shift_mask, scaling, store=None):
@@ -272,14 +269,14 @@ class WindowAttentionFunction(torch.autograd.Function):
             store = batch * heads_total * n * n * value.element_size() <= attention_store_budget()
         out = torch.empty_like(query)
         probs = torch.empty(batch, heads_total, n, n, dtype=value.dtype, device=value.device) if store else None
-        native = WindowAttentionFunction._native_for(query, value)
-        native_masks = WindowAttentionFunction._native_masks(native, bias, shift_mask)
+        native = WindowAttentionFunction._native_for(query, value, bias, shift_mask)
         for bs, hs in WindowAttentionFunction._chunks(batch, heads_total, n, heads):
             raw = torch.matmul(query[bs, hs] * scaling, key[bs, hs].transpose(-1, -2))
             chunk = None if probs is None else probs[bs, hs]  # chunks are contiguous slices of the kept tensor
-            if native_masks is not None and raw.dtype == value.dtype:  # one pass: bias + mask + softmax (+ cast)
+            if native is not None and raw.dtype == value.dtype:  # one pass: bias + mask + softmax (+ cast)
+                module, native_bias, native_mask = native
                 target = chunk if chunk is not None and chunk.is_contiguous() else raw
-                native.softmax_forward(raw, *native_masks, heads, hs.start // heads, target)
+                module.softmax_forward(raw, native_bias, native_mask, heads, hs.start // heads, target)
                 if chunk is None:
                     chunk = target
                 elif target is not chunk:
@@ -303,23 +300,23 @@ class WindowAttentionFunction(torch.autograd.Function):
         grad_q, grad_k, grad_v = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
         grad_out = grad_out.contiguous()
-        native = WindowAttentionFunction._native_for(query, value)
-        native_masks = WindowAttentionFunction._native_masks(native, bias, shift_mask)
+        native = WindowAttentionFunction._native_for(query, value, bias, shift_mask)
         for bs, hs in WindowAttentionFunction._chunks(query.shape[0], query.shape[1], query.shape[2], heads):
             q_scaled, k, v, go = query[bs, hs] * scaling, key[bs, hs], value[bs, hs], grad_out[bs, hs]
             if stored is not None:  # kept in the input dtype: the softmax gradient in that dtype too
                 probs = stored[bs, hs]
-            elif native_masks is not None:  # recomputed in the input dtype, as kept ones
+            elif native is not None:  # recomputed in the input dtype, as kept ones
+                module, native_bias, native_mask = native
                 probs = torch.matmul(q_scaled, k.transpose(-1, -2)).to(value.dtype)
-                native.softmax_forward(probs, *native_masks, heads, hs.start // heads, probs)
+                module.softmax_forward(probs, native_bias, native_mask, heads, hs.start // heads, probs)
             else:
                 probs = torch.softmax(
                     WindowAttentionFunction._scores(q_scaled, k, bias, shift_mask, hs, heads), dim=-1
                 )
             grad_v[bs, hs] = torch.matmul(probs.transpose(-1, -2).to(go.dtype), go)
             grad_probs = torch.matmul(go, v.transpose(-1, -2)).to(probs.dtype)
-            if native_masks is not None and probs.dtype == value.dtype:
-                native.softmax_backward(probs.contiguous(), grad_probs, grad_bias, heads)  # in place
+            if native is not None:  # probabilities in the input dtype here (kept or recomputed)
+                native[0].softmax_backward(probs.contiguous(), grad_probs, grad_bias, heads)  # in place
                 grad_scores = grad_probs
             else:
                 grad_scores = WindowAttentionFunction._softmax_backward(probs, grad_probs, grad_bias, heads)
